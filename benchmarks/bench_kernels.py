@@ -1,0 +1,207 @@
+"""Kernel benchmark: LSQ fake quant forward and forward+backward against PyTorch baselines, on a CUDA GPU.
+
+Side by side in one run, per case: eager LSQ (``lsq_fake_quant_eager``), PyTorch's built-in learnable fake
+quant (``torch._fake_quantize_learnable_per_{channel,tensor}_affine``), ``torch.compile`` of eager LSQ
+(fullgraph, so it cannot silently fall back to eager), and each available backend of ours. Times are medians
+of CUDA-event timings (``triton.testing.do_bench``), launched eagerly ("eager": includes host overhead when
+the host is the bottleneck) and replayed from a CUDA graph ("graph": device time only). The floor is the
+copy-bandwidth time of the bytes that must move: 2 passes over the tensor forward, 5 forward+backward.
+
+    python benchmarks/bench_kernels.py --out bench_out [--quick]
+
+Writes ``kernels.json`` and ``kernels.md`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import triton.testing
+
+import gaqat_kernels as gk
+from gaqat_kernels.kernels.reference import lsq_fake_quant_eager, quant_bounds
+
+CASES = [  # name, shape, axis (None = per-tensor)
+    ("weight 4096x4096 per-channel", (4096, 4096), 0),
+    ("weight 11008x4096 per-channel", (11008, 4096), 0),
+    ("conv weight 512x512x3x3 per-channel", (512, 512, 3, 3), 0),
+    ("act 64x256x56x56 per-tensor", (64, 256, 56, 56), None),
+    ("act 8x4096x4096 per-tensor", (8, 4096, 4096), None),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    a = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    return 2 * a.numel() * 4 / (ms * 1e-3)
+
+
+def builtin_fake_quant(bits, signed, axis):
+    qn, qp = quant_bounds(bits, signed)
+
+    def f(x, s):
+        zp = torch.zeros_like(s)
+        if axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(x, s, zp, qn, qp, 1.0)
+        return torch._fake_quantize_learnable_per_channel_affine(x, s, zp, axis, qn, qp, 1.0)
+    return f
+
+
+def implementations(bits, signed, axis, with_compile):
+    impls = {
+        "eager LSQ": lambda x, s: lsq_fake_quant_eager(x, s, bits=bits, signed=signed, axis=axis),
+        "torch built-in": builtin_fake_quant(bits, signed, axis),
+    }
+    if with_compile:
+        torch._dynamo.config.cache_size_limit = 256
+        torch._dynamo.reset()
+        impls["torch.compile(eager LSQ)"] = torch.compile(impls["eager LSQ"], fullgraph=True, dynamic=False)
+    for backend in ("triton", "cuda"):
+        if backend in gk.available_backends():
+            impls[f"ours: {backend}"] = (
+                lambda x, s, b=backend: gk.lsq_fake_quant(x, s, bits=bits, signed=signed, axis=axis, backend=b))
+    return impls
+
+
+def make_inputs(shape, axis, dtype, bits, signed, copies):
+    qn, qp = quant_bounds(bits, signed)
+    channels = 1 if axis is None else shape[axis]
+    s = (torch.rand(channels, device="cuda") * 0.5 + 0.5) * (3.0 / qp)
+    sets = []
+    for _ in range(copies):
+        x = (torch.randn(shape, device="cuda") * 1.5).to(dtype).requires_grad_()
+        sets.append((x, torch.randn(shape, device="cuda").to(dtype)))
+    return s.requires_grad_(), sets
+
+
+def time_modes(fn, sets, s):
+    """(eager_fwd, eager_fwdbwd, graph_fwd, graph_fwdbwd) medians in ms, cycling input sets (cold L2)."""
+    state = {"i": 0}
+
+    def fwd():
+        x, _ = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        with torch.no_grad():
+            return fn(x, s)
+
+    def fwd_bwd():
+        x, dy = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        y = fn(x, s)
+        return torch.autograd.grad(y, (x, s), dy)
+
+    out = []
+    for f in (fwd, fwd_bwd):
+        out.append(triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median"))
+    for f in (fwd, fwd_bwd):
+        try:
+            out.append(_graph_time(f, len(sets)))
+        except Exception as e:  # some baselines cannot be captured (host syncs)
+            out.append(float("nan"))
+            print(f"      graph capture failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    return out
+
+
+def _graph_time(f, n_sets):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n_sets):  # one replay = one call per input set
+            f()
+    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median")
+    return ms / n_sets
+
+
+def count_launches(fn, x, dy, s):
+    """Kernels launched by one forward+backward (profiler), to check the small-tensor launch budget."""
+    from torch.profiler import ProfilerActivity, profile
+    y = fn(x, s)
+    torch.autograd.grad(y, (x, s), dy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        y = fn(x, s)
+        torch.autograd.grad(y, (x, s), dy)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--quick", action="store_true", help="fp32 and bf16, bits 4 only")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    bw = copy_bandwidth()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "copy_bandwidth_GBps": bw / 1e9, "commit": commit or "unknown", "time": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(meta), flush=True)
+    rows = []
+    dtypes = ["fp32", "bf16"] if args.quick else ["fp32", "bf16", "fp16"]
+    bit_list = [4] if args.quick else [4, 3]
+    for name, shape, axis in CASES:
+        for dname in dtypes:
+            for bits in bit_list:
+                dtype = DTYPES[dname]
+                numel = 1
+                for d in shape:
+                    numel *= d
+                nbytes = numel * dtype.itemsize
+                floor_fwd, floor_fb = 2 * nbytes / bw * 1e3, 5 * nbytes / bw * 1e3
+                copies = max(1, min(8, (256 << 20) // (2 * nbytes)))  # > L2 per cycle of sets
+                s, sets = make_inputs(shape, axis, dtype, bits, True, copies)
+                with_compile = bits == 4 and dname != "fp16"
+                for impl, fn in implementations(bits, True, axis, with_compile).items():
+                    try:
+                        t = time_modes(fn, sets, s)
+                    except Exception as e:
+                        print(f"  {impl}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                        continue
+                    row = dict(case=name, shape=list(shape), axis=axis, dtype=dname, bits=bits, impl=impl,
+                               numel=numel, floor_fwd_ms=floor_fwd, floor_fwdbwd_ms=floor_fb,
+                               eager_fwd_ms=t[0], eager_fwdbwd_ms=t[1], graph_fwd_ms=t[2], graph_fwdbwd_ms=t[3])
+                    if impl.startswith("ours") and "conv" in name:
+                        row["launches_fwdbwd"] = count_launches(fn, sets[0][0], sets[0][1], s)
+                    rows.append(row)
+                    print(f"{name:38s} {dname} W{bits} {impl:26s} fwd {t[0]:.4f}/{t[2]:.4f} ms  "
+                          f"fwd+bwd {t[1]:.4f}/{t[3]:.4f} ms  x floor {t[1] / floor_fb:.2f}/{t[3] / floor_fb:.2f}"
+                          + (f"  launches {row['launches_fwdbwd']}" if "launches_fwdbwd" in row else ""), flush=True)
+                del sets
+                torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def markdown(meta, rows):
+    lines = [f"Device: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, measured copy bandwidth "
+             f"{meta['copy_bandwidth_GBps']:.0f} GB/s, commit {meta['commit']}, {meta['time']}.", "",
+             "| case | dtype | bits | implementation | fwd ms (eager / graph) | fwd+bwd ms (eager / graph) | "
+             "fwd+bwd × floor (eager / graph) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fl = r["floor_fwdbwd_ms"]
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['bits']} | {r['impl']} | {r['eager_fwd_ms']:.4f} / "
+                     f"{r['graph_fwd_ms']:.4f} | {r['eager_fwdbwd_ms']:.4f} / {r['graph_fwdbwd_ms']:.4f} | "
+                     f"{r['eager_fwdbwd_ms'] / fl:.2f} / {r['graph_fwdbwd_ms'] / fl:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One call on the GPU box: build the extension against its torch, run the GPU tests, optionally benchmark.
+#   bash benchmarks/gpu_check.sh [test|bench|all] [extra pytest args...]
+# Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
+set -uo pipefail
+mode=${1:-all}; shift || true
+out=${OUT:-bench_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+start=$(date +%s)
+# In-place build: the box has no network, and its setuptools' editable install re-enters build isolation.
+GAQAT_REQUIRE_EXT=1 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
+  || { tail -50 "$out/build.log"; exit 1; }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+grep -E "gaqat_kernels:" "$out/build.log"
+echo "build took $(( $(date +%s) - start )) s"
+python3 -c "import gaqat_kernels as g; print('backends:', g.available_backends())" | tee -a "$out/device.txt"
+rc=0
+if [[ $mode == test || $mode == all ]]; then
+  python3 -m pytest python_tests -q -p no:cacheprovider -x "$@" 2>&1 | tee "$out/tests.log" | tail -25
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $mode == bench || $mode == all ]]; then
+  python3 benchmarks/bench_kernels.py --out "$out" 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
+fi
+exit $rc

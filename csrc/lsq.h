@@ -1,0 +1,35 @@
+// Shared declarations of the LSQ fake-quant kernels. Tensors arrive dense and laid out alike; the
+// Python side passes the storage-order view (O, C, I): element p belongs to channel (p / I) % C.
+#pragma once
+#include <torch/extension.h>
+
+// The input dtypes of the op: float32, float16, bfloat16 (float64 stays on the Python reference).
+#define GAQAT_DISPATCH_INPUT_TYPES(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                       \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+namespace gaqat {
+
+void lsq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
+                     int64_t O, int64_t C, int64_t I, double qn, double qp);
+void lsq_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
+                      at::Tensor& ds, int64_t O, int64_t C, int64_t I, double qn, double qp, double g);
+
+#ifdef GAQAT_WITH_CUDA
+void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
+                      int64_t O, int64_t C, int64_t I, double qn, double qp);
+void lsq_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
+                       at::Tensor& ds, int64_t O, int64_t C, int64_t I, double qn, double qp, double g);
+#endif
+
+// round(clamp(v, qn, qp)) with ties to even; NaN stays NaN (comparisons with NaN are false).
+// 1.5 * 2^23 added and subtracted rounds to an integer in the current (nearest-even) mode; exact for
+// |v| < 2^22, and the clamp keeps |v| <= 255. Needs IEEE arithmetic: never build with -ffast-math.
+inline float round_clamp_host(float v, float qn, float qp) {
+  const float c = v < qn ? qn : (v > qp ? qp : v);
+  return (c + 12582912.0f) - 12582912.0f;
+}
+
+}  // namespace gaqat

@@ -1,0 +1,312 @@
+// CUDA LSQ fake quantization. Forward: one elementwise pass with 16-byte accesses. Backward: the scale
+// gradient is reduced inside the kernel (registers -> warp shuffles -> shared memory, a fixed tree), one
+// value per (channel, split); with more than one split a second kernel sums the splits in a fixed order.
+// No atomics, no host synchronisation, the current stream, grid sized from the SM count.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "lsq.h"
+
+namespace gaqat {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;            // vectors per thread in flight (forward)
+
+// Backward row tiles hold 16 elements per thread whatever the width (4096 per block): a tile wider than the
+// rows it covers would leave threads idle.
+constexpr int bwd_unroll(int vec) { return vec >= 4 ? 16 / vec : 4; }
+constexpr int64_t kSmallRow = 1024;   // rows up to this length use the channel-block kernel
+
+__device__ __forceinline__ float round_clamp(float v, float qn, float qp) {
+  const float c = v < qn ? qn : (v > qp ? qp : v);  // NaN stays NaN
+  return rintf(c);                                   // round half to even
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+int num_sms() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// ---------------------------------------------------------------------------------------------- forward
+// Element p of the dense storage has channel (p / I) % C. The vector path needs I % VEC == 0, so every
+// vector lies in one channel and one division per vector suffices (32-bit when the index fits).
+template <typename T, int VEC, bool PER_TENSOR>
+__global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__ x, const float* __restrict__ s,
+                                                           T* __restrict__ y, int64_t n_vec, int64_t C, int64_t I,
+                                                           float qn, float qp, bool index32) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const float s0 = PER_TENSOR ? s[0] : 0.f;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < n_vec;
+       base += stride * kUnroll) {
+    Vec<T, VEC> in[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kThreads;
+      if (k < n_vec) in[u] = reinterpret_cast<const Vec<T, VEC>*>(x)[k];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kThreads;
+      if (k >= n_vec) continue;
+      float sc = s0;
+      if (!PER_TENSOR) {
+        const int64_t p = k * VEC;
+        sc = s[index32 ? (static_cast<uint32_t>(p) / static_cast<uint32_t>(I)) % static_cast<uint32_t>(C) : (p / I) % C];
+      }
+      Vec<T, VEC> out;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        out.v[j] = static_cast<T>(round_clamp(__fdiv_rn(static_cast<float>(in[u].v[j]), sc), qn, qp) * sc);
+      }
+      reinterpret_cast<Vec<T, VEC>*>(y)[k] = out;
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------------------- backward
+template <typename T>
+__device__ __forceinline__ float lsq_grad(T xv, T dyv, float sc, float qn, float qp, T& dxv) {
+  const float v = __fdiv_rn(static_cast<float>(xv), sc);
+  const bool inside = v >= qn && v <= qp;
+  const float r = round_clamp(v, qn, qp);
+  dxv = inside ? dyv : static_cast<T>(0.f);
+  return static_cast<float>(dyv) * (r - (inside ? v : 0.f));
+}
+
+// Fixed-order block sum; the result is valid in thread 0.
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    v = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) v += smem[w];
+  }
+  return v;
+}
+
+// Long rows (and per-tensor): block (c, split) walks tiles of channel c's rows; tile t is row t / tiles_i,
+// chunk t % tiles_i of kThreads * VEC * bwd_unroll(VEC) elements.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) lsq_bwd_row_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
+    float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn, float qp,
+    float g, bool final_write) {
+  __shared__ float smem[kThreads / 32];
+  constexpr int U = bwd_unroll(VEC);
+  constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
+  const int64_t c = blockIdx.x;
+  const int split = blockIdx.y;
+  const float sc = s[c];
+  float acc = 0.f;
+  for (int64_t t = split; t < O * tiles_i; t += n_splits) {
+    const int64_t o = t / tiles_i, chunk = t % tiles_i;
+    const int64_t row = (o * C + c) * I;
+    const int64_t start = chunk * kTile;
+    Vec<T, VEC> xv[U], gv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = start + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
+      if (i + VEC <= I) {
+        xv[u] = *reinterpret_cast<const Vec<T, VEC>*>(x + row + i);
+        gv[u] = *reinterpret_cast<const Vec<T, VEC>*>(dy + row + i);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          xv[u].v[j] = i + j < I ? x[row + i + j] : static_cast<T>(0.f);
+          gv[u].v[j] = i + j < I ? dy[row + i + j] : static_cast<T>(0.f);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = start + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
+      Vec<T, VEC> d;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float term = lsq_grad(xv[u].v[j], gv[u].v[j], sc, qn, qp, d.v[j]);
+        acc += i + j < I ? term : 0.f;
+      }
+      if (i + VEC <= I) {
+        *reinterpret_cast<Vec<T, VEC>*>(dx + row + i) = d;
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          if (i + j < I) dx[row + i + j] = d.v[j];
+      }
+    }
+  }
+  acc = block_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    if (final_write) out[c] = acc * g;
+    else out[static_cast<int64_t>(split) * C + c] = acc;
+  }
+}
+
+// Short rows (I <= kSmallRow): a block owns `cb` channels whose rows are contiguous for each o, so thread k
+// always sees position k of that span (channel k / I) and keeps its sums in registers across rows.
+constexpr int kSlots = kSmallRow / kThreads;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lsq_bwd_short_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
+    float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t cb, int n_splits, float qn, float qp,
+    float g, bool final_write) {
+  __shared__ float sums[kSmallRow];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * cb;
+  const int64_t nc = min(cb, C - c0);
+  const int64_t span = nc * I;
+  float acc[kSlots];
+  float sc[kSlots];
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int64_t k = j * kThreads + threadIdx.x;
+    acc[j] = 0.f;
+    sc[j] = k < span ? s[c0 + k / I] : 1.f;
+  }
+  for (int64_t o = blockIdx.y; o < O; o += n_splits) {
+    const int64_t base = (o * C + c0) * I;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const int64_t k = j * kThreads + threadIdx.x;
+      if (k < span) {
+        T d;
+        acc[j] += lsq_grad(x[base + k], dy[base + k], sc[j], qn, qp, d);
+        dx[base + k] = d;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) sums[j * kThreads + threadIdx.x] = acc[j];
+  __syncthreads();
+  for (int64_t cl = threadIdx.x; cl < nc; cl += kThreads) {
+    float total = 0.f;
+    for (int64_t i = 0; i < I; ++i) total += sums[cl * I + i];
+    if (final_write) out[c0 + cl] = total * g;
+    else out[static_cast<int64_t>(blockIdx.y) * C + c0 + cl] = total;
+  }
+}
+
+// ds[c] = g * sum over splits of partial[split, c], one block per channel, fixed tree.
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __restrict__ partial,
+                                                                float* __restrict__ ds, int64_t C, int n_splits,
+                                                                float g) {
+  __shared__ float smem[kThreads / 32];
+  const int64_t c = blockIdx.x;
+  float acc = 0.f;
+  for (int k = threadIdx.x; k < n_splits; k += kThreads) acc += partial[static_cast<int64_t>(k) * C + c];
+  acc = block_sum(acc, smem);
+  if (threadIdx.x == 0) ds[c] = acc * g;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+template <typename T>
+void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y, int64_t C, int64_t I, float qn,
+                    float qp) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int64_t n = x.numel();
+  const bool per_tensor = C == 1;
+  const bool vec = aligned16(x) && aligned16(y) && n % VEC == 0 && (per_tensor || I % VEC == 0);
+  const int64_t n_vec = vec ? n / VEC : n;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n_vec + per_block - 1) / per_block,
+                                                                 static_cast<int64_t>(num_sms()) * 8));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const T* xp = x.data_ptr<T>();
+  const float* sp = scale.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
+  const bool i32 = n < (int64_t(1) << 32);
+  if (vec && per_tensor) lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32);
+  else if (vec) lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32);
+  else if (per_tensor) lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32);
+  else lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
+                     at::Tensor& ds, int64_t O, int64_t C, int64_t I, float qn, float qp, float g) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int64_t sms = num_sms();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool short_rows = C > 1 && I <= kSmallRow;
+  int64_t blocks_c, work_per_c, cb = 1;
+  if (short_rows) {
+    cb = std::max<int64_t>(1, kSmallRow / I);
+    blocks_c = (C + cb - 1) / cb;
+    work_per_c = O;
+  } else {
+    blocks_c = C;
+    const int64_t tile = static_cast<int64_t>(kThreads) * VEC * bwd_unroll(VEC);
+    work_per_c = O * ((I + tile - 1) / tile);
+  }
+  const int n_splits = blocks_c >= 2 * sms
+                           ? 1
+                           : static_cast<int>(std::max<int64_t>(
+                                 1, std::min<int64_t>({work_per_c, (8 * sms + blocks_c - 1) / blocks_c, 65535})));
+  const bool final_write = n_splits == 1;
+  at::Tensor partial = final_write ? ds : at::empty({n_splits, C}, x.options().dtype(at::kFloat));
+  float* outp = partial.data_ptr<float>();
+  const dim3 grid(static_cast<unsigned>(blocks_c), static_cast<unsigned>(n_splits));
+  const T* dyp = dy.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const float* sp = scale.data_ptr<float>();
+  T* dxp = dx.data_ptr<T>();
+  if (short_rows) {
+    lsq_bwd_short_kernel<T><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb, n_splits, qn, qp, g,
+                                                           final_write);
+  } else {
+    const bool vec = aligned16(x) && aligned16(dy) && aligned16(dx) && I % VEC == 0;
+    constexpr int64_t kTileV = static_cast<int64_t>(kThreads) * VEC * bwd_unroll(VEC);
+    constexpr int64_t kTile1 = static_cast<int64_t>(kThreads) * bwd_unroll(1);
+    if (vec)
+      lsq_bwd_row_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I,
+                                                                (I + kTileV - 1) / kTileV, n_splits, qn, qp, g,
+                                                                final_write);
+    else
+      lsq_bwd_row_kernel<T, 1><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I,
+                                                              (I + kTile1 - 1) / kTile1, n_splits, qn, qp, g,
+                                                              final_write);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!final_write) {
+    sum_partials_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(outp, ds.data_ptr<float>(), C, n_splits, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
+                      int64_t O, int64_t C, int64_t I, double qn, double qp) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  GAQAT_DISPATCH_INPUT_TYPES(x.scalar_type(), "lsq_forward_cuda", [&] {
+    launch_forward<scalar_t>(x, scale, y, C, I, static_cast<float>(qn), static_cast<float>(qp));
+  });
+}
+
+void lsq_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
+                       at::Tensor& ds, int64_t O, int64_t C, int64_t I, double qn, double qp, double g) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  GAQAT_DISPATCH_INPUT_TYPES(x.scalar_type(), "lsq_backward_cuda", [&] {
+    launch_backward<scalar_t>(dy, x, scale, dx, ds, O, C, I, static_cast<float>(qn), static_cast<float>(qp),
+                              static_cast<float>(g));
+  });
+}
+
+}  // namespace gaqat

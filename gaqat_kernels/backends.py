@@ -1,0 +1,125 @@
+"""The one place that decides which kernel runs: backend names, availability, and the ``"auto"`` rule.
+
+Each backend provides ``forward(x, scale, y, qn, qp, axis)`` and
+``backward(dy, x, scale, dx, ds, qn, qp, axis, g)`` writing into preallocated outputs, on dense inputs
+laid out alike (see ``kernels/layout.py``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Callable, List, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import extension
+from .kernels.layout import channel_view
+from .kernels.reference import reference_backward, reference_forward
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+
+
+class Backend(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+def _reference_forward(x, scale, y, qn, qp, axis):
+    y.copy_(reference_forward(x, scale, qn, qp, axis))
+
+
+def _reference_backward(dy, x, scale, dx, ds, qn, qp, axis, g):
+    rdx, rds = reference_backward(dy, x, scale, qn, qp, axis, g)
+    dx.copy_(rdx)
+    ds.copy_(rds.reshape(ds.shape))
+
+
+def _extension_forward(x, scale, y, qn, qp, axis):
+    O, C, I = channel_view(x, axis)
+    extension.MODULE.lsq_forward(x, scale, y, O, C, I, qn, qp)
+
+
+def _extension_backward(dy, x, scale, dx, ds, qn, qp, axis, g):
+    O, C, I = channel_view(x, axis)
+    extension.MODULE.lsq_backward(dy, x, scale, dx, ds, O, C, I, qn, qp, g)
+
+
+# Decided at import, as constants, so that torch.compile traces no availability probing.
+TRITON_INSTALLED: bool = importlib.util.find_spec("triton") is not None
+# Triton reads TRITON_INTERPRET when it decorates kernels, i.e. when triton_lsq is first imported.
+TRITON_INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton() -> Backend:
+    from .kernels import triton_lsq  # imported on first use: importing Triton costs about a second
+
+    return Backend(triton_lsq.forward, triton_lsq.backward)
+
+
+def available_backends() -> List[str]:
+    """Backends usable on this machine (besides ``"auto"``), in no particular order of speed."""
+    names = ["reference"]
+    if TRITON_INSTALLED and (torch.cuda.is_available() or TRITON_INTERPRETED):
+        names.append("triton")
+    if extension.HAS_CPU:
+        names.append("cpu")
+    if extension.HAS_CUDA and torch.cuda.is_available():
+        names.append("cuda")
+    return names
+
+
+def _unusable_reason(name: str, x: Tensor) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``x``, or None when it can."""
+    if name == "reference":
+        return None
+    if x.dtype == torch.float64:
+        return "float64 inputs run on the reference backend only"
+    if name == "triton":
+        if not TRITON_INSTALLED:
+            return "triton is not installed"
+        if x.is_cuda or (x.device.type == "cpu" and TRITON_INTERPRETED):
+            return None
+        return "triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
+    if name == "cpu":
+        if not extension.HAS_CPU:
+            return f"the C++ extension is not built ({extension.LOAD_ERROR})"
+        return None if x.device.type == "cpu" else "the cpu backend needs CPU tensors"
+    if name == "cuda":
+        if not extension.HAS_CUDA:
+            return "the C++ extension was built without CUDA" if extension.HAS_CPU else (
+                f"the C++ extension is not built ({extension.LOAD_ERROR})")
+        return None if x.is_cuda else "the cuda backend needs CUDA tensors"
+    return f"unknown backend (expected one of {BACKENDS})"
+
+
+def resolve(name: str, x: Tensor) -> str:
+    """The concrete backend that runs ``x``: ``name`` itself, checked, or the ``"auto"`` choice.
+
+    auto: float64 -> reference; CUDA -> cuda, else triton, else reference; CPU -> cpu, else reference.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    if name != "auto":
+        reason = _unusable_reason(name, x)
+        if reason is not None:
+            raise ValueError(f"backend: {name!r} is not available for this input: {reason}")
+        return name
+    order = ["cuda", "triton"] if x.is_cuda else ["cpu"]
+    for candidate in order:
+        if _unusable_reason(candidate, x) is None:
+            return candidate
+    return "reference"
+
+
+def get(name: str) -> Backend:
+    """The kernels of a concrete (already resolved) backend."""
+    if name == "reference":
+        return Backend(_reference_forward, _reference_backward)
+    if name == "triton":
+        return _triton()
+    if name in ("cpu", "cuda"):
+        return Backend(_extension_forward, _extension_backward)
+    raise ValueError(f"backend: {name!r} is not a concrete backend")

@@ -1,0 +1,1 @@
+"""Kernel implementations of the LSQ op; ``gaqat_kernels.backends`` chooses among them."""

@@ -1,0 +1,127 @@
+"""Pure-PyTorch LSQ fake quantization: the oracle every fused kernel is checked against.
+
+Two forms live here:
+
+* ``reference_forward`` / ``reference_backward``: the op contract written out as closed formulas.
+  They are the ``"reference"`` backend and run in float32, or in float64 when ``x`` is float64.
+* ``lsq_fake_quant_eager``: LSQ as it is usually written in eager PyTorch (divide, clamp, round with a
+  straight-through estimator, multiply), whose autograd produces the gradients. The tests use it to check
+  that the closed formulas are the gradients of that composition, and the benchmarks use it as the
+  "eager LSQ" baseline.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def quant_bounds(bits: int, signed: bool) -> Tuple[int, int]:
+    """Integer range ``(qn, qp)`` of a ``bits``-bit quantizer: signed ``[-2^(b-1), 2^(b-1)-1]``, else ``[0, 2^b-1]``."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def default_grad_scale(numel: int, channels: int, qp: int) -> float:
+    """LSQ's gradient scale ``1/sqrt(n * qp)``, with n the number of elements that share one scale."""
+    n = max(numel // max(channels, 1), 1)
+    return 1.0 / math.sqrt(n * qp)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 inputs are computed in float64 (the oracle); everything else in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def broadcast_scale(scale: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
+    """View ``scale`` so that it broadcasts against ``x`` along ``axis`` (or as a scalar when per-tensor)."""
+    if axis is None:
+        return scale.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def reference_forward(x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int]) -> Tensor:
+    """``y = round_half_even(clamp(x / s, qn, qp)) * s`` in x's dtype; math in float32 (float64 for float64 x)."""
+    cd = compute_dtype(x)
+    s = broadcast_scale(scale, x, axis).to(cd)
+    v = x.to(cd) / s
+    return (torch.round(torch.clamp(v, qn, qp)) * s).to(x.dtype)
+
+
+def reference_backward(
+    dy: Tensor, x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int], grad_scale: float
+) -> Tuple[Tensor, Tensor]:
+    """Gradients of the op: ``dx = dy`` where ``qn <= x/s <= qp`` (inclusive) else 0;
+    ``ds = g * sum(dy * (round(v) - v))`` inside plus ``g * sum(dy * qn|qp)`` outside, summed per channel.
+
+    Returns ``dx`` in x's dtype and ``ds`` in scale's dtype with scale's shape. A NaN in ``x`` gives ``dx = 0``
+    there and a NaN scale gradient for its own channel only.
+    """
+    cd = compute_dtype(x)
+    s = broadcast_scale(scale, x, axis).to(cd)
+    v = x.to(cd) / s
+    inside = (v >= qn) & (v <= qp)
+    r = torch.round(torch.clamp(v, qn, qp))
+    dx = torch.where(inside, dy, torch.zeros((), dtype=dy.dtype, device=dy.device)).to(x.dtype)
+    term = dy.to(cd) * (r - torch.where(inside, v, torch.zeros((), dtype=cd, device=v.device)))
+    if axis is None:
+        ds = term.sum()
+    else:
+        dims = [d for d in range(x.dim()) if d != axis]
+        ds = term.sum(dim=dims) if dims else term
+    ds = ds * grad_scale
+    return dx, ds.to(scale.dtype).reshape(scale.shape)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity on the value, gradient multiplied by ``g``: the scale's value is used bit for bit."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, g: float) -> Tensor:
+        ctx.g = g
+        return s.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.g, None
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round half to even, straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor) -> Tensor:
+        return torch.round(v)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad
+
+
+def lsq_fake_quant_eager(
+    x: Tensor,
+    scale: Tensor,
+    *,
+    bits: int,
+    signed: bool,
+    axis: Optional[int] = None,
+    grad_scale: Optional[float] = None,
+) -> Tensor:
+    """LSQ composed from eager PyTorch ops; autograd of this composition defines the op's gradients.
+
+    No input checking: use ``gaqat_kernels.lsq_fake_quant`` for that.
+    """
+    qn, qp = quant_bounds(bits, signed)
+    if axis is not None and axis < 0:
+        axis += x.dim()
+    channels = 1 if axis is None else x.shape[axis]
+    g = default_grad_scale(x.numel(), channels, qp) if grad_scale is None else grad_scale
+    cd = compute_dtype(x)
+    s = broadcast_scale(_ScaleGradient.apply(scale, g), x, axis).to(cd)
+    v = x.to(cd) / s
+    return (_RoundSTE.apply(torch.clamp(v, qn, qp)) * s).to(x.dtype)

@@ -1,0 +1,213 @@
+"""Fused LSQ fake quantization in Triton: forward, backward with the scale gradient reduced in-kernel.
+
+Every tensor is walked in storage order as ``(O, C, I)`` tiles of ``[BLOCK_C, BLOCK_I]`` (see ``layout.py``),
+so the channel of a tile row is known without per-element division, and any channel axis reads memory
+linearly. The backward reduces the scale gradient per channel in registers; each program writes its own
+fp32 partial (or the final value when one program owns a channel block), and a second tiny kernel sums the
+partials in a fixed order. No atomics: the scale gradient has the same bits on every run.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .layout import channel_view
+
+# 1.5 * 2**23: adding and subtracting it rounds a float32 to the nearest integer, ties to even,
+# exactly for |v| < 2**22. The clamp guarantees |v| <= 255 here.
+_ROUND_MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _round_clamp(v, qn, qp):
+    # where() instead of minimum/maximum: NaN must stay NaN.
+    c = tl.where(v < qn, qn, tl.where(v > qp, qp, v))
+    return (c + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+@triton.jit
+def _round_to_bf16_grid(v):
+    # Round-to-nearest-even onto bfloat16's grid, in fp32 bits. Only for the CPU interpreter, whose
+    # fp32 -> bf16 cast truncates; compiled kernels use the hardware's rounding cast.
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    o = t // tiles_i
+    ib = t % tiles_i
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    # int64 tile base, int32 in-tile offsets: BLOCK_C * I < 2**31 is checked by the launcher.
+    base = (o.to(tl.int64) * C + cb * BLOCK_C) * I + ib * BLOCK_I
+    local = tl.arange(0, BLOCK_C)[:, None] * I + tl.arange(0, BLOCK_I)[None, :]
+    mask = (c < C)[:, None] & (i < I)[None, :]
+    return c, base + local, mask
+
+
+@triton.jit
+def _lsq_fwd_kernel(
+    x_ptr, s_ptr, y_ptr, C, I, tiles_i, tiles_per_cb, qn, qp,
+    BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cb = pid // tiles_per_cb
+    c, offs, mask = _tile_offsets(pid % tiles_per_cb, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+    s = tl.load(s_ptr + c, mask=c < C, other=1.0)[:, None]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = _round_clamp(tl.div_rn(x, s), qn, qp)
+    y = r * s
+    if INTERPRETED_BF16:
+        y = _round_to_bf16_grid(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lsq_bwd_kernel(
+    x_ptr, dy_ptr, s_ptr, dx_ptr, out_ptr, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp, g,
+    BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, FINAL: tl.constexpr,
+):
+    cb = tl.program_id(0)
+    sp = tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.load(s_ptr + c, mask=c < C, other=1.0)[:, None]
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t in range(sp, tiles_per_cb, n_splits):
+        _, offs, mask = _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        v = tl.div_rn(x, s)
+        inside = (v >= qn) & (v <= qp)
+        r = _round_clamp(v, qn, qp)
+        tl.store(dx_ptr + offs, tl.where(inside, dy, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
+        term = dy.to(tl.float32) * (r - tl.where(inside, v, 0.0))
+        acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+    if FINAL:
+        tl.store(out_ptr + c, acc * g, mask=c < C)
+    else:
+        tl.store(out_ptr + sp * C + c, acc, mask=c < C)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, ds_ptr, C, n_splits, g, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        m = (sp < n_splits)[:, None] & (c < C)[None, :]
+        acc += tl.sum(tl.load(part_ptr + sp[:, None] * C + c[None, :], mask=m, other=0.0), axis=0)
+    tl.store(ds_ptr + c, acc * g, mask=c < C)
+
+
+_TILE = 4096  # elements per tile: 16 per thread at 8 warps, four 16-byte loads of fp32 in flight
+_MAX_BLOCK_I = 2048
+
+
+def _num_warps(block_c: int, block_i: int) -> int:
+    """8 warps for full tiles; fewer for small tiles, so that each thread still moves 8+ elements."""
+    return max(2, min(8, block_c * block_i // 512))
+
+
+def _block_i(inner: int) -> int:
+    """Largest power-of-two row block that wastes at most 10% of lanes on the last block of a row."""
+    if inner <= _MAX_BLOCK_I:
+        return triton.next_power_of_2(inner)
+    best, best_waste = _MAX_BLOCK_I, float("inf")
+    b = _MAX_BLOCK_I
+    while b >= 16:
+        waste = triton.cdiv(inner, b) * b / inner
+        if waste <= 1.10:
+            return b
+        if waste < best_waste:
+            best, best_waste = b, waste
+        b //= 2
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(x: Tensor) -> int:
+    return _num_sms(x.device.index or 0) if x.is_cuda else 4
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(O: int, C: int, I: int, sms: int) -> Tuple[int, int, int, int, int]:
+    """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits)``.
+
+    One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
+    otherwise each channel block's tiles are split over ``n_splits`` programs and summed by a second kernel.
+    """
+    bi = _block_i(I)
+    tiles_i = triton.cdiv(I, bi)
+    max_bc = min(max(_TILE // bi, 1), triton.next_power_of_2(C))
+    bc = max_bc
+    while bc > 1 and triton.cdiv(C, bc) < 2 * sms:
+        bc //= 2
+    num_cb = triton.cdiv(C, bc)
+    tiles = O * tiles_i
+    if num_cb >= 2 * sms:
+        return bc, bi, tiles_i, num_cb, 1
+    bc = max_bc
+    num_cb = triton.cdiv(C, bc)
+    n_splits = max(1, min(tiles, triton.cdiv(8 * sms, num_cb)))
+    return bc, bi, tiles_i, num_cb, n_splits
+
+
+def _check_int32(block_c: int, inner: int) -> None:
+    if block_c * inner >= 2 ** 31:
+        raise ValueError(f"x: a channel stride of {inner} elements is too large for the triton backend")
+
+
+def forward(x: Tensor, scale: Tensor, y: Tensor, qn: int, qp: int, axis: Optional[int]) -> None:
+    """Write ``round(clamp(x/s)) * s`` into ``y`` (laid out like the dense ``x``); one launch."""
+    O, C, I = channel_view(x, axis)
+    if x.numel() == 0:
+        return
+    bi = _block_i(I)
+    bc = min(max(_TILE // bi, 1), triton.next_power_of_2(C))
+    _check_int32(bc, I)
+    tiles_i = triton.cdiv(I, bi)
+    tiles_per_cb = O * tiles_i
+    grid = (triton.cdiv(C, bc) * tiles_per_cb,)
+    _lsq_fwd_kernel[grid](
+        x, scale, y, C, I, tiles_i, tiles_per_cb, float(qn), float(qp),
+        BLOCK_C=bc, BLOCK_I=bi, INTERPRETED_BF16=(y.dtype == torch.bfloat16 and not y.is_cuda),
+        num_warps=_num_warps(bc, bi),
+    )
+
+
+def backward(
+    dy: Tensor, x: Tensor, scale: Tensor, dx: Tensor, ds: Tensor, qn: int, qp: int, axis: Optional[int], g: float
+) -> None:
+    """Write the input gradient into ``dx`` and the reduced scale gradient into ``ds`` (fp32, C values).
+
+    ``dy``, ``x`` and ``dx`` share one dense layout. One launch when each channel block has its own program,
+    two otherwise (partials, then a fixed-order sum).
+    """
+    O, C, I = channel_view(x, axis)
+    if x.numel() == 0:
+        ds.zero_()
+        return
+    bc, bi, tiles_i, num_cb, n_splits = _plan(O, C, I, _device_sms(x))
+    _check_int32(bc, I)
+    final = n_splits == 1
+    out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
+    _lsq_bwd_kernel[(num_cb, n_splits)](
+        x, dy, scale, dx, out, C, I, tiles_i, O * tiles_i, n_splits, float(qn), float(qp), float(g),
+        BLOCK_C=bc, BLOCK_I=bi, FINAL=final, num_warps=_num_warps(bc, bi),
+    )
+    if not final:
+        block_c = min(triton.next_power_of_2(C), 256)
+        _sum_partials_kernel[(triton.cdiv(C, block_c),)](
+            out, ds, C, n_splits, float(g), BLOCK_C=block_c, BLOCK_S=16, num_warps=4,
+        )

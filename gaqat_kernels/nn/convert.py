@@ -1,0 +1,109 @@
+"""``quantize_model``: swap a model's Conv2d/Linear layers for their quantized versions, in place."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .modules import QuantConv2d, QuantLinear
+
+
+@dataclass
+class ConversionReport:
+    """What ``quantize_model`` did: converted layer names with their settings, and skipped ones with why."""
+
+    converted: List[Tuple[str, str]] = field(default_factory=list)  # (name, settings)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    def __str__(self) -> str:
+        lines = [f"quantized {len(self.converted)} layers, kept {len(self.skipped)} in full precision"]
+        lines += [f"  Q  {name}: {settings}" for name, settings in self.converted]
+        lines += [f"  FP {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _nonnegative_inputs(model: nn.Module, names: Sequence[str], example_inputs: Any) -> Dict[str, bool]:
+    """Run one forward pass and record, per layer, whether every input element was >= 0."""
+    modules = dict(model.named_modules())
+    seen: Dict[str, bool] = {}
+    hooks = []
+    for name in names:
+        def hook(_module, args, _name=name):
+            nonneg = bool((args[0] >= 0).all())
+            seen[_name] = seen.get(_name, True) and nonneg
+        hooks.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize_model(
+    model: nn.Module,
+    w_bits: Optional[int] = 4,
+    a_bits: Optional[int] = 4,
+    *,
+    skip: Sequence[str] = (),
+    keep_first_last: bool = True,
+    example_inputs: Any = None,
+    backend: str = "auto",
+) -> ConversionReport:
+    """Replace ``nn.Conv2d`` / ``nn.Linear`` layers of ``model`` by QuantConv2d / QuantLinear, in place.
+
+    Args:
+        w_bits, a_bits: bit widths of weights (per output channel, signed) and inputs (per tensor);
+            None keeps that side in full precision (``a_bits=None`` is weight-only QAT, as in QT-DoG).
+        skip: layer names or fnmatch patterns (``"layer4.*"``) to keep in full precision.
+        keep_first_last: keep the first Conv2d and the last Linear (module order) in full precision, as the
+            LSQ and GAQAT papers do.
+        example_inputs: optional batch; one forward pass decides, per layer, whether its input is
+            non-negative (after a ReLU), which makes that activation quantizer unsigned. Without it every
+            activation quantizer is signed, which is always safe but wastes one bit after a ReLU.
+
+    The quantized layers reuse the original weight and bias Parameter objects; the step sizes are new
+    Parameters, so build the optimizer after calling this. Returns a ``ConversionReport``.
+    """
+    candidates = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    report = ConversionReport()
+    protected = {}
+    if keep_first_last:
+        convs = [n for n, m in candidates if isinstance(m, nn.Conv2d)]
+        linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
+        if convs:
+            protected[convs[0]] = "first conv layer (keep_first_last)"
+        if linears:
+            protected[linears[-1]] = "last linear layer (keep_first_last)"
+    to_convert = []
+    for name, module in candidates:
+        if name in protected:
+            report.skipped.append((name, protected[name]))
+        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
+            report.skipped.append((name, "matched skip"))
+        else:
+            to_convert.append((name, module))
+    nonneg = {}
+    if example_inputs is not None and a_bits:
+        nonneg = _nonnegative_inputs(model, [n for n, _ in to_convert], example_inputs)
+    for name, module in to_convert:
+        a_signed = not nonneg.get(name, False)
+        kwargs = dict(w_bits=w_bits, a_bits=a_bits, a_signed=a_signed, backend=backend)
+        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        _set_submodule(model, name, cls.from_float(module, **kwargs))
+        act = f"A{a_bits}{'s' if a_signed else 'u'}" if a_bits else "A-fp"
+        report.converted.append((name, f"{cls.__name__} W{w_bits or '-fp'} {act}"))
+    return report

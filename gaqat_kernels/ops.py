@@ -1,0 +1,167 @@
+"""The op boundary: ``lsq_fake_quant`` as torch custom ops with autograd and fake (meta) implementations.
+
+Everything above this module calls ``lsq_fake_quant``; everything below it is a backend (``backends.py``).
+Because the op is a ``torch.library.custom_op`` with ``register_fake`` and ``register_autograd``, it runs
+in eager mode, traces under ``torch.compile(fullgraph=True)`` without graph breaks, and can be captured
+in CUDA graphs (no host synchronisation on any path unless checked mode is on).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .kernels.layout import as_dense, match_layout, output_like
+from .kernels.reference import default_grad_scale, quant_bounds
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_checked = False
+
+
+@contextlib.contextmanager
+def checked_mode(enabled: bool = True) -> Iterator[None]:
+    """Within this context, ``lsq_fake_quant`` also checks that every scale is finite and positive.
+
+    The check reads the scale's values, so it synchronises with the device; it is skipped while tracing
+    under ``torch.compile``. Outside the context no value is ever read on the host.
+    """
+    global _checked
+    previous, _checked = _checked, enabled
+    try:
+        yield
+    finally:
+        _checked = previous
+
+
+def _channels(x: Tensor, axis: Optional[int]) -> int:
+    return 1 if axis is None else x.shape[axis]
+
+
+@torch.library.custom_op("gaqat_kernels::lsq_fake_quant", mutates_args=())
+def _lsq_forward_op(
+    x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int], grad_scale: Optional[float], backend: str
+) -> Tensor:
+    qn, qp = quant_bounds(bits, signed)
+    y = output_like(x)
+    backends.get(backend).forward(as_dense(x), scale.contiguous().reshape(-1), y, qn, qp, axis)
+    return y
+
+
+@_lsq_forward_op.register_fake
+def _(x, scale, bits, signed, axis, grad_scale, backend):
+    return output_like(x)
+
+
+@torch.library.custom_op("gaqat_kernels::lsq_fake_quant_backward", mutates_args=())
+def _lsq_backward_op(
+    dy: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int],
+    grad_scale: Optional[float], backend: str,
+) -> Tuple[Tensor, Tensor]:
+    qn, qp = quant_bounds(bits, signed)
+    g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
+    xd = as_dense(x)
+    dx = output_like(x)
+    ds = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
+    backends.get(backend).backward(
+        match_layout(dy.to(x.dtype), xd), xd, scale.contiguous().reshape(-1), dx, ds.view(-1), qn, qp, axis, g
+    )
+    return dx, ds
+
+
+@_lsq_backward_op.register_fake
+def _(dy, x, scale, bits, signed, axis, grad_scale, backend):
+    return output_like(x), torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, scale, bits, signed, axis, grad_scale, backend = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.config = (bits, signed, axis, grad_scale, backend)
+
+
+def _backward(ctx, dy):
+    x, scale = ctx.saved_tensors
+    dx, ds = _lsq_backward_op(dy, x, scale, *ctx.config)
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        ds if ctx.needs_input_grad[1] else None,
+        None, None, None, None, None,
+    )
+
+
+_lsq_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x, scale, bits, signed, axis, grad_scale) -> Optional[int]:
+    """Check the arguments; return the axis made non-negative. Errors name the argument."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"scale: expected a torch.Tensor, got {type(scale).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+        raise TypeError(f"x: expected float32, bfloat16 or float16 (float64 for the reference), got {x.dtype}")
+    if scale.dtype != torch.float32 and not (scale.dtype == torch.float64 and x.dtype == torch.float64):
+        raise TypeError(f"scale: expected float32 (float64 only with float64 x), got {scale.dtype}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits: expected an integer in 2..8, got {bits!r}")
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed: expected a bool, got {signed!r}")
+    if x.device != scale.device:
+        raise ValueError(f"scale: expected it on x's device {x.device}, got {scale.device}")
+    if axis is None:
+        if scale.numel() != 1:
+            raise ValueError(f"scale: per-tensor quantization (axis=None) needs one element, got shape {tuple(scale.shape)}")
+    else:
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis: expected None or an int, got {axis!r}")
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"axis: expected a dimension in [{-x.dim()}, {x.dim() - 1}] of x (shape {tuple(x.shape)}), got {axis}")
+        axis = axis % x.dim()
+        if tuple(scale.shape) != (x.shape[axis],):
+            raise ValueError(f"scale: per-channel quantization along axis {axis} needs shape ({x.shape[axis]},), got {tuple(scale.shape)}")
+    if grad_scale is not None:
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not (
+            math.isfinite(grad_scale) and grad_scale > 0
+        ):
+            raise ValueError(f"grad_scale: expected None or a finite positive number, got {grad_scale!r}")
+        grad_scale = float(grad_scale)
+    return axis
+
+
+def lsq_fake_quant(
+    x: Tensor,
+    scale: Tensor,
+    *,
+    bits: int,
+    signed: bool,
+    axis: Optional[int] = None,
+    grad_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """LSQ fake quantization ``y = round_half_even(clamp(x / s, qn, qp)) * s``, differentiable in x and s.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor of any shape and strides, on CPU or CUDA (float64 runs on
+            the reference backend, as the oracle).
+        scale: float32 step size; one element for per-tensor, shape ``(x.shape[axis],)`` per-channel.
+            Its value is used exactly.
+        bits: 2..8. signed: range ``[-2^(b-1), 2^(b-1)-1]`` if True, else ``[0, 2^b-1]``.
+        axis: None for per-tensor, else the channel dimension (negative allowed).
+        grad_scale: multiplier on the scale gradient; None is LSQ's ``1/sqrt(n * qp)``, n = elements per scale.
+        backend: "auto", "reference", "triton", "cuda" or "cpu" (see ``available_backends()``).
+
+    Returns:
+        ``y`` with x's shape and dtype. Backward: ``dx = dy`` where ``qn <= x/s <= qp`` (inclusive) else 0;
+        the scale gradient is float32 with scale's shape (LSQ formula, reduced per channel).
+    """
+    axis = _validate(x, scale, bits, signed, axis, grad_scale)
+    concrete = backends.resolve(backend, x)
+    if _checked and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise ValueError("scale: checked mode requires every scale to be finite and > 0")
+    return _lsq_forward_op(x, scale, bits, signed, axis, grad_scale, concrete)

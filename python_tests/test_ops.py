@@ -1,0 +1,324 @@
+"""lsq_fake_quant on every available backend against the float64 oracle, plus contract edge cases."""
+import math
+
+import pytest
+import torch
+
+import gaqat_kernels as gk
+from gaqat_kernels.kernels.reference import lsq_fake_quant_eager, quant_bounds
+
+from helpers import DTYPES, backend_params, oracle, poison_allocator, random_case, rel_err, sum_err
+
+CASES = [
+    pytest.param((33,), None, id="n33-tensor"),
+    pytest.param((33,), 0, id="n33-ch0"),
+    pytest.param((7, 33), 0, id="7x33-ch0"),
+    pytest.param((7, 33), -1, id="7x33-ch-1"),
+    pytest.param((5, 3, 4, 7), 0, id="conv-ch0"),
+    pytest.param((5, 3, 4, 7), 1, id="act-ch1"),
+    pytest.param((5, 3, 4, 7), 2, id="4d-ch2"),
+    pytest.param((5, 3, 4, 7), -1, id="4d-ch-1"),
+    pytest.param((5, 3, 4, 7), None, id="4d-tensor"),
+    pytest.param((1, 9), 0, id="one-channel"),
+    pytest.param((6, 1, 5), 1, id="one-channel-mid"),
+    pytest.param((3, 2001), 0, id="few-long-channels"),
+    pytest.param((3001,), None, id="n3001-tensor"),
+    pytest.param((300, 1100), 0, id="many-long-channels"),
+    pytest.param((4, 300, 3), 1, id="many-short-channels"),
+    pytest.param((600, 8), 1, id="channels-last-like"),
+]
+LAYOUTS = ["contiguous", "transposed", "strided"]
+
+
+def with_layout(t, layout):
+    """Same values as ``t``, laid out contiguous, as a dense permutation, or as a non-dense slice."""
+    if layout == "contiguous" or t.dim() == 0:
+        return t.contiguous()
+    if layout == "transposed":
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    big = torch.zeros(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
+    big[..., ::2] = t
+    return big[..., ::2]
+
+
+def run_op(x, scale, dy, backend, **kw):
+    xr = x.detach().requires_grad_()
+    sr = scale.detach().clone().requires_grad_()
+    poison_allocator(x.device)
+    y = gk.lsq_fake_quant(xr, sr, backend=backend, **kw)
+    y.backward(dy)
+    return y, xr.grad, sr.grad
+
+
+def check(x, scale, dy, backend, bits, signed, axis):
+    y, dx, ds = run_op(x, scale, dy, backend, bits=bits, signed=signed, axis=axis)
+    ey, edx, eds, mass = oracle(x, scale, dy, bits, signed, axis, with_mass=True)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert torch.equal(y, ey), f"y differs at {(y != ey).nonzero()[:5].tolist()}"
+    assert torch.equal(dx, edx), "dx differs"
+    assert ds.dtype == torch.float32 and ds.shape == scale.shape
+    assert sum_err(ds, eds, mass) < 2e-6
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("shape,axis", [CASES[2], CASES[8]])
+def test_every_bit_width(backend, device, dtype, bits, signed, shape, axis):
+    gen = torch.Generator().manual_seed(bits * 7 + signed)
+    x, s, dy = random_case(shape, axis, bits, signed, dtype, device, gen)
+    check(x, s, dy, backend, bits, signed, axis)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_shapes_axes_layouts(backend, device, dtype, shape, axis, layout, signed):
+    if backend == "triton" and device == "cpu" and math.prod(shape) > 2000 and layout != "contiguous":
+        pytest.skip("large permuted layouts are too slow for the Triton interpreter; they run compiled on GPU")
+    gen = torch.Generator().manual_seed(hash((shape, axis, layout, signed)) % 2**31)
+    x, s, dy = random_case(shape, axis, 3, signed, dtype, device, gen)
+    check(with_layout(x, layout), s, with_layout(dy, layout), backend, 3, signed, axis)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_ties_and_clamp_bounds(backend, device, dtype, signed):
+    """Exact halves round to even; x/s exactly at qn or qp passes the gradient, one ulp beyond does not."""
+    bits = 4
+    qn, qp = quant_bounds(bits, signed)
+    s = 0.5
+    halves = [(k + 0.5) * s for k in range(qn - 3, qp + 3)]
+    exact_bounds = [qn * s, qp * s]
+    beyond = [math.nextafter(qp * s, math.inf), math.nextafter(qn * s, -math.inf) if qn < 0 else -1e-3]
+    vals = torch.tensor(halves + exact_bounds + beyond, dtype=torch.float64)
+    vals = vals[vals.to(dtype).double() == vals]  # keep values the dtype holds exactly
+    x = vals.to(device=device, dtype=dtype)
+    scale = torch.tensor([s], device=device)
+    dy = torch.ones_like(x)
+    y, dx, ds = run_op(x, scale, dy, backend, bits=bits, signed=signed)
+    v = vals / s
+    expected = torch.round(torch.clamp(v, qn, qp)) * s  # torch.round: half to even
+    assert torch.equal(y.double().cpu(), expected)
+    inside = ((v >= qn) & (v <= qp)).to(dtype)
+    assert torch.equal(dx.cpu(), inside)
+    for b in exact_bounds:
+        if b in vals.tolist():
+            assert dx.cpu()[vals.tolist().index(b)] == 1
+    if beyond[0] in vals.tolist():
+        assert dx.cpu()[vals.tolist().index(beyond[0])] == 0
+    _, _, eds = oracle(x, scale, dy, bits, signed, None)
+    assert rel_err(ds, eds) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_stays_in_its_channel(backend, device, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x, s, dy = random_case((4, 37), 0, 4, True, dtype, device, gen)
+    x[1, 5] = float("nan")
+    y, dx, ds = run_op(x, s, dy, backend, bits=4, signed=True, axis=0)
+    assert torch.isnan(y[1, 5]) and torch.isnan(y).sum() == 1
+    assert dx[1, 5] == 0
+    assert torch.isnan(ds[1]) and torch.isfinite(ds[[0, 2, 3]]).all()
+    _, _, eds = oracle(x, s, dy, 4, True, 0)
+    assert rel_err(ds[[0, 2, 3]], eds[[0, 2, 3]]) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_infinite_input_clamps(backend, device):
+    x = torch.tensor([float("inf"), -float("inf"), 0.3], device=device)
+    s = torch.tensor([0.25], device=device)
+    y, dx, ds = run_op(x, s, torch.ones_like(x), backend, bits=3, signed=True, grad_scale=1.0)
+    assert y.tolist() == [0.75, -1.0, 0.25]
+    assert dx.tolist() == [0.0, 0.0, 1.0]
+    assert ds.item() == pytest.approx(3 - 4 + (1 - 1.2), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_scale_gradient_is_deterministic(backend, device):
+    gen = torch.Generator().manual_seed(5)
+    x, s, dy = random_case((3, 2001), 0, 4, True, torch.float32, device, gen)
+    runs = [run_op(x, s, dy, backend, bits=4, signed=True, axis=0)[2] for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_empty_input(backend, device):
+    x = torch.empty(0, 3, device=device, requires_grad=True)
+    s = torch.ones(3, device=device, requires_grad=True)
+    y = gk.lsq_fake_quant(x, s, bits=4, signed=True, axis=1, backend=backend)
+    y.sum().backward()
+    assert y.shape == (0, 3) and torch.equal(s.grad, torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_grad_scale_argument_multiplies_scale_gradient(backend, device):
+    gen = torch.Generator().manual_seed(9)
+    x, s, dy = random_case((7, 33), 0, 4, True, torch.float32, device, gen)
+    _, _, ds_default = run_op(x, s, dy, backend, bits=4, signed=True, axis=0)
+    _, _, ds_one = run_op(x, s, dy, backend, bits=4, signed=True, axis=0, grad_scale=1.0)
+    g = 1 / math.sqrt(33 * 7)
+    assert rel_err(ds_default, ds_one * g) < 1e-6
+
+
+def test_reference_closed_form_is_the_gradient_of_eager_lsq():
+    """The reference backend's formulas equal autograd through the eager composition (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    for axis in (None, 0, 1):
+        x, s, dy = random_case((6, 5, 4), axis, 3, True, torch.float64, "cpu", gen)
+        s = s.double()
+        outs = []
+        for fn in (lambda a, b: gk.lsq_fake_quant(a, b, bits=3, signed=True, axis=axis, backend="reference"),
+                   lambda a, b: lsq_fake_quant_eager(a, b, bits=3, signed=True, axis=axis)):
+            a, b = x.clone().requires_grad_(), s.clone().requires_grad_()
+            y = fn(a, b)
+            y.backward(dy)
+            outs.append((y, a.grad, b.grad))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        assert rel_err(outs[0][2], outs[1][2]) < 1e-12
+
+
+def test_gradcheck_reference_where_differentiable():
+    """Outside the clamp range y = qn*s or qp*s is smooth in s and flat in x: gradcheck holds exactly."""
+    gen = torch.Generator().manual_seed(1)
+    s = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    sign = torch.where(torch.rand(3, 4, generator=gen) < 0.5, -1.0, 1.0).double()
+    x = (sign * (20 + 10 * torch.rand(3, 4, generator=gen, dtype=torch.float64)) * s.detach()).requires_grad_()
+    f = lambda a, b: gk.lsq_fake_quant(a, b, bits=3, signed=True, axis=1, grad_scale=1.0, backend="reference")
+    assert torch.autograd.gradcheck(f, (x, s))
+    assert torch.autograd.gradcheck(lambda b: f(x.detach(), b), (s,))
+
+
+def test_scale_value_is_used_exactly():
+    """No (s - s*g).detach() + s*g: the output is round(x/s)*s with the stored s, bit for bit."""
+    s = torch.tensor([0.1234567], requires_grad=True)
+    x = torch.tensor([0.7, -0.31, 5.0])
+    y = gk.lsq_fake_quant(x, s, bits=8, signed=True, backend="reference")
+    assert torch.equal(y, torch.round(x / s.detach()) * s.detach())
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_compile_fullgraph_matches_eager(backend, device):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile of interpreted Triton is not meaningful")
+    gen = torch.Generator().manual_seed(2)
+    x, s, dy = random_case((5, 3, 4, 7), 0, 4, True, torch.float32, device, gen)
+
+    def f(a, b):
+        return gk.lsq_fake_quant(a, b, bits=4, signed=True, axis=0, backend=backend) * 2.0
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="inductor")):
+        a, b = x.clone().requires_grad_(), s.clone().requires_grad_()
+        y = fn(a, b)
+        y.backward(dy)
+        results.append((y, a.grad, b.grad))
+    (y0, dx0, ds0), (y1, dx1, ds1) = results
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1) and torch.equal(ds0, ds1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_cuda_graph_capture(backend):
+    if backend not in gk.available_backends():
+        pytest.skip(f"{backend} not available")
+    gen = torch.Generator().manual_seed(4)
+    x, s, dy = random_case((64, 300), 0, 4, True, torch.float32, "cuda", gen)
+    x.requires_grad_()
+    s.requires_grad_()
+
+    def step():
+        x.grad = s.grad = None
+        y = gk.lsq_fake_quant(x, s, bits=4, signed=True, axis=0, backend=backend)
+        y.backward(dy)
+        return y
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = s.grad = None
+    with torch.cuda.graph(graph):
+        y = gk.lsq_fake_quant(x, s, bits=4, signed=True, axis=0, backend=backend)
+        y.backward(dy)
+    with torch.no_grad():
+        x.copy_(x * 1.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    ey, edx, eds = oracle(x.detach(), s.detach(), dy, 4, True, 0)
+    assert torch.equal(y, ey) and torch.equal(x.grad, edx) and rel_err(s.grad, eds) < 1e-5
+
+
+def test_checked_mode_rejects_bad_scales():
+    x = torch.randn(4)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with gk.checked_mode(), pytest.raises(ValueError, match="scale"):
+            gk.lsq_fake_quant(x, torch.tensor([bad]), bits=4, signed=True)
+        gk.lsq_fake_quant(x, torch.tensor([bad]), bits=4, signed=True)  # unchecked: no host sync, no error
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(bits=1), ValueError, "bits"),
+        (dict(bits=9), ValueError, "bits"),
+        (dict(bits=4.0), ValueError, "bits"),
+        (dict(bits=True), ValueError, "bits"),
+        (dict(signed="yes"), TypeError, "signed"),
+        (dict(axis=2), ValueError, "axis"),
+        (dict(axis=-3), ValueError, "axis"),
+        (dict(axis=1.0), TypeError, "axis"),
+        (dict(axis=0), ValueError, "scale"),  # scale has 3 elements, dim 0 has 2
+        (dict(axis=None, scale=torch.ones(3)), ValueError, "scale"),
+        (dict(scale=torch.ones(3, dtype=torch.float16)), TypeError, "scale"),
+        (dict(scale=[1.0, 1.0, 1.0]), TypeError, "scale"),
+        (dict(x=torch.ones(2, 3, dtype=torch.int32)), TypeError, "x"),
+        (dict(scale=torch.ones(3, dtype=torch.float64)), TypeError, "scale"),
+        (dict(x=[[1.0]]), TypeError, "x"),
+        (dict(grad_scale=-1.0), ValueError, "grad_scale"),
+        (dict(grad_scale=float("nan")), ValueError, "grad_scale"),
+        (dict(backend="fastest"), ValueError, "backend"),
+        (dict(x=torch.ones(2, 3, dtype=torch.float64), scale=torch.ones(3, dtype=torch.float64), backend="cpu"),
+         ValueError, "backend"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, error, match):
+    args = dict(x=torch.ones(2, 3), scale=torch.ones(3), bits=4, signed=True, axis=1)
+    args.update(kwargs)
+    x, scale = args.pop("x"), args.pop("scale")
+    with pytest.raises(error, match=match):
+        gk.lsq_fake_quant(x, scale, **args)
+
+
+def test_unavailable_backend_is_an_error():
+    missing = [b for b in ("triton", "cuda") if b not in gk.available_backends()]
+    if not torch.cuda.is_available():
+        missing.append("cuda")
+    for b in missing:
+        with pytest.raises(ValueError, match="backend"):
+            gk.lsq_fake_quant(torch.ones(3), torch.ones(1), bits=4, signed=True, backend=b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_devices_must_match():
+    with pytest.raises(ValueError, match="scale"):
+        gk.lsq_fake_quant(torch.ones(3, device="cuda"), torch.ones(1), bits=4, signed=True)
+
+
+def test_available_backends_tell_the_truth():
+    names = gk.available_backends()
+    assert "reference" in names
+    for name in names:
+        device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
+        y = gk.lsq_fake_quant(torch.ones(4, device=device), torch.ones(1, device=device), bits=4, signed=True,
+                              backend=name)
+        assert torch.equal(y.cpu(), torch.ones(4))
