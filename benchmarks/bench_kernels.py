@@ -145,7 +145,8 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bw = copy_bandwidth()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("GAQAT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "copy_bandwidth_GBps": bw / 1e9, "commit": commit or "unknown", "time": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(meta), flush=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the GPU box: build the extension against its torch, run the GPU tests, optionally benchmark.
-#   bash benchmarks/gpu_check.sh [test|bench|all] [extra pytest args...]
+# One call on the GPU box: build the extension against its torch, run the GPU tests, compute-sanitizer, benchmark.
+#   bash benchmarks/gpu_check.sh [test|sanitize|bench|all] [extra pytest args...]
+# BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py.
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -21,6 +22,10 @@ rc=0
 if [[ $mode == test || $mode == all ]]; then
   python3 -m pytest python_tests -q -p no:cacheprovider -x "$@" 2>&1 | tee "$out/tests.log" | tail -25
   rc=${PIPESTATUS[0]}
+fi
+if [[ $mode == sanitize || $mode == all ]]; then
+  compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize_cuda.py > "$out/sanitize.log" 2>&1
+  echo "compute-sanitizer memcheck exit code: $?"; tail -3 "$out/sanitize.log"
 fi
 if [[ $mode == bench || $mode == all ]]; then
   python3 benchmarks/bench_kernels.py --out "$out" 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
