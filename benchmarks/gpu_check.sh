@@ -28,6 +28,6 @@ if [[ $mode == sanitize || $mode == all ]]; then
   echo "compute-sanitizer memcheck exit code: $?"; tail -3 "$out/sanitize.log"
 fi
 if [[ $mode == bench || $mode == all ]]; then
-  python3 benchmarks/bench_kernels.py --out "$out" 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
+  python3 benchmarks/bench_kernels.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
 fi
 exit $rc

@@ -106,17 +106,20 @@ def _sum_partials_kernel(part_ptr, ds_ptr, C, n_splits, g, BLOCK_C: tl.constexpr
     tl.store(ds_ptr + c, acc * g, mask=c < C)
 
 
-_TILE = 4096  # elements per tile: 16 per thread at 8 warps, four 16-byte loads of fp32 in flight
+_TILE_BYTES = 16384  # per tile and tensor: 64 bytes per thread at 8 warps, four 16-byte accesses in flight
 _NUM_WARPS = 8  # measured on H100: fewer warps for small tiles made the 2.4M-element case slower
-_MAX_BLOCK_I = 2048
 
 
-def _block_i(inner: int) -> int:
-    """Largest power-of-two row block that wastes at most 10% of lanes on the last block of a row."""
-    if inner <= _MAX_BLOCK_I:
+def _tile(x: Tensor) -> int:
+    return _TILE_BYTES // x.element_size()
+
+
+def _block_i(inner: int, tile: int) -> int:
+    """Largest power-of-two row block (<= tile) that wastes at most 10% of lanes on a row's last block."""
+    if inner <= tile:
         return triton.next_power_of_2(inner)
-    best, best_waste = _MAX_BLOCK_I, float("inf")
-    b = _MAX_BLOCK_I
+    best, best_waste = tile, float("inf")
+    b = tile
     while b >= 16:
         waste = triton.cdiv(inner, b) * b / inner
         if waste <= 1.10:
@@ -137,15 +140,15 @@ def _device_sms(x: Tensor) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(O: int, C: int, I: int, sms: int) -> Tuple[int, int, int, int, int]:
+def _plan(O: int, C: int, I: int, sms: int, tile: int) -> Tuple[int, int, int, int, int]:
     """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits)``.
 
     One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
     otherwise each channel block's tiles are split over ``n_splits`` programs and summed by a second kernel.
     """
-    bi = _block_i(I)
+    bi = _block_i(I, tile)
     tiles_i = triton.cdiv(I, bi)
-    max_bc = min(max(_TILE // bi, 1), triton.next_power_of_2(C))
+    max_bc = min(max(tile // bi, 1), triton.next_power_of_2(C))
     bc = max_bc
     while bc > 1 and triton.cdiv(C, bc) < 2 * sms:
         bc //= 2
@@ -169,11 +172,14 @@ def forward(x: Tensor, scale: Tensor, y: Tensor, qn: int, qp: int, axis: Optiona
     O, C, I = channel_view(x, axis)
     if x.numel() == 0:
         return
-    bi = _block_i(I)
-    bc = min(max(_TILE // bi, 1), triton.next_power_of_2(C))
-    _check_int32(bc, I)
+    tile = _tile(x)
+    bi = _block_i(I, tile)
+    bc = min(max(tile // bi, 1), triton.next_power_of_2(C))
     tiles_i = triton.cdiv(I, bi)
     tiles_per_cb = O * tiles_i
+    while bc > 1 and triton.cdiv(C, bc) * tiles_per_cb < 4 * _device_sms(x):  # small tensors: fill the GPU
+        bc //= 2
+    _check_int32(bc, I)
     grid = (triton.cdiv(C, bc) * tiles_per_cb,)
     _lsq_fwd_kernel[grid](
         x, scale, y, C, I, tiles_i, tiles_per_cb, float(qn), float(qp),
@@ -194,7 +200,7 @@ def backward(
     if x.numel() == 0:
         ds.zero_()
         return
-    bc, bi, tiles_i, num_cb, n_splits = _plan(O, C, I, _device_sms(x))
+    bc, bi, tiles_i, num_cb, n_splits = _plan(O, C, I, _device_sms(x), _tile(x))
     _check_int32(bc, I)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)

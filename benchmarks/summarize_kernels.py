@@ -1,0 +1,39 @@
+"""Condenses a kernels.json from bench_kernels.py into one markdown row per case: ×floor of each implementation.
+
+    python benchmarks/summarize_kernels.py benchmarks/results/kernels_h100_<commit>.json [--mode graph|eager]
+"""
+import argparse
+import json
+import math
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("path")
+    ap.add_argument("--mode", default="graph", choices=["graph", "eager"])
+    args = ap.parse_args()
+    data = json.load(open(args.path))
+    rows = data["rows"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["case"], r["dtype"], r["bits"]), {})[r["impl"]] = r
+    print(f"fwd+bwd time / floor ({args.mode}); floor = 5 passes at the measured copy bandwidth "
+          f"({data['meta']['copy_bandwidth_GBps']:.0f} GB/s); {data['meta']['device']}, commit {data['meta']['commit']}\n")
+    print("| case | dtype | bits | floor µs | " + " | ".join(impls) + " | best of ours vs best peer |")
+    print("|---|---|---|---|" + "---|" * (len(impls) + 1))
+    for (case, dtype, bits), by_impl in groups.items():
+        floor = next(iter(by_impl.values()))["floor_fwdbwd_ms"]
+        cells, ours, peers = [], [], []
+        for impl in impls:
+            r = by_impl.get(impl)
+            t = r[f"{args.mode}_fwdbwd_ms"] if r else float("nan")
+            cells.append("—" if math.isnan(t) else f"{t / floor:.2f}")
+            if not math.isnan(t):
+                (ours if impl.startswith("ours") else peers).append(t)
+        ratio = f"{min(peers) / min(ours):.2f}× faster" if ours and peers else "—"
+        print(f"| {case} | {dtype} | {bits} | {floor * 1e3:.1f} | " + " | ".join(cells) + f" | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
