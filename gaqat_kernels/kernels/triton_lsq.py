@@ -116,10 +116,10 @@ def _tile(x: Tensor) -> int:
 
 def _block_i(inner: int, tile: int) -> int:
     """Largest power-of-two row block (<= tile) that wastes at most 10% of lanes on a row's last block."""
-    if inner <= tile:
-        return triton.next_power_of_2(inner)
-    best, best_waste = tile, float("inf")
-    b = tile
+    b = min(tile, triton.next_power_of_2(inner))
+    if b < 16:
+        return b
+    best, best_waste = b, float("inf")
     while b >= 16:
         waste = triton.cdiv(inner, b) * b / inner
         if waste <= 1.10:
