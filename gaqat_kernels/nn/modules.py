@@ -17,6 +17,14 @@ def _quantizers(module: nn.Module, out_channels: int, w_bits: Optional[int], a_b
     module.act_quantizer = LSQQuantizer(a_bits, signed=a_signed, backend=backend) if a_bits else None
 
 
+def _quantized_input_and_weight(module: nn.Module, x: Tensor):
+    """The layer's input and weight after their quantizers (either may be None: full precision)."""
+    if module.act_quantizer is not None:
+        x = module.act_quantizer(x)
+    w = module.weight_quantizer(module.weight) if module.weight_quantizer is not None else module.weight
+    return x, w
+
+
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose input (per-tensor) and weight (per output channel) are LSQ fake-quantized.
 
@@ -40,9 +48,7 @@ class QuantConv2d(nn.Conv2d):
         return q.to(conv.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
+        x, w = _quantized_input_and_weight(self, x)
         return self._conv_forward(x, w, self.bias)
 
 
@@ -64,7 +70,5 @@ class QuantLinear(nn.Linear):
         return q.to(linear.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        w = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
+        x, w = _quantized_input_and_weight(self, x)
         return F.linear(x, w, self.bias)
