@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .kernels import extension
 from .kernels.layout import channel_view
-from .kernels.reference import reference_backward, reference_forward
+from .kernels.reference import reference_backward, reference_forward, segment_conflict_reference
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
@@ -123,3 +123,27 @@ def get(name: str) -> Backend:
     if name in ("cpu", "cuda"):
         return Backend(_extension_forward, _extension_backward)
     raise ValueError(f"backend: {name!r} is not a concrete backend")
+
+
+CONFLICT_BACKENDS = ("auto", "reference", "triton")
+
+
+def resolve_conflict(name: str, x: Tensor) -> str:
+    """The backend that runs ``segment_conflict`` on ``x``: reference or triton (auto: triton on CUDA)."""
+    if name not in CONFLICT_BACKENDS:
+        raise ValueError(f"backend: segment_conflict has backends {CONFLICT_BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "triton" if _unusable_reason("triton", x) is None and x.is_cuda else "reference"
+    reason = _unusable_reason(name, x)
+    if reason is not None:
+        raise ValueError(f"backend: {name!r} is not available for this input: {reason}")
+    return name
+
+
+def conflict_kernel(name: str) -> Callable:
+    """``fn(task, smooth, offsets, out)`` of a concrete segment_conflict backend."""
+    if name == "triton":
+        from .kernels import triton_conflict
+
+        return triton_conflict.segment_conflict
+    return lambda task, smooth, offsets, out: out.copy_(segment_conflict_reference(task, smooth, offsets))

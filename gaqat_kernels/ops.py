@@ -165,3 +165,57 @@ def lsq_fake_quant(
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError("scale: checked mode requires every scale to be finite and > 0")
     return _lsq_forward_op(x, scale, bits, signed, axis, grad_scale, concrete)
+
+
+@torch.library.custom_op("gaqat_kernels::segment_conflict", mutates_args=())
+def _segment_conflict_op(task: Tensor, smooth: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    out = torch.empty((offsets.numel() - 1, 4), dtype=torch.float32, device=task.device)
+    backends.conflict_kernel(backend)(task, smooth, offsets, out)
+    return out
+
+
+@_segment_conflict_op.register_fake
+def _(task, smooth, offsets, backend):
+    return torch.empty((offsets.numel() - 1, 4), dtype=torch.float32, device=task.device)
+
+
+def _check_offsets_values(offsets: Tensor, n: int) -> None:
+    if offsets[0].item() != 0 or offsets[-1].item() != n:
+        raise ValueError(f"offsets: expected offsets[0] == 0 and offsets[-1] == {n} (the length of task)")
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError("offsets: expected non-decreasing values")
+
+
+def segment_conflict(task: Tensor, smooth: Tensor, offsets: Tensor, *, backend: str = "auto") -> Tensor:
+    """Per-segment conflict statistics of two gradients, all segments in one launch.
+
+    Args:
+        task, smooth: float32 1-D tensors of equal length N (e.g. the task-loss and smoothness-loss gradients
+            of every quantizer scale, packed into one buffer); float64 runs on the reference backend.
+        offsets: int64 1-D, length S + 1: segment k is ``[offsets[k], offsets[k+1])``; ``offsets[0] = 0``,
+            non-decreasing, ``offsets[-1] = N``; empty segments are allowed. Its values are checked when it
+            lives on the CPU, and on the GPU only in ``checked_mode()`` (reading them would synchronise).
+        backend: "auto" (triton on CUDA, else reference), "reference" or "triton".
+
+    Returns:
+        float32 ``(S, 4)``: fraction of elements with ``task * smooth < 0``, cosine similarity (0 when either
+        norm is 0), ``||task||``, ``||smooth||``. Empty segments give zeros; a NaN affects its own segment only.
+    """
+    for name, t in (("task", task), ("smooth", smooth)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name}: expected float32 (float64 for the reference), got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+    if smooth.shape != task.shape or smooth.dtype != task.dtype or smooth.device != task.device:
+        raise ValueError(f"smooth: expected task's length {task.numel()}, dtype and device, got "
+                         f"{smooth.numel()} {smooth.dtype} {smooth.device}")
+    if not isinstance(offsets, Tensor) or offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 1:
+        raise TypeError("offsets: expected a 1-D int64 tensor with at least one element")
+    if offsets.device != task.device:
+        raise ValueError(f"offsets: expected it on task's device {task.device}, got {offsets.device}")
+    concrete = backends.resolve_conflict(backend, task)
+    if not torch.compiler.is_compiling() and (offsets.device.type == "cpu" or _checked):
+        _check_offsets_values(offsets, task.numel())
+    return _segment_conflict_op(task.contiguous(), smooth.contiguous(), offsets.contiguous(), concrete)

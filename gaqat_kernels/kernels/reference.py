@@ -125,3 +125,29 @@ def lsq_fake_quant_eager(
     s = broadcast_scale(_ScaleGradient.apply(scale, g), x, axis).to(cd)
     v = x.to(cd) / s
     return (_RoundSTE.apply(torch.clamp(v, qn, qp)) * s).to(x.dtype)
+
+
+def segment_conflict_reference(task: Tensor, smooth: Tensor, offsets: Tensor) -> Tensor:
+    """Per-segment gradient-conflict statistics, ``(S, 4)``: the oracle of ``segment_conflict``.
+
+    Columns: fraction of elements with ``task * smooth < 0`` (over the segment's length), cosine similarity
+    (0 when either norm is 0), ``||task||``, ``||smooth||``. A NaN makes its own segment's cosine and norms
+    NaN (it is not counted as a conflict) and leaves the other segments alone. Computed in float64 for float64 inputs, else
+    float32 accumulation; empty segments give zeros. Uses no host synchronisation (``output_size`` is given).
+    """
+    cd = torch.float64 if task.dtype == torch.float64 else torch.float32
+    n_seg = offsets.numel() - 1
+    lengths = offsets[1:] - offsets[:-1]
+    seg = torch.repeat_interleave(torch.arange(n_seg, device=task.device), lengths, output_size=task.numel())
+    t, s = task.to(cd), smooth.to(cd)
+
+    def per_segment(values: Tensor) -> Tensor:
+        return torch.zeros(n_seg, dtype=cd, device=task.device).index_add_(0, seg, values)
+
+    conflicts = per_segment(((t * s) < 0).to(cd))
+    dot = per_segment(t * s)
+    nt, ns = per_segment(t * t).sqrt(), per_segment(s * s).sqrt()
+    denom = nt * ns
+    cosine = torch.where(denom == 0, torch.zeros((), dtype=cd, device=task.device), dot / torch.where(denom == 0, 1, denom))
+    fraction = conflicts / lengths.clamp_min(1).to(cd)
+    return torch.stack([fraction, cosine, nt, ns], dim=1)
