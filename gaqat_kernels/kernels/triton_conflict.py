@@ -37,7 +37,7 @@ def _segment_conflict_kernel(task_ptr, smooth_ptr, offsets_ptr, out_ptr, BLOCK: 
     length = (end - start).to(tl.float32)
     denom = nt * ns
     cosine = tl.where(denom == 0, 0.0, tl.div_rn(d, tl.where(denom == 0, 1.0, denom)))  # NaN stays NaN
-    fraction = tl.where(length > 0, n_conf / tl.maximum(length, 1.0), 0.0)
+    fraction = tl.where(length > 0, tl.div_rn(n_conf, tl.maximum(length, 1.0)), 0.0)
     tl.store(out_ptr + seg * 4 + 0, fraction)
     tl.store(out_ptr + seg * 4 + 1, cosine)
     tl.store(out_ptr + seg * 4 + 2, nt)
