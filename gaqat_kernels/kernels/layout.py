@@ -30,14 +30,14 @@ def as_dense(x: Tensor) -> Tensor:
     return x if is_dense(x) else x.contiguous()
 
 
-def output_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+def output_like(x: Tensor) -> Tensor:
     """An uninitialised tensor laid out like ``as_dense(x)``: what every backend writes into.
 
     The fake (meta) implementation of the ops uses the same function, so compiled graphs see real strides.
     """
     if is_dense(x):
-        return torch.empty_like(x, dtype=dtype)
-    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def same_layout(a: Tensor, b: Tensor) -> bool:
