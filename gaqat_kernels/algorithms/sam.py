@@ -1,0 +1,113 @@
+"""Sharpness-aware minimisation (Foret et al., ICLR 2021) and its adaptive variant ASAM (Kwon et al., 2021).
+
+One SAM step is two forward/backward passes:
+
+    g_task = grad L(w)                                  first pass, at w
+    e      = rho * T^2 g_task / ||T g_task||            T = |w| for ASAM, the identity for SAM
+    g_sam  = grad L(w + e)                              second pass, at the perturbed weights
+    w     <- base_optimizer(w, g_sam)                   after restoring w
+
+For QAT with flatness objectives the gradient of the smoothness loss L(w + e) - L(w) is what GAQAT compares
+with the task gradient; to first order in the same two passes it is ``g_smooth = g_sam - g_task``.
+``SAM.gradients(params)`` returns ``(g_task, g_smooth)`` for any parameters (e.g. every quantizer scale).
+
+Every reduction stays on the device (``torch._foreach_norm``), so a step issues no host synchronisation.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class SAM(torch.optim.Optimizer):
+    """Wraps a base optimizer (built here from ``base_optimizer`` and ``**kwargs``) with SAM's two passes.
+
+    Use ``first_step()`` after the first backward and ``second_step()`` after the second, or ``step(closure)``
+    with a closure that zeroes gradients, runs forward and backward, and returns the loss.
+
+    Args:
+        params: parameters or parameter groups.
+        base_optimizer: an optimizer class, e.g. ``torch.optim.SGD``.
+        rho: neighbourhood radius (SAM's default 0.05).
+        adaptive: ASAM's scale-invariant neighbourhood (``T = |w|``); then rho is typically larger (0.5-2).
+        eps: added to the gradient norm.
+    """
+
+    def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, adaptive: bool = False,
+                 eps: float = 1e-12, **kwargs):
+        if not (isinstance(rho, (int, float)) and rho >= 0):
+            raise ValueError(f"rho: expected a non-negative number, got {rho!r}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"base_optimizer: expected a torch.optim.Optimizer class, got {base_optimizer!r}")
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, eps=eps, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def _with_grad(self, group) -> List[Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save ``g_task``, then move every parameter to ``w + e`` (no host sync)."""
+        scaled = []
+        for group in self.param_groups:
+            params = self._with_grad(group)
+            grads = [p.grad for p in params]
+            if group["adaptive"]:
+                grads = torch._foreach_mul([p.abs() for p in params], grads)
+            scaled.extend(grads)
+        norms = torch._foreach_norm(scaled) if scaled else []
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+        for group in self.param_groups:
+            params = self._with_grad(group)
+            if not params:
+                continue
+            factor = group["rho"] / (total + group["eps"])
+            for p in params:
+                e = p.grad * factor
+                if group["adaptive"]:
+                    e = e * p.abs().square()
+                state = self.state[p]
+                state["task_grad"] = p.grad.clone()
+                state["e"] = e
+                p.add_(e)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` and apply the base optimizer with ``g_sam`` (the gradient at ``w + e``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                e = self.state[p].get("e")
+                if e is not None:
+                    p.sub_(e)
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def gradients(self, params: Iterable[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """``(g_task, g_smooth)`` of ``params`` after the second backward: ``g_smooth = g_sam - g_task``."""
+        task, smooth = [], []
+        for p in params:
+            g_task = self.state[p].get("task_grad")
+            if g_task is None or p.grad is None:
+                raise ValueError("params: gradients are known only after first_step() and the second backward")
+            task.append(g_task)
+            smooth.append(p.grad - g_task)
+        return task, smooth
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+        """Both passes: ``closure`` must zero the gradients, compute the loss, call backward, return the loss."""
+        if closure is None:
+            raise ValueError("closure: SAM.step needs a closure that re-evaluates the loss (two passes)")
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step()
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
