@@ -82,3 +82,28 @@ def test_bad_arguments():
         opt.step()
     with pytest.raises(ValueError, match="params"):
         opt.gradients(params)
+
+
+def test_quantizer_scale_gradients_feed_segment_conflict():
+    """The pieces GAQAT will join: SAM's task/smoothness split of every LSQ scale, reduced per layer."""
+    import gaqat_kernels as gk
+    from gaqat_kernels.nn import LSQQuantizer, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
+    quantize_model(model, 4, 4)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    model(x)  # initialise the scales
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    scales = [m.scale for m in model.modules() if isinstance(m, LSQQuantizer)]
+    task, smooth = opt.gradients(scales)
+    opt.second_step()
+    lengths = torch.tensor([t.numel() for t in task])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    stats = gk.segment_conflict(torch.cat(task), torch.cat(smooth), offsets)
+    assert stats.shape == (len(scales), 4) and torch.isfinite(stats).all()
+    assert (stats[:, 2] > 0).all()  # every scale received a task gradient
