@@ -167,16 +167,21 @@ def lsq_fake_quant(
     return _lsq_forward_op(x, scale, bits, signed, axis, grad_scale, concrete)
 
 
+def _conflict_output(task: Tensor, offsets: Tensor) -> Tensor:
+    """The (S, 4) float32 result buffer; shared by the real and the fake implementation."""
+    return torch.empty((offsets.numel() - 1, 4), dtype=torch.float32, device=task.device)
+
+
 @torch.library.custom_op("gaqat_kernels::segment_conflict", mutates_args=())
 def _segment_conflict_op(task: Tensor, smooth: Tensor, offsets: Tensor, backend: str) -> Tensor:
-    out = torch.empty((offsets.numel() - 1, 4), dtype=torch.float32, device=task.device)
+    out = _conflict_output(task, offsets)
     backends.conflict_kernel(backend)(task, smooth, offsets, out)
     return out
 
 
 @_segment_conflict_op.register_fake
 def _(task, smooth, offsets, backend):
-    return torch.empty((offsets.numel() - 1, 4), dtype=torch.float32, device=task.device)
+    return _conflict_output(task, offsets)
 
 
 def _check_offsets_values(offsets: Tensor, n: int) -> None:

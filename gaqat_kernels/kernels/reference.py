@@ -132,8 +132,9 @@ def segment_conflict_reference(task: Tensor, smooth: Tensor, offsets: Tensor) ->
 
     Columns: fraction of elements with ``task * smooth < 0`` (over the segment's length), cosine similarity
     (0 when either norm is 0), ``||task||``, ``||smooth||``. A NaN makes its own segment's cosine and norms
-    NaN (it is not counted as a conflict) and leaves the other segments alone. Computed in float64 for float64 inputs, else
-    float32 accumulation; empty segments give zeros. Uses no host synchronisation (``output_size`` is given).
+    NaN (it is not counted as a conflict) and leaves the other segments alone. Computed in float64 for
+    float64 inputs, else float32 accumulation; empty segments give zeros. Uses no host synchronisation
+    (``output_size`` is given).
     """
     cd = torch.float64 if task.dtype == torch.float64 else torch.float32
     n_seg = offsets.numel() - 1
@@ -144,10 +145,12 @@ def segment_conflict_reference(task: Tensor, smooth: Tensor, offsets: Tensor) ->
     def per_segment(values: Tensor) -> Tensor:
         return torch.zeros(n_seg, dtype=cd, device=task.device).index_add_(0, seg, values)
 
-    conflicts = per_segment(((t * s) < 0).to(cd))
-    dot = per_segment(t * s)
+    products = t * s
+    conflicts = per_segment((products < 0).to(cd))
+    dot = per_segment(products)
     nt, ns = per_segment(t * t).sqrt(), per_segment(s * s).sqrt()
     denom = nt * ns
-    cosine = torch.where(denom == 0, torch.zeros((), dtype=cd, device=task.device), dot / torch.where(denom == 0, 1, denom))
+    zero = torch.zeros((), dtype=cd, device=task.device)
+    cosine = torch.where(denom == 0, zero, dot / torch.where(denom == 0, 1, denom))
     fraction = conflicts / lengths.clamp_min(1).to(cd)
     return torch.stack([fraction, cosine, nt, ns], dim=1)

@@ -139,6 +139,12 @@ def _device_sms(x: Tensor) -> int:
     return _num_sms(x.device.index or 0) if x.is_cuda else 4
 
 
+def _tile_shape(C: int, I: int, tile: int) -> Tuple[int, int, int]:
+    """``(largest BLOCK_C, BLOCK_I, row blocks per row)`` of tiles holding at most ``tile`` elements."""
+    bi = _block_i(I, tile)
+    return min(max(tile // bi, 1), triton.next_power_of_2(C)), bi, triton.cdiv(I, bi)
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(O: int, C: int, I: int, sms: int, tile: int) -> Tuple[int, int, int, int, int]:
     """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits)``.
@@ -146,9 +152,7 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int) -> Tuple[int, int, int, i
     One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
     otherwise each channel block's tiles are split over ``n_splits`` programs and summed by a second kernel.
     """
-    bi = _block_i(I, tile)
-    tiles_i = triton.cdiv(I, bi)
-    max_bc = min(max(tile // bi, 1), triton.next_power_of_2(C))
+    max_bc, bi, tiles_i = _tile_shape(C, I, tile)
     bc = max_bc
     while bc > 1 and triton.cdiv(C, bc) < 2 * sms:
         bc //= 2
@@ -172,12 +176,10 @@ def forward(x: Tensor, scale: Tensor, y: Tensor, qn: int, qp: int, axis: Optiona
     O, C, I = channel_view(x, axis)
     if x.numel() == 0:
         return
-    tile = _tile(x)
-    bi = _block_i(I, tile)
-    bc = min(max(tile // bi, 1), triton.next_power_of_2(C))
-    tiles_i = triton.cdiv(I, bi)
+    bc, bi, tiles_i = _tile_shape(C, I, _tile(x))
     tiles_per_cb = O * tiles_i
-    while bc > 1 and triton.cdiv(C, bc) * tiles_per_cb < 4 * _device_sms(x):  # small tensors: fill the GPU
+    min_programs = 4 * _device_sms(x)  # small tensors: smaller tiles, so that the grid fills the GPU
+    while bc > 1 and triton.cdiv(C, bc) * tiles_per_cb < min_programs:
         bc //= 2
     _check_int32(bc, I)
     grid = (triton.cdiv(C, bc) * tiles_per_cb,)
