@@ -46,7 +46,7 @@ def _extension():
         nvcc = ["-O3", "-std=c++17", "-lineinfo", "-DGAQAT_WITH_CUDA",
                 "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                 "-gencode=arch=compute_90,code=compute_90"]
-        return CUDAExtension("gaqat_kernels._C", sources + ["csrc/lsq_cuda.cu"],
+        return CUDAExtension("gaqat_kernels._C", sources + ["csrc/lsq_cuda.cu", "csrc/conflict_cuda.cu"],
                              extra_compile_args={"cxx": cxx + ["-DGAQAT_WITH_CUDA"], "nvcc": nvcc},
                              extra_link_args=["-fopenmp"])
     print("gaqat_kernels: building the CPU-only extension (torch has no CUDA or nvcc was not found)")

@@ -61,6 +61,34 @@ void lsq_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& s
   lsq_backward_cpu(dy, x, scale, dx, ds, O, C, I, qn, qp, g);
 }
 
+void conflict_update(const at::Tensor& task, const at::Tensor& smooth, const at::Tensor& offsets, at::Tensor& signs,
+                     at::Tensor& ema, at::Tensor& step, at::Tensor& counter, at::Tensor& stats, at::Tensor& frozen,
+                     double decay, double log2_decay, double flip_weight, double threshold, int64_t warmup,
+                     int64_t top_k) {
+  const int64_t n = task.numel(), s = offsets.numel() - 1;
+  auto on = [&](const at::Tensor& t, at::ScalarType type, int64_t numel, const char* name) {
+    TORCH_CHECK(t.is_cuda() && t.device() == task.device() && t.scalar_type() == type && t.is_contiguous() &&
+                    t.numel() == numel, name, ": expected a contiguous ", type, " CUDA tensor of ", numel,
+                " elements on task's device");
+  };
+  on(task, at::kFloat, n, "task");
+  on(smooth, at::kFloat, n, "smooth");
+  on(offsets, at::kLong, s + 1, "offsets");
+  on(signs, at::kChar, 2 * n, "signs");
+  on(ema, at::kFloat, s, "ema");
+  on(step, at::kLong, 1, "step");
+  on(counter, at::kInt, 1, "counter");
+  on(stats, at::kFloat, 7 * s, "stats");
+  on(frozen, at::kBool, s, "frozen");
+  TORCH_CHECK(s >= 1, "offsets: expected at least one segment");
+#ifdef GAQAT_WITH_CUDA
+  conflict_update_cuda(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, log2_decay,
+                       flip_weight, threshold, warmup, top_k);
+#else
+  TORCH_CHECK(false, "gaqat_kernels._C was built without CUDA");
+#endif
+}
+
 bool built_with_cuda() {
 #ifdef GAQAT_WITH_CUDA
   return true;
@@ -76,5 +104,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gaqat_kernels C++/CUDA kernels (LSQ fake quantization)";
   m.def("lsq_forward", &gaqat::lsq_forward, "LSQ forward into a preallocated y (dense, (O, C, I) view)");
   m.def("lsq_backward", &gaqat::lsq_backward, "LSQ backward into preallocated dx and ds");
+  m.def("conflict_update", &gaqat::conflict_update, "one gradient-conflict tracker step (CUDA), in place");
   m.def("built_with_cuda", &gaqat::built_with_cuda, "True when the CUDA kernels were compiled in");
 }

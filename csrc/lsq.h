@@ -22,6 +22,11 @@ void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& 
                       int64_t O, int64_t C, int64_t I, double qn, double qp);
 void lsq_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
                        at::Tensor& ds, int64_t O, int64_t C, int64_t I, double qn, double qp, double g);
+// One step of the gradient-conflict tracker (conflict_cuda.cu); n_seg >= 1.
+void conflict_update_cuda(const at::Tensor& task, const at::Tensor& smooth, const at::Tensor& offsets,
+                          at::Tensor& signs, at::Tensor& ema, at::Tensor& step, at::Tensor& counter,
+                          at::Tensor& stats, at::Tensor& frozen, double decay, double log2_decay,
+                          double flip_weight, double threshold, int64_t warmup, int64_t top_k);
 #endif
 
 // round(clamp(v, qn, qp)) with ties to even; NaN stays NaN (comparisons with NaN are false).

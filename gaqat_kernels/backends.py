@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 from typing import Callable, List, NamedTuple, Optional
 
@@ -16,7 +17,12 @@ from torch import Tensor
 
 from .kernels import extension
 from .kernels.layout import channel_view
-from .kernels.reference import reference_backward, reference_forward, segment_conflict_reference
+from .kernels.reference import (
+    conflict_update_reference,
+    reference_backward,
+    reference_forward,
+    segment_conflict_reference,
+)
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
@@ -147,3 +153,53 @@ def conflict_kernel(name: str) -> Callable:
 
         return triton_conflict.segment_conflict
     return lambda task, smooth, offsets, out: out.copy_(segment_conflict_reference(task, smooth, offsets))
+
+
+TRACKER_BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+def resolve_tracker(name: str, x: Tensor) -> str:
+    """The backend that runs ``conflict_update`` on ``x`` (auto: cuda, else triton on CUDA; else reference)."""
+    if name not in TRACKER_BACKENDS:
+        raise ValueError(f"backend: the conflict tracker has backends {TRACKER_BACKENDS}, got {name!r}")
+    if name == "auto":
+        for candidate in ("cuda", "triton") if x.is_cuda else ():
+            if _unusable_reason(candidate, x) is None:
+                return candidate
+        return "reference"
+    reason = _unusable_reason(name, x)
+    if reason is not None:
+        raise ValueError(f"backend: {name!r} is not available for this input: {reason}")
+    return name
+
+
+def _reference_tracker(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, flip_weight,
+                       threshold, warmup, top_k):
+    out = conflict_update_reference(task, smooth, offsets, signs, ema, step, decay=decay, flip_weight=flip_weight,
+                                    threshold=threshold, warmup=warmup, top_k=top_k)
+    for dst, src in zip((stats, frozen, signs, ema), out):
+        dst.copy_(src)
+    step.add_(1)
+
+
+def _cuda_tracker(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, flip_weight, threshold,
+                  warmup, top_k):
+    if offsets.numel() == 1:
+        step.add_(1)
+        return
+    log2_decay = math.log2(decay) if decay > 0 else -math.inf
+    extension.MODULE.conflict_update(task, smooth, offsets, signs.reshape(-1), ema, step, counter,
+                                     stats.reshape(-1), frozen, decay, log2_decay, flip_weight, threshold,
+                                     warmup, top_k)
+
+
+def tracker_kernel(name: str) -> Callable:
+    """``fn(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, flip_weight, threshold,
+    warmup, top_k)`` of a concrete tracker backend; updates the state tensors in place."""
+    if name == "triton":
+        from .kernels import triton_conflict
+
+        return triton_conflict.conflict_update
+    if name == "cuda":
+        return _cuda_tracker
+    return _reference_tracker

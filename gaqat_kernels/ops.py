@@ -224,3 +224,33 @@ def segment_conflict(task: Tensor, smooth: Tensor, offsets: Tensor, *, backend: 
     if not torch.compiler.is_compiling() and (offsets.device.type == "cpu" or _checked):
         _check_offsets_values(offsets, task.numel())
     return _segment_conflict_op(task.contiguous(), smooth.contiguous(), offsets.contiguous(), concrete)
+
+
+@torch.library.custom_op("gaqat_kernels::conflict_update",
+                         mutates_args=("signs", "ema", "step", "counter", "stats", "frozen"))
+def _conflict_update_op(task: Tensor, smooth: Tensor, offsets: Tensor, signs: Tensor, ema: Tensor, step: Tensor,
+                        counter: Tensor, stats: Tensor, frozen: Tensor, decay: float, flip_weight: float,
+                        threshold: float, warmup: int, top_k: int, backend: str) -> None:
+    backends.tracker_kernel(backend)(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay,
+                                     flip_weight, threshold, warmup, top_k)
+
+
+@_conflict_update_op.register_fake
+def _(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, flip_weight, threshold, warmup,
+      top_k, backend):
+    return None
+
+
+def conflict_update(task: Tensor, smooth: Tensor, offsets: Tensor, state, *, decay: float, flip_weight: float,
+                    threshold: float, warmup: int, top_k: int, backend: str = "auto") -> None:
+    """One step of the stateful conflict tracker, in place on ``state`` (a ``ConflictState``), one launch.
+
+    ``task``/``smooth``/``offsets`` follow ``segment_conflict``'s contract. Afterwards ``state.stats``
+    (float32 (S, 7)) holds this step's statistics and ``state.frozen`` (bool (S,)) the freeze mask; the
+    math is written out in ``kernels.reference.conflict_update_reference``. Use it through
+    ``gaqat_kernels.algorithms.ConflictTracker``, which owns the state and checks the arguments.
+    """
+    concrete = backends.resolve_tracker(backend, task)
+    _conflict_update_op(task, smooth, offsets, state.signs, state.ema, state.step, state.counter, state.stats,
+                        state.frozen, float(decay), float(flip_weight), float(threshold), int(warmup),
+                        int(top_k), concrete)

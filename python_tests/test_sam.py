@@ -107,3 +107,33 @@ def test_quantizer_scale_gradients_feed_segment_conflict():
     stats = gk.segment_conflict(torch.cat(task), torch.cat(smooth), offsets)
     assert stats.shape == (len(scales), 4) and torch.isfinite(stats).all()
     assert (stats[:, 2] > 0).all()  # every scale received a task gradient
+
+
+def test_sagm_variant_matches_hand_written():
+    model, x, y = model_and_data()
+    reference = copy.deepcopy(model)
+    rho, alpha, lr = 0.05, 0.01, 0.1
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, alpha=alpha, lr=lr)
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        params = list(reference.parameters())
+        g = torch.autograd.grad(loss_of(reference, x, y), params)
+        norm = torch.sqrt(sum((gi * gi).sum() for gi in g))
+        es = [(rho / (norm + 1e-12) - alpha) * gi for gi in g]
+        with torch.no_grad():
+            for p, e in zip(params, es):
+                p.add_(e)
+        g_pert = torch.autograd.grad(loss_of(reference, x, y), params)
+        with torch.no_grad():
+            for p, e, gi, gp in zip(params, es, g, g_pert):
+                p.sub_(e)
+                p.sub_(lr * 0.5 * (gi + gp))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        SAM(model.parameters(), torch.optim.SGD, alpha=-1.0, lr=0.1)

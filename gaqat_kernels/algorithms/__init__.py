@@ -1,4 +1,35 @@
-"""Training algorithms: how each step uses the gradients (SAM so far; GAQAT and FQAT build on it)."""
-from .sam import SAM
+"""Training algorithms: how each step uses the gradients.
 
-__all__ = ["SAM"]
+``build_algorithm(name, model, ...)`` picks one by name: "erm" (also plain LSQ QAT), "sam", "sagm",
+"gaqat", "fqat". All share ``TrainingAlgorithm``'s interface: ``step(closure) -> loss``.
+"""
+from typing import Dict
+
+from torch import nn
+
+from .base import ERM, SAMTraining, TrainingAlgorithm
+from .conflict import STAT_NAMES, ConflictTracker
+from .freezing import FQAT, GAQAT
+from .sam import SAM
+from .stats_log import ConflictLog
+
+ALGORITHMS: Dict[str, type] = {"erm": ERM, "sam": SAMTraining, "sagm": SAMTraining, "gaqat": GAQAT, "fqat": FQAT}
+
+
+def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
+    """The algorithm ``name`` for ``model``; ``kwargs`` go to its constructor (and on to the optimizer).
+
+    "sagm" is SAM with ``alpha`` (default 0.001 when not given). ERM ignores SAM's arguments.
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"name: unknown algorithm {name!r}; expected one of {sorted(ALGORITHMS)}")
+    if name == "sagm":
+        kwargs.setdefault("alpha", 0.001)
+    if name == "erm":
+        for key in ("rho", "adaptive", "alpha"):
+            kwargs.pop(key, None)
+    return ALGORITHMS[name](model, **kwargs)
+
+
+__all__ = ["SAM", "ERM", "SAMTraining", "GAQAT", "FQAT", "TrainingAlgorithm", "ConflictTracker", "ConflictLog",
+           "STAT_NAMES", "ALGORITHMS", "build_algorithm"]

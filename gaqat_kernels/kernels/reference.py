@@ -11,6 +11,7 @@ Two forms live here:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -154,3 +155,55 @@ def segment_conflict_reference(task: Tensor, smooth: Tensor, offsets: Tensor) ->
     cosine = torch.where(denom == 0, zero, dot / torch.where(denom == 0, 1, denom))
     fraction = conflicts / lengths.clamp_min(1).to(cd)
     return torch.stack([fraction, cosine, nt, ns], dim=1)
+
+
+def signs_of(g: Tensor) -> Tensor:
+    """int8 sign of each element: +1, -1, or 0 for zeros and NaN."""
+    return (g > 0).to(torch.int8) - (g < 0).to(torch.int8)
+
+
+def conflict_update_reference(
+    task: Tensor, smooth: Tensor, offsets: Tensor, signs: Tensor, ema: Tensor, step: Tensor, *,
+    decay: float, flip_weight: float, threshold: float, warmup: int, top_k: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One step of the stateful conflict tracker, functionally: the oracle of ``conflict_update``.
+
+    Args:
+        task, smooth: float32 (N,) gradients; offsets: int64 (S + 1,) segment bounds.
+        signs: int8 (2, N), the previous step's signs of ``task`` and ``smooth`` (zeros before the first step).
+        ema: float32 (S,), the running (not bias-corrected) average m of the raw disorder.
+        step: int64 (1,), how many updates came before this one.
+
+    Returns ``(stats, frozen, new_signs, new_ema)``; ``stats`` is float32 (S, 7) with columns
+    conflict fraction c, cosine, ||task||, ||smooth||, flip fractions f_task and f_smooth, disorder D:
+
+        r_t = (1 - flip_weight) * c_t + flip_weight * (f_task + f_smooth) / 2       raw disorder
+        m_t = decay * m_{t-1} + (1 - decay) * r_t                                   running average
+        D_t = m_t / (1 - decay^(t+1))                                               bias-corrected
+        frozen = (t >= warmup) & (D_t > threshold) & (rank of D_t < top_k)
+
+    where the rank counts segments with a larger D (ties: the lower index ranks first). A flip is an
+    element whose sign is the opposite of its sign at the previous step (zeros and NaN never flip).
+    """
+    n_seg = offsets.numel() - 1
+    base = segment_conflict_reference(task.float(), smooth.float(), offsets)
+    lengths = offsets[1:] - offsets[:-1]
+    seg = torch.repeat_interleave(torch.arange(n_seg, device=task.device), lengths, output_size=task.numel())
+    new_signs = torch.stack([signs_of(task), signs_of(smooth)])
+    flipped = (new_signs.to(torch.int32) * signs.to(torch.int32)) < 0
+    counts = torch.zeros(2, n_seg, dtype=torch.float32, device=task.device)
+    counts.index_add_(1, seg, flipped.to(torch.float32))
+    flips = counts / lengths.clamp_min(1).to(torch.float32)
+    f32 = functools.partial(torch.tensor, dtype=torch.float32, device=task.device)
+    fw, d = f32(flip_weight), f32(decay)
+    raw = (1 - fw) * base[:, 0] + fw * (0.5 * (flips[0] + flips[1]))
+    new_ema = d * ema + (1 - d) * raw
+    t1 = (step + 1).to(torch.float32)
+    disorder = new_ema / (1 - torch.exp2(t1 * f32(math.log2(decay) if decay > 0 else -math.inf)))
+    larger = disorder[None, :] > disorder[:, None]
+    index = torch.arange(n_seg, device=task.device)
+    tie_first = (disorder[None, :] == disorder[:, None]) & (index[None, :] < index[:, None])
+    rank = (larger | tie_first).sum(dim=1)
+    frozen = (step >= warmup) & (disorder > threshold) & (rank < top_k)
+    stats = torch.cat([base, flips.T, disorder[:, None]], dim=1)
+    return stats, frozen, new_signs, new_ema

@@ -107,3 +107,13 @@ def quantize_model(
         act = f"A{a_bits}{'s' if a_signed else 'u'}" if a_bits else "A-fp"
         report.converted.append((name, f"{cls.__name__} W{w_bits or '-fp'} {act}"))
     return report
+
+
+def quantized_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` of every QuantConv2d / QuantLinear in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+def layer_scales(module: nn.Module) -> List[nn.Parameter]:
+    """A quantized layer's step-size Parameters: the weight quantizer's, then the activation quantizer's."""
+    return [q.scale for q in (module.weight_quantizer, module.act_quantizer) if q is not None]

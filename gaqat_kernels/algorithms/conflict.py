@@ -1,0 +1,126 @@
+"""``ConflictTracker``: per-layer gradient conflict, disorder and the freeze mask, updated on the device.
+
+Each step takes the task-loss and smoothness-loss gradients of every layer's quantizer scales, packed into
+one flat buffer (one segment per layer), and in one kernel launch, with no host synchronisation:
+
+1. reduces every segment to the conflict fraction c (elements with task * smooth < 0), the cosine, both
+   norms, and the fractions of elements whose task / smoothness gradient flipped sign since the previous
+   step (f_task, f_smooth);
+2. updates the running average of the raw disorder  r = (1 - flip_weight) * c + flip_weight * (f_task +
+   f_smooth) / 2  and bias-corrects it into the disorder D (an EMA with ``decay``);
+3. writes the freeze mask: after ``warmup_steps`` updates, a layer is frozen while D > ``threshold``,
+   limited to the ``max_frozen`` most disordered layers (ties: the earlier layer).
+
+This is our reading of GAQAT's "gradient disorder" and selective freezing (arXiv 2412.05551) and FQAT's
+disorder-guided adaptive freezing (arXiv 2509.00859); their method sections were not available to us, so
+every choice is an argument (see DESIGN.md, "What the papers say").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops import conflict_update
+
+STAT_NAMES = ("conflict", "cosine", "task_norm", "smooth_norm", "task_flips", "smooth_flips", "disorder")
+
+
+@dataclass
+class ConflictState:
+    """The tracker's device state. ``stats``/``frozen`` hold the latest step's results."""
+
+    signs: Tensor  # int8 (2, N): previous step's signs of task and smoothness gradients
+    ema: Tensor  # float32 (S,): running average m of the raw disorder (before bias correction)
+    step: Tensor  # int64 (1,): updates done so far
+    counter: Tensor  # int32 (1,): the kernels' finished-program count; 0 between launches
+    stats: Tensor  # float32 (S, 7): columns STAT_NAMES
+    frozen: Tensor  # bool (S,)
+
+
+class ConflictTracker:
+    """Tracks scale-gradient conflict for ``len(sizes)`` layers whose scales hold ``sizes[k]`` elements.
+
+    Args:
+        sizes: elements per segment (a layer's quantizer scales, flattened in a fixed order); 0 allowed.
+        device: where the state lives (the scales' device).
+        decay: EMA decay of the disorder, in [0, 1).
+        flip_weight: weight of the sign-flip rate against the conflict fraction in the raw disorder, [0, 1].
+        threshold: a layer may be frozen while its disorder exceeds this.
+        warmup_steps: updates before any layer is frozen (statistics are still tracked).
+        max_frozen: at most this many layers frozen per step (the most disordered); None: no limit.
+        backend: "auto", "reference", "triton" or "cuda" (auto: cuda, else triton on GPUs; reference on CPU).
+    """
+
+    def __init__(self, sizes: Sequence[int], *, device="cpu", decay: float = 0.9, flip_weight: float = 0.5,
+                 threshold: float = 0.5, warmup_steps: int = 0, max_frozen: Optional[int] = None,
+                 backend: str = "auto"):
+        sizes = list(sizes)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
+            raise ValueError(f"sizes: expected non-negative ints, got {sizes!r}")
+        if not (isinstance(decay, (int, float)) and 0 <= decay < 1):
+            raise ValueError(f"decay: expected a number in [0, 1), got {decay!r}")
+        if not (isinstance(flip_weight, (int, float)) and 0 <= flip_weight <= 1):
+            raise ValueError(f"flip_weight: expected a number in [0, 1], got {flip_weight!r}")
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+            raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise ValueError(f"warmup_steps: expected a non-negative int, got {warmup_steps!r}")
+        if max_frozen is not None and not (isinstance(max_frozen, int) and max_frozen >= 0):
+            raise ValueError(f"max_frozen: expected None or a non-negative int, got {max_frozen!r}")
+        self.sizes = sizes
+        self.decay, self.flip_weight, self.threshold = float(decay), float(flip_weight), float(threshold)
+        self.warmup_steps = warmup_steps
+        self.top_k = len(sizes) if max_frozen is None else min(max_frozen, len(sizes))
+        self.backend = backend
+        device = torch.device(device)
+        n, s = sum(sizes), len(sizes)
+        self.offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0).to(device)
+        self.state = ConflictState(
+            signs=torch.zeros(2, n, dtype=torch.int8, device=device),
+            ema=torch.zeros(s, dtype=torch.float32, device=device),
+            step=torch.zeros(1, dtype=torch.int64, device=device),
+            counter=torch.zeros(1, dtype=torch.int32, device=device),
+            stats=torch.zeros(s, len(STAT_NAMES), dtype=torch.float32, device=device),
+            frozen=torch.zeros(s, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def numel(self) -> int:
+        return int(self.state.signs.shape[1])
+
+    def update(self, task: Tensor, smooth: Tensor) -> Tensor:
+        """One step from the flat float32 task and smoothness gradients (length ``sum(sizes)``).
+
+        Returns the freeze mask (bool (S,), a view of the state: read or copy it before the next update).
+        """
+        for name, t in (("task", task), ("smooth", smooth)):
+            if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 1 or t.numel() != self.numel:
+                raise ValueError(f"{name}: expected a float32 1-D tensor of {self.numel} elements, got "
+                                 f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+            if t.device != self.offsets.device:
+                raise ValueError(f"{name}: expected it on the tracker's device {self.offsets.device}, got {t.device}")
+        conflict_update(task.contiguous(), smooth.contiguous(), self.offsets, self.state, decay=self.decay,
+                        flip_weight=self.flip_weight, threshold=self.threshold, warmup=self.warmup_steps,
+                        top_k=self.top_k, backend=self.backend)
+        return self.state.frozen
+
+    @property
+    def stats(self) -> Tensor:
+        """float32 (S, 7) statistics of the latest step, columns ``STAT_NAMES``."""
+        return self.state.stats
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return {f.name: getattr(self.state, f.name).clone() for f in fields(ConflictState) if f.name != "counter"}
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        for f in fields(ConflictState):
+            if f.name == "counter":
+                continue
+            dst = getattr(self.state, f.name)
+            if f.name not in state or state[f.name].shape != dst.shape:
+                raise ValueError(f"state: expected {f.name!r} of shape {tuple(dst.shape)}")
+            dst.copy_(state[f.name])

@@ -1,0 +1,110 @@
+"""GAQAT and FQAT: SAM + LSQ QAT that freezes the layers whose task and smoothness gradients disagree.
+
+Both run SAM's two passes, then (between the second backward and the update) feed every quantized layer's
+scale gradients to a ``ConflictTracker`` (one launch, no host sync) and zero the gradients of the layers
+it marks frozen, so this step's update leaves them alone:
+
+* GAQAT (arXiv 2412.05551): freezes the *scale* gradients of every layer whose disorder D exceeds
+  ``threshold`` (after ``warmup_steps``); a layer thaws as soon as D falls back to or below it.
+* FQAT (arXiv 2509.00859): freezes *whole layers* (weight, bias and scales), at most the
+  ``max_frozen_fraction`` most disordered quantized layers with D above ``threshold``, re-chosen every step.
+
+The disorder (see ``conflict.py``) is our reading of both papers; the equations are in
+``kernels.reference.conflict_update_reference``. Freezing zeroes the gradient: a base optimizer with
+momentum or decoupled weight decay still moves a frozen parameter by its momentum / decay term.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..nn.convert import layer_scales, quantized_layers
+from .base import SAMTraining
+from .conflict import ConflictTracker
+from .stats_log import ConflictLog
+
+
+class GAQAT(SAMTraining):
+    """SAM + LSQ QAT with conflict-driven freezing of scale gradients (GAQAT).
+
+    Args:
+        model: a model with quantized layers (``gaqat_kernels.nn.quantize_model``).
+        base_optimizer: optimizer class; ``**optimizer_kwargs`` go to it (lr, momentum, ...).
+        rho, adaptive, alpha: SAM's radius, ASAM, SAGM (see ``SAMTraining``).
+        decay, flip_weight, threshold, warmup_steps: the tracker's disorder EMA and freezing rule
+            (``ConflictTracker``); warm-up defaults to 0 here, the training script uses 10% of the steps.
+        log_every: record per-layer statistics every this many steps (0: never); see ``log``.
+        backend: the tracker's kernel backend.
+    """
+
+    name = "gaqat"
+    freezes_whole_layers = False
+
+    def __init__(self, model: nn.Module, base_optimizer: type = torch.optim.SGD, *, rho: float = 0.05,
+                 adaptive: bool = False, alpha: Optional[float] = None, decay: float = 0.9,
+                 flip_weight: float = 0.5, threshold: float = 0.5, warmup_steps: int = 0, log_every: int = 0,
+                 backend: str = "auto", max_frozen: Optional[int] = None, **optimizer_kwargs):
+        super().__init__(model, base_optimizer, rho=rho, adaptive=adaptive, alpha=alpha, **optimizer_kwargs)
+        layers = quantized_layers(model)
+        if not layers:
+            raise ValueError(f"model: {self.name} needs quantized layers; run gaqat_kernels.nn.quantize_model first")
+        self.layer_names = [name for name, _ in layers]
+        self.scales = [s for _, m in layers for s in layer_scales(m)]
+        sizes = [sum(s.numel() for s in layer_scales(m)) for _, m in layers]
+        device = self.scales[0].device
+        self.tracker = ConflictTracker(sizes, device=device, decay=decay, flip_weight=flip_weight,
+                                       threshold=threshold, warmup_steps=warmup_steps, max_frozen=max_frozen,
+                                       backend=backend)
+        frozen_params = [(k, p) for k, (_, m) in enumerate(layers)
+                         for p in (self._layer_params(m) if self.freezes_whole_layers else layer_scales(m))]
+        self._frozen_params = [p for _, p in frozen_params]
+        self._param_layer = torch.tensor([k for k, _ in frozen_params], dtype=torch.int64, device=device)
+        self.log = ConflictLog(self.layer_names, log_every)
+
+    @staticmethod
+    def _layer_params(module: nn.Module):
+        return [p for p in module.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def between_passes(self) -> None:
+        task, smooth = self.sam.flat_gradients(self.scales)
+        frozen = self.tracker.update(task, smooth)
+        keep = (~frozen).to(torch.float32)[self._param_layer]
+        grads, factors = [], []
+        for p, factor in zip(self._frozen_params, keep.unbind(0)):
+            if p.grad is not None:
+                grads.append(p.grad)
+                factors.append(factor.to(p.grad.dtype))
+        if grads:
+            torch._foreach_mul_(grads, factors)
+        if self.log.due(self.steps):
+            self.log.record(self.steps, self.tracker.stats, frozen)
+
+    def state_dict(self) -> Dict:
+        return {**super().state_dict(), "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        super().load_state_dict(state)
+        self.tracker.load_state_dict(state["tracker"])
+
+
+class FQAT(GAQAT):
+    """SAM + LSQ QAT with disorder-guided adaptive freezing of whole layers (FQAT).
+
+    Same arguments as ``GAQAT`` plus ``max_frozen_fraction``: each step at most
+    ``max(1, floor(fraction * layers))`` layers, the most disordered ones above ``threshold``, are frozen.
+    """
+
+    name = "fqat"
+    freezes_whole_layers = True
+
+    def __init__(self, model: nn.Module, base_optimizer: type = torch.optim.SGD, *,
+                 max_frozen_fraction: float = 0.25, **kwargs):
+        if not (isinstance(max_frozen_fraction, (int, float)) and 0 <= max_frozen_fraction <= 1):
+            raise ValueError(f"max_frozen_fraction: expected a number in [0, 1], got {max_frozen_fraction!r}")
+        n_layers = len(quantized_layers(model))
+        limit = 0 if max_frozen_fraction == 0 else max(1, math.floor(max_frozen_fraction * n_layers))
+        super().__init__(model, base_optimizer, max_frozen=limit, **kwargs)

@@ -1,0 +1,167 @@
+"""GAQAT / FQAT / SAM / ERM training-step objects: freezing decisions on constructed gradients, equivalences,
+logging, state dicts, and (GPU) whole training steps without a host synchronisation."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gaqat_kernels.algorithms import ALGORITHMS, FQAT, GAQAT, SAMTraining, build_algorithm
+from gaqat_kernels.nn import layer_scales, quantize_model, quantized_layers
+
+
+def small_model(device="cpu", conv=False):
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(8, 4))
+    else:
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    quantize_model(model, 4, 4, keep_first_last=False)
+    return model.to(device)
+
+
+def batch(device="cpu", conv=False):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 8, 8, generator=gen) if conv else torch.randn(16, 6, generator=gen)
+    return x.to(device), torch.randint(0, 4 if conv else 3, (16,), generator=gen).to(device)
+
+
+def closure_for(model, x, y):
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def set_constructed_gradients(alg, conflicting):
+    """Task gradient +1 on every scale and weight; the SAM gradient agrees (+2) except in ``conflicting``."""
+    for k, (_, module) in enumerate(quantized_layers(alg.model)):
+        for p in module.parameters():
+            alg.sam.state[p]["task_grad"] = torch.ones_like(p)
+            p.grad = torch.full_like(p, -1.0 if k in conflicting else 2.0)  # smooth = -2 or +1
+
+
+@pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
+def test_conflicting_layer_is_frozen_agreeing_ones_are_not(cls):
+    model = small_model()
+    kwargs = dict(max_frozen_fraction=0.34) if cls is FQAT else {}
+    alg = cls(model, lr=0.1, threshold=0.4, **kwargs)
+    set_constructed_gradients(alg, conflicting={1})
+    alg.between_passes()
+    assert alg.tracker.state.frozen.tolist() == [False, True, False]
+    for k, (_, module) in enumerate(quantized_layers(model)):
+        for s in layer_scales(module):
+            assert torch.all(s.grad == (0.0 if k == 1 else 2.0))
+        expected_weight = 0.0 if (k == 1 and cls is FQAT) else (-1.0 if k == 1 else 2.0)
+        assert torch.all(module.weight.grad == expected_weight), (cls.name, k)
+
+
+def test_fqat_limits_the_number_of_frozen_layers():
+    model = small_model()
+    alg = FQAT(model, lr=0.1, threshold=0.4, max_frozen_fraction=0.34)
+    set_constructed_gradients(alg, conflicting={0, 1, 2})
+    alg.between_passes()
+    assert int(alg.tracker.state.frozen.sum()) == 1
+
+
+def test_never_freezing_gaqat_is_sam():
+    x, y = batch()
+    a, b = small_model(), small_model()
+    gaqat = GAQAT(a, lr=0.1, momentum=0.9, rho=0.05, threshold=2.0)  # disorder <= 1: never frozen
+    sam = SAMTraining(b, lr=0.1, momentum=0.9, rho=0.05)
+    for _ in range(3):
+        la, lb = gaqat.step(closure_for(a, x, y)), sam.step(closure_for(b, x, y))
+        assert torch.equal(la, lb)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
+def test_always_frozen_parameters_do_not_move(cls):
+    x, y = batch()
+    model = small_model()
+    model(x)  # initialise the step sizes first, so that freezing is visible against that state
+    kwargs = dict(max_frozen_fraction=1.0) if cls is FQAT else {}
+    alg = cls(model, lr=0.1, threshold=-1.0, warmup_steps=1, **kwargs)  # plain SGD: a zero gradient stands still
+    alg.step(closure_for(model, x, y))  # warm-up step: everything moves
+    before = copy.deepcopy(model)
+    for _ in range(2):
+        alg.step(closure_for(model, x, y))
+    for (_, m), (_, m0) in zip(quantized_layers(model), quantized_layers(before)):
+        for s, s0 in zip(layer_scales(m), layer_scales(m0)):
+            assert torch.equal(s, s0)
+        assert torch.equal(m.weight, m0.weight) == (cls is FQAT)
+
+
+def test_build_algorithm_by_name_and_errors():
+    for name in ALGORITHMS:
+        alg = build_algorithm(name, small_model(), lr=0.1, rho=0.05)
+        assert alg.name == ("sam" if name == "sagm" else name)
+        x, y = batch()
+        assert torch.isfinite(alg.step(closure_for(alg.model, x, y)))
+    assert build_algorithm("sagm", small_model(), lr=0.1).sam.alpha == 0.001
+    with pytest.raises(ValueError, match="name"):
+        build_algorithm("adam", small_model())
+    with pytest.raises(ValueError, match="quantize_model"):
+        GAQAT(nn.Linear(3, 2), lr=0.1)
+    with pytest.raises(ValueError, match="max_frozen_fraction"):
+        FQAT(small_model(), lr=0.1, max_frozen_fraction=2)
+
+
+def test_statistics_are_logged_every_n_steps(tmp_path):
+    x, y = batch()
+    model = small_model()
+    alg = GAQAT(model, lr=0.1, log_every=2)
+    for _ in range(5):
+        alg.step(closure_for(model, x, y))
+    rows = alg.log.records()
+    assert sorted({r["step"] for r in rows}) == [0, 2, 4]
+    assert {r["layer"] for r in rows} == set(alg.layer_names)
+    assert {"conflict", "cosine", "disorder", "frozen"} <= set(rows[0])
+    path = tmp_path / "conflict.jsonl"
+    alg.log.write_jsonl(str(path))
+    assert len(path.read_text().splitlines()) == len(rows)
+
+
+def test_state_dict_resumes_identically():
+    x, y = batch()
+    a = small_model()
+    alg = GAQAT(a, lr=0.1, momentum=0.9, threshold=0.3)
+    for _ in range(2):
+        alg.step(closure_for(a, x, y))
+    b = copy.deepcopy(a)
+    resumed = GAQAT(b, lr=0.1, momentum=0.9, threshold=0.3)
+    resumed.load_state_dict(copy.deepcopy(alg.state_dict()))
+    for _ in range(2):
+        alg.step(closure_for(a, x, y))
+        resumed.step(closure_for(b, x, y))
+    assert torch.equal(alg.tracker.state.frozen, resumed.tracker.state.frozen)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["gaqat", "fqat"])
+@pytest.mark.parametrize("tracker_backend", ["triton", "cuda"])
+def test_training_steps_never_synchronise(name, tracker_backend):
+    from gaqat_kernels import available_backends
+
+    if tracker_backend not in available_backends():
+        pytest.skip(f"{tracker_backend} not available")
+    model = small_model("cuda", conv=True)
+    x, y = batch("cuda", conv=True)
+    alg = build_algorithm(name, model, lr=0.05, momentum=0.9, threshold=0.2, log_every=1, backend=tracker_backend)
+    alg.step(closure_for(model, x, y))  # first step: lazy initialisation, Triton compilation, allocator warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            loss = alg.step(closure_for(model, x, y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
+    assert len(alg.log.records()) == 4 * len(alg.layer_names)
