@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU box: build the extension against its torch, run the GPU tests, compute-sanitizer, benchmark.
-#   bash benchmarks/gpu_check.sh [test|sanitize|bench|all] [extra pytest args...]
+#   bash benchmarks/gpu_check.sh [test|sanitize|bench|conflict|all] [extra pytest args...]
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py.
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
@@ -29,5 +29,8 @@ if [[ $mode == sanitize || $mode == all ]]; then
 fi
 if [[ $mode == bench || $mode == all ]]; then
   python3 benchmarks/bench_kernels.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
+fi
+if [[ $mode == conflict || $mode == all ]]; then
+  python3 benchmarks/bench_conflict.py --out "$out" 2>&1 | tee "$out/bench_conflict.log" | tail -20
 fi
 exit $rc
