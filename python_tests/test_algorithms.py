@@ -165,3 +165,8 @@ def test_training_steps_never_synchronise(name, tracker_backend):
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
     assert len(alg.log.records()) == 4 * len(alg.layer_names)
+
+
+def test_one_argument_set_serves_every_algorithm():
+    for name in ALGORITHMS:
+        build_algorithm(name, small_model(), lr=0.1, rho=0.05, threshold=0.3, warmup_steps=2, log_every=1)

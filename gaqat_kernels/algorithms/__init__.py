@@ -13,13 +13,16 @@ from .freezing import FQAT, GAQAT
 from .sam import SAM
 from .stats_log import ConflictLog
 
+FREEZING_ARGUMENTS = ("decay", "flip_weight", "threshold", "warmup_steps", "log_every", "backend", "max_frozen",
+                     "max_frozen_fraction")
 ALGORITHMS: Dict[str, type] = {"erm": ERM, "sam": SAMTraining, "sagm": SAMTraining, "gaqat": GAQAT, "fqat": FQAT}
 
 
 def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
     """The algorithm ``name`` for ``model``; ``kwargs`` go to its constructor (and on to the optimizer).
 
-    "sagm" is SAM with ``alpha`` (default 0.001 when not given). ERM ignores SAM's arguments.
+    "sagm" is SAM with ``alpha`` (default 0.001 when not given). ERM ignores SAM's arguments, and the
+    algorithms without freezing ignore the freezing arguments, so one set of arguments serves every name.
     """
     if name not in ALGORITHMS:
         raise ValueError(f"name: unknown algorithm {name!r}; expected one of {sorted(ALGORITHMS)}")
@@ -27,6 +30,9 @@ def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
         kwargs.setdefault("alpha", 0.001)
     if name == "erm":
         for key in ("rho", "adaptive", "alpha"):
+            kwargs.pop(key, None)
+    if name not in ("gaqat", "fqat"):
+        for key in FREEZING_ARGUMENTS:
             kwargs.pop(key, None)
     return ALGORITHMS[name](model, **kwargs)
 
