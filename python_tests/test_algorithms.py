@@ -169,4 +169,5 @@ def test_training_steps_never_synchronise(name, tracker_backend):
 
 def test_one_argument_set_serves_every_algorithm():
     for name in ALGORITHMS:
-        build_algorithm(name, small_model(), lr=0.1, rho=0.05, threshold=0.3, warmup_steps=2, log_every=1)
+        build_algorithm(name, small_model(), lr=0.1, rho=0.05, threshold=0.3, warmup_steps=2, log_every=1,
+                        max_frozen_fraction=0.5)

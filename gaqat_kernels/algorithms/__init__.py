@@ -31,6 +31,8 @@ def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
     if name == "erm":
         for key in ("rho", "adaptive", "alpha"):
             kwargs.pop(key, None)
+    if name == "gaqat":
+        kwargs.pop("max_frozen_fraction", None)
     if name not in ("gaqat", "fqat"):
         for key in FREEZING_ARGUMENTS:
             kwargs.pop(key, None)
