@@ -58,10 +58,14 @@ class GAQAT(SAMTraining):
         self.tracker = ConflictTracker(sizes, device=device, decay=decay, flip_weight=flip_weight,
                                        threshold=threshold, warmup_steps=warmup_steps, max_frozen=max_frozen,
                                        backend=backend)
-        frozen_params = [(k, p) for k, (_, m) in enumerate(layers)
-                         for p in (self._layer_params(m) if self.freezes_whole_layers else layer_scales(m))]
-        self._frozen_params = [p for _, p in frozen_params]
-        self._param_layer = torch.tensor([k for k, _ in frozen_params], dtype=torch.int64, device=device)
+        # Scale gradients are multiplied by a per-element 0/1 factor (one multi-tensor kernel, equal shapes);
+        # FQAT's other layer parameters by a per-parameter factor.
+        self._scale_sizes = [p.numel() for p in self.scales]
+        self._scale_layer = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+        others = [(k, p) for k, (_, m) in enumerate(layers) for p in self._layer_params(m)
+                  if self.freezes_whole_layers and not any(p is s for s in layer_scales(m))]
+        self._other_params = [p for _, p in others]
+        self._other_layer = torch.tensor([k for k, _ in others], dtype=torch.int64, device=device)
         self.log = ConflictLog(self.layer_names, log_every)
 
     @staticmethod
@@ -72,14 +76,19 @@ class GAQAT(SAMTraining):
     def between_passes(self) -> None:
         task, smooth = self.sam.flat_gradients(self.scales)
         frozen = self.tracker.update(task, smooth)
-        keep = (~frozen).to(torch.float32)[self._param_layer]
-        grads, factors = [], []
-        for p, factor in zip(self._frozen_params, keep.unbind(0)):
-            if p.grad is not None:
-                grads.append(p.grad)
-                factors.append(factor.to(p.grad.dtype))
-        if grads:
-            torch._foreach_mul_(grads, factors)
+        keep = (~frozen).to(torch.float32)
+        per_element = keep[self._scale_layer].split(self._scale_sizes)
+        pairs = [(p.grad, k.view_as(p.grad)) for p, k in zip(self.scales, per_element) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_(*map(list, zip(*pairs)))
+        if self._other_params:
+            grads, factors = [], []
+            for p, factor in zip(self._other_params, keep[self._other_layer].unbind(0)):
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    factors.append(factor.to(p.grad.dtype))
+            if grads:
+                torch._foreach_mul_(grads, factors)
         if self.log.due(self.steps):
             self.log.record(self.steps, self.tracker.stats, frozen)
 
