@@ -66,7 +66,8 @@ def main():
             tag, out, cmd = todo.pop(0)
             os.makedirs(out, exist_ok=True)
             log = open(os.path.join(out, "stdout.txt"), "a")
-            running.append((tag, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            env = dict(os.environ, OMP_NUM_THREADS="1")  # many runs share the host's cores
+            running.append((tag, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         for item in list(running):
             tag, proc, log = item
             if proc.poll() is not None:
