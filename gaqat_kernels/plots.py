@@ -56,7 +56,7 @@ def plot_run(out: str) -> List[str]:
         if len(layers) <= 12:
             a.legend(fontsize=6, ncol=2)
         b.imshow(frozen, aspect="auto", interpolation="nearest", cmap="Greys",
-                 extent=(steps[0], steps[-1], len(layers) - 0.5, -0.5))
+                 extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
         b.set_yticks(range(len(layers)))
         b.set_yticklabels(layers, fontsize=6)
         b.set_xlabel("step")
