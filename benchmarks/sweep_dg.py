@@ -32,7 +32,8 @@ SUITES = {
 def commands(suite: str, args) -> list:
     dataset, n_domains, algorithms = SUITES[suite]
     out = []
-    for (algorithm, bits), test, seed in itertools.product(algorithms, range(n_domains), args.seeds):
+    tests = range(n_domains) if args.test_domains is None else [t for t in args.test_domains if t < n_domains]
+    for (algorithm, bits), test, seed in itertools.product(algorithms, tests, args.seeds):
         tag = f"{dataset}_{algorithm}_{'fp' if bits is None else f'w{bits}a{bits}'}_t{test}_s{seed}"
         cmd = [sys.executable, "-m", "gaqat_kernels.train", "--dataset", dataset, "--data-root", args.data_root,
                "--test-domain", str(test), "--algorithm", algorithm, "--seed", str(seed), "--trial-seed", str(seed),
@@ -54,6 +55,7 @@ def main():
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=5001)
+    p.add_argument("--test-domains", type=int, nargs="+", default=None, help="only these test domains")
     p.add_argument("--parallel", type=int, default=6)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more training-script arguments")
     args = p.parse_args()
