@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> Dict:
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     resumed = args.resume and os.path.exists(ckpt_path)
     if resumed:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         state = ckpt["state"]
         if state["unsigned"] is not None:
             _quantize(model, args, unsigned=state["unsigned"])
