@@ -2,8 +2,8 @@
 
 Rows: dataset x algorithm x bits; columns: every test domain and the average; cells: mean +- std over seeds
 of the selected model's test-domain accuracy (training-domain validation). The average column averages over
-domains within each seed first, then takes mean +- std over seeds (DomainBed's convention). Finds every
-``results.json`` below the given directories.
+domains within each seed first, then takes mean +- std over seeds (DomainBed's convention). Reads every
+run's ``results.json`` (any ``.json`` with a run's results) below the given directories.
 """
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ import numpy as np
 def find_results(dirs: List[str]) -> List[Dict]:
     rows = []
     for d in dirs:
-        pattern = d if d.endswith("results.json") else os.path.join(d, "**", "results.json")
+        pattern = d if d.endswith(".json") else os.path.join(d, "**", "*.json")
         for path in sorted(glob.glob(pattern, recursive=True)):
             with open(path) as f:
-                r = json.load(f)
-            if "test_acc" in r:
+                try:
+                    r = json.load(f)
+                except json.JSONDecodeError:
+                    continue
+            if isinstance(r, dict) and "test_acc" in r and "args" in r:
                 r["_path"] = path
                 rows.append(r)
     return rows
