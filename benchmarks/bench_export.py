@@ -1,0 +1,70 @@
+"""Size on disk and inference latency of an exported (packed integer) model against the fake-quant model.
+
+    python benchmarks/bench_export.py [--arch resnet18] [--batch 8] [--size 224] [--device cpu]
+
+ResNet-18 (this package's torchvision-layout copy, random weights, 1000 classes) quantized W{2,3,4,8}A{same}
+with the first conv and the last linear in full precision; sizes: ``export.save`` file vs ``torch.save`` of
+the fp32 state dict. Latency: median of eval-mode forward passes, fake-quant model vs converted model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from gaqat_kernels.export import convert, save
+from gaqat_kernels.models import build_model
+from gaqat_kernels.nn import quantize_model
+
+
+def median_ms(fn, reps: int, device) -> float:
+    times = []
+    for _ in range(reps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times[2:])
+
+
+@torch.no_grad()
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    tmp = tempfile.mkdtemp()
+    fp = build_model(args.arch, (3, args.size, args.size), 1000)
+    torch.save(fp.state_dict(), os.path.join(tmp, "fp32.pt"))
+    fp_size = os.path.getsize(os.path.join(tmp, "fp32.pt"))
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, device {device}, torch {torch.__version__}")
+    print("| bits | file MB | fp32 MB | x smaller | fake-quant ms | converted ms |")
+    print("|---|---|---|---|---|---|")
+    for bits in (8, 4, 3, 2):
+        torch.manual_seed(0)
+        model = build_model(args.arch, (3, args.size, args.size), 1000)
+        quantize_model(model, bits, bits, example_inputs=x[:2].cpu())
+        model = model.to(device).eval()
+        model(x)
+        packed = convert(model)
+        size = save(packed, os.path.join(tmp, f"w{bits}.safetensors"))
+        fake_ms = median_ms(lambda: model(x), args.reps, device)
+        packed_ms = median_ms(lambda: packed(x), args.reps, device)
+        print(f"| W{bits}A{bits} | {size / 1e6:.2f} | {fp_size / 1e6:.2f} | {fp_size / size:.1f} | "
+              f"{fake_ms:.1f} | {packed_ms:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
