@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels.reference import quant_bounds
-from .nn.convert import quantized_layers
+from .nn.convert import quantize_model, quantized_layers
 from .nn.modules import QuantConv2d
 from .nn.quantizer import LSQQuantizer
 
@@ -92,39 +92,41 @@ class _PackedWeight(nn.Module):
         return {"shape": list(self.shape), "bits": self.bits, "signed": self.signed, "axis": 0}
 
 
-class PackedConv2d(nn.Module):
-    """A QuantConv2d after ``convert``: packed integer weight, float bias, the activation quantizer kept."""
+class _PackedLayer(nn.Module):
+    """What a quantized layer keeps after ``convert``: packed integer weight, float bias, activation quantizer."""
+
+    def __init__(self, q: nn.Module):
+        super().__init__()
+        wq = q.weight_quantizer
+        self.packed = _PackedWeight(q.weight.shape, wq.bits, wq.signed)
+        self.packed.set_from(q.weight, wq.scale)
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+        self.act_quantizer = copy.deepcopy(q.act_quantizer)
+
+    def _input_and_weight(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        return x, self.packed.dequantize().to(x.dtype)
+
+
+class PackedConv2d(_PackedLayer):
+    """A QuantConv2d after ``convert``."""
 
     def __init__(self, q: QuantConv2d):
-        super().__init__()
+        super().__init__(q)
         self.conv_args = dict(stride=q.stride, padding=q.padding, dilation=q.dilation, groups=q.groups)
-        wq = q.weight_quantizer
-        self.packed = _PackedWeight(q.weight.shape, wq.bits, wq.signed)
-        self.packed.set_from(q.weight, wq.scale)
-        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
-        self.act_quantizer = copy.deepcopy(q.act_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        return F.conv2d(x, self.packed.dequantize().to(x.dtype), self.bias, **self.conv_args)
+        x, w = self._input_and_weight(x)
+        return F.conv2d(x, w, self.bias, **self.conv_args)
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(_PackedLayer):
     """A QuantLinear after ``convert``."""
 
-    def __init__(self, q):
-        super().__init__()
-        wq = q.weight_quantizer
-        self.packed = _PackedWeight(q.weight.shape, wq.bits, wq.signed)
-        self.packed.set_from(q.weight, wq.scale)
-        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
-        self.act_quantizer = copy.deepcopy(q.act_quantizer)
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        return F.linear(x, self.packed.dequantize().to(x.dtype), self.bias)
+        x, w = self._input_and_weight(x)
+        return F.linear(x, w, self.bias)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -145,7 +147,7 @@ def convert(model: nn.Module) -> nn.Module:
 def _layers(model: nn.Module) -> Dict[str, Dict]:
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, (PackedConv2d, PackedLinear)):
+        if isinstance(m, _PackedLayer):
             d = {"kind": "conv2d" if isinstance(m, PackedConv2d) else "linear", **m.packed.describe()}
             if m.act_quantizer is not None:
                 d["act"] = {"bits": m.act_quantizer.bits, "signed": m.act_quantizer.signed}
@@ -213,8 +215,6 @@ def load(path: str, model: nn.Module) -> nn.Module:
     """The packed model saved at ``path``, rebuilt on ``model`` (the full-precision architecture, e.g.
     ``build_model(...)``), in eval mode. Raises ValueError for a bad header, truncated data or any mismatch."""
     layers, tensors = _read(path)
-    from .nn.convert import quantize_model
-
     out = copy.deepcopy(model)
     names = list(layers)
     # rebuild the quantized structure, then pack it (values are overwritten by the file below)
