@@ -265,9 +265,8 @@ def run(args: argparse.Namespace) -> Dict:
         if state["unsigned"] is not None:
             _quantize(model, args, unsigned=state["unsigned"])
         model.load_state_dict(ckpt["model"])
-    is_quantized = state["unsigned"] is not None
     quant_steps = args.steps - min(args.quant_start_step, args.steps)  # GAQAT/FQAT warm-up is a share of these
-    alg = _algorithm(model, args, quant_steps, is_quantized)
+    alg = _algorithm(model, args, quant_steps, state["unsigned"] is not None)
     if resumed:
         alg.load_state_dict(ckpt["algorithm"])
         _set_rng_state(ckpt["rng"], batches)
@@ -286,10 +285,9 @@ def run(args: argparse.Namespace) -> Dict:
     stop_at = args.steps if args.max_steps_this_run is None else min(args.steps, state["step"] + args.max_steps_this_run)
     while state["step"] < stop_at:
         step = state["step"]
-        if quantized_alg and not is_quantized and step >= args.quant_start_step:
+        if quantized_alg and state["unsigned"] is None and step >= args.quant_start_step:
             example = torch.cat([x for x, _ in batches.next()])
             state["unsigned"] = _quantize(model, args, example=example).unsigned
-            is_quantized = True
             alg = _algorithm(model, args, quant_steps, True)  # new parameters (weights reused, scales new): new optimizer
         minibatches = batches.next()
         x = torch.cat([b[0] for b in minibatches])
@@ -331,7 +329,7 @@ def run(args: argparse.Namespace) -> Dict:
     results = {"args": vars(args), "dataset": dataset.name, "domains": dataset.domain_names, "test_domain": test,
                "test_domain_name": dataset.domain_names[test], "selected_step": best["step"],
                "val_acc": best["val_acc"], "test_acc": best["test_acc"], "test_acc_all": best["test_acc_all"],
-               "final": state["history"][-1], "quantized": is_quantized}
+               "final": state["history"][-1], "quantized": state["unsigned"] is not None}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     try:
