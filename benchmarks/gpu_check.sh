@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU box: build the extension against its torch, run the GPU tests, compute-sanitizer, benchmark.
-#   bash benchmarks/gpu_check.sh [test|sanitize|bench|conflict|all] [extra pytest args...]
+#   bash benchmarks/gpu_check.sh [test|sanitize|bench|conflict|ddp|all] [extra pytest args...]
+# ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py.
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
@@ -37,5 +38,14 @@ if [[ $mode == bench || $mode == all ]]; then
 fi
 if [[ $mode == conflict || $mode == all ]]; then
   python3 benchmarks/bench_conflict.py --out "$out" 2>&1 | tee "$out/bench_conflict.log" | tail -20
+fi
+if [[ $mode == ddp ]]; then
+  export NCCL_NVLS_ENABLE=0  # no NVLink multicast on the lent machines
+  python3 -m pytest python_tests/test_distributed.py python_tests/test_algorithms.py -q -p no:cacheprovider "$@" 2>&1 \
+    | tee "$out/tests_ddp.log" | tail -8
+  rc=${PIPESTATUS[0]}
+  for n in 1 2; do
+    torchrun --standalone --nproc_per_node=$n benchmarks/bench_ddp.py --out "$out" 2>&1 | tee -a "$out/bench_ddp.log" | tail -2
+  done
 fi
 exit $rc

@@ -9,6 +9,10 @@ by the mean validation accuracy of the training domains (DomainBed's "training-d
 test-domain accuracy is reported on the test domain's 80% split (DomainBed's convention) and on all of it.
 Writes ``log.jsonl`` (one line per evaluation), ``conflict.jsonl`` (GAQAT/FQAT per-layer statistics),
 ``results.json``, ``model.pt`` (the selected model), ``checkpoint.pt`` and PNG plots into ``--out``.
+
+Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N -m gaqat_kernels.train ...`` trains with
+DistributedDataParallel; ``--batch-size`` stays per domain *per rank* (the global batch is N times larger),
+rank 0 writes every file, and evaluation is split over the ranks.
 """
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ import torch
 from torch import nn
 
 from .algorithms import build_algorithm
-from .data import DATASETS, MultiDomainDataset, TensorDomain, get_dataset
+from .data import DATASETS, DomainBatches, MultiDomainDataset, TensorDomain, get_dataset, seed_hash
+from .distributed import DistributedContext, init_from_env, shutdown
 from .models import ARCHS, build_model
-from .nn import quantize_model
+from .nn import find_unsigned_inputs, initialize_quantizers, quantize_model
 
 # algorithm name -> (training algorithm, quantized?)
 ALGORITHMS = {"erm": ("erm", False), "sam": ("sam", False), "sagm": ("sagm", False), "lsq": ("erm", True),
@@ -77,7 +82,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--out", default="runs/latest", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if it exists")
     p.add_argument("--backend", default="auto", help="kernel backend for quantizers and the conflict tracker")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu (under torchrun: "
+                   "cuda:LOCAL_RANK)")
+    p.add_argument("--dist-backend", default=None, help="torchrun process group: default nccl on GPUs, gloo on CPU")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (image datasets)")
     p.add_argument("--log-every", type=int, default=10, help="GAQAT/FQAT: per-layer statistics every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,39 +111,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class DomainBatches:
-    """One minibatch per training domain per step, drawn with replacement (as DomainBed's infinite loaders).
-
-    Tensor domains are indexed directly on their device from a seeded generator (its state is checkpointed,
-    so a resumed run draws the same batches); file domains go through DataLoader workers.
-    """
-
-    def __init__(self, splits, batch_size: int, device, seed: int, workers: int):
-        self.splits, self.batch_size, self.device = splits, batch_size, device
-        self.generator = torch.Generator().manual_seed(seed)
-        self.tensors = all(isinstance(s, TensorDomain) for s in splits)
-        if self.tensors:
-            self.splits = [s.to(device) for s in splits]
-        else:
-            self.iterators = []
-            for k, s in enumerate(splits):
-                sampler = torch.utils.data.RandomSampler(s, replacement=True, num_samples=1 << 31,
-                                                         generator=torch.Generator().manual_seed(seed + k))
-                loader = torch.utils.data.DataLoader(s, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                                     pin_memory=torch.device(device).type == "cuda",
-                                                     persistent_workers=workers > 0, drop_last=True)
-                self.iterators.append(iter(loader))
-
-    def next(self):
-        if self.tensors:
-            out = []
-            for s in self.splits:
-                idx = torch.randint(len(s), (self.batch_size,), generator=self.generator).to(self.device)
-                out.append((s.x[idx], s.y[idx]))
-            return out
-        return [tuple(t.to(self.device, non_blocking=True) for t in next(it)) for it in self.iterators]
 
 
 @torch.no_grad()
@@ -216,16 +190,43 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(model, splits_in, splits_out, test: int, device, workers: int) -> Dict[str, float]:
+@torch.no_grad()
+def count_correct(model: nn.Module, split, device, rank: int = 0, world_size: int = 1, batch: int = 1024,
+                  workers: int = 0) -> torch.Tensor:
+    """int64 ``[correct, total]`` of ``model`` on rows ``rank, rank + world_size, ...`` of ``split`` (on ``device``)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
+    if isinstance(split, TensorDomain):
+        xs, ys = split.x[rank::world_size], split.y[rank::world_size]
+        pieces = ((xs[i:i + batch], ys[i:i + batch]) for i in range(0, len(ys), batch))
+    else:
+        shard = torch.utils.data.Subset(split, range(rank, len(split), world_size))
+        pieces = torch.utils.data.DataLoader(shard, batch_size=256, num_workers=workers)
+    for x, y in pieces:
+        y = y.to(device)
+        counts[0] += (model(x.to(device)).argmax(1) == y).sum()
+        counts[1] += y.numel()
+    model.train(was_training)
+    return counts
+
+
+def evaluate(model, splits_in, splits_out, test: int, device, workers: int,
+             ctx: DistributedContext = DistributedContext()) -> Dict[str, float]:
+    """Accuracy on every split (each rank counts its share, one all-reduce adds them up)."""
+    splits = [s for pair in zip(splits_in, splits_out) for s in pair]
+    counts = torch.stack([count_correct(model, s, device, ctx.rank, ctx.world_size, workers=workers)
+                          for s in splits])
+    correct, total = ctx.sum_(counts).cpu().T.tolist()
+    acc = [c / t if t else float("nan") for c, t in zip(correct, total)]
     record = {}
-    for k, (a, b) in enumerate(zip(splits_in, splits_out)):
-        record[f"env{k}_in_acc"] = accuracy(predict(model, a, device, workers=workers), labels_of(a))
-        record[f"env{k}_out_acc"] = accuracy(predict(model, b, device, workers=workers), labels_of(b))
+    for k in range(len(splits_in)):
+        record[f"env{k}_in_acc"], record[f"env{k}_out_acc"] = acc[2 * k], acc[2 * k + 1]
     train_envs = [k for k in range(len(splits_in)) if k != test]
     record["val_acc"] = float(np.mean([record[f"env{k}_out_acc"] for k in train_envs]))
     record["test_acc"] = record[f"env{test}_in_acc"]
-    n_in, n_out = len(splits_in[test]), len(splits_out[test])
-    record["test_acc_all"] = (record[f"env{test}_in_acc"] * n_in + record[f"env{test}_out_acc"] * n_out) / (n_in + n_out)
+    c, t = correct[2 * test] + correct[2 * test + 1], total[2 * test] + total[2 * test + 1]
+    record["test_acc_all"] = c / t if t else float("nan")
     return record
 
 
@@ -242,9 +243,24 @@ def load_data(args) -> MultiDomainDataset:
 
 
 def run(args: argparse.Namespace) -> Dict:
-    """Train and evaluate as ``args`` says; returns the contents of ``results.json``."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(args.out, exist_ok=True)
+    """Train and evaluate as ``args`` says; returns the contents of ``results.json``.
+
+    Under torchrun it joins (or creates) the default process group; one it created is destroyed on return.
+    """
+    created_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ctx = init_from_env(args.device, args.dist_backend)
+    try:
+        return _run(args, ctx)
+    finally:
+        if created_group and ctx.enabled:
+            shutdown()
+
+
+def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
+    device = ctx.device
+    main_rank = ctx.is_main
+    if main_rank:
+        os.makedirs(args.out, exist_ok=True)
     _seed_everything(args.seed)
     dataset = load_data(args)
     if args.max_per_domain:
@@ -253,8 +269,11 @@ def run(args: argparse.Namespace) -> Dict:
     splits = [dataset.split(k, args.holdout_fraction, args.trial_seed) for k in range(len(dataset))]
     splits_in, splits_out = [s[0] for s in splits], [s[1] for s in splits]
     train_envs = [k for k in range(len(dataset)) if k != test]
-    batches = DomainBatches([splits_in[k] for k in train_envs], args.batch_size, device, args.seed, args.workers)
+    batches = DomainBatches([splits_in[k] for k in train_envs], args.batch_size, device, args.seed, args.workers,
+                            ctx.rank, ctx.world_size)
     model = build_model(args.arch, dataset.input_shape, dataset.num_classes, args.pretrained).to(device)
+    if ctx.rank:  # rank 0 keeps the single-process random stream; DDP broadcasts rank 0's initial weights
+        torch.manual_seed(seed_hash(args.seed, ctx.rank))
     quantized_alg = ALGORITHMS[args.algorithm][1]
     state = {"step": 0, "history": [], "best": None, "unsigned": None}
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -270,31 +289,40 @@ def run(args: argparse.Namespace) -> Dict:
     if resumed:
         alg.load_state_dict(ckpt["algorithm"])
         _set_rng_state(ckpt["rng"], batches)
+    net = ctx.wrap(model)
     log_path, conflict_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "conflict.jsonl")
-    with open(log_path, "w") as f:  # rewritten from the checkpointed history: a resumed run logs each step once
-        for record in state["history"]:
-            f.write(json.dumps(record) + "\n")
-    if not resumed and os.path.exists(conflict_path):
-        os.remove(conflict_path)
+    if main_rank:
+        with open(log_path, "w") as f:  # rewritten from the checkpointed history: a resumed run logs each step once
+            for record in state["history"]:
+                f.write(json.dumps(record) + "\n")
+        if not resumed and os.path.exists(conflict_path):
+            os.remove(conflict_path)
     progress = None
-    if not args.no_progress:
+    if not args.no_progress and main_rank:
         from tqdm import tqdm
         progress = tqdm(total=args.steps, initial=state["step"], desc=f"{args.algorithm} test={dataset.domain_names[test]}",
                         dynamic_ncols=True)
-    start, loss = time.time(), None
+    start, loss, init_scales = time.time(), None, False
     stop_at = args.steps if args.max_steps_this_run is None else min(args.steps, state["step"] + args.max_steps_this_run)
     while state["step"] < stop_at:
         step = state["step"]
         if quantized_alg and state["unsigned"] is None and step >= args.quant_start_step:
             example = torch.cat([x for x, _ in batches.next()])
-            state["unsigned"] = _quantize(model, args, example=example).unsigned
+            unsigned = ctx.common_names(find_unsigned_inputs(model, example)) if args.a_bits else []
+            state["unsigned"] = _quantize(model, args, unsigned=unsigned).unsigned
             alg = _algorithm(model, args, quant_steps, True)  # new parameters (weights reused, scales new): new optimizer
+            del net  # DDP's hooks on the reused weights go with it
+            net = ctx.wrap(model)
+            init_scales = ctx.enabled
         minibatches = batches.next()
         x = torch.cat([b[0] for b in minibatches])
         y = torch.cat([b[1] for b in minibatches])
+        if init_scales:  # every rank from its own share of this step's batch, then the mean: as one process would
+            initialize_quantizers(model, x, combine=ctx.average_)
+            init_scales = False
 
         def closure():
-            out = nn.functional.cross_entropy(model(x), y)
+            out = nn.functional.cross_entropy(net(x), y)
             out.backward()
             return out
 
@@ -303,40 +331,50 @@ def run(args: argparse.Namespace) -> Dict:
         if progress is not None:
             progress.update(1)
         if step % args.checkpoint_freq == 0 or step == args.steps:
-            record = {"step": step, "loss": float(loss.detach()), "elapsed_s": time.time() - start,
-                      **evaluate(model, splits_in, splits_out, test, device, args.workers)}
+            loss_value = ctx.sum_(loss.detach().float().reshape(1)).item() / ctx.world_size
+            record = {"step": step, "loss": loss_value, "elapsed_s": time.time() - start,
+                      **evaluate(model, splits_in, splits_out, test, device, args.workers, ctx)}
             state["history"].append(record)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if state["best"] is None or record["val_acc"] > state["best"]["val_acc"]:
+            improved = state["best"] is None or record["val_acc"] > state["best"]["val_acc"]
+            if improved:
                 state["best"] = record
-                _atomic_save({"model": model.state_dict(), "unsigned": state["unsigned"], "args": vars(args)},
-                             os.path.join(args.out, "model.pt"))
-            if hasattr(alg, "log"):
-                alg.log.write_jsonl(conflict_path)
-            _atomic_save({"model": model.state_dict(), "algorithm": alg.state_dict(), "state": state,
-                          "rng": _rng_state(batches), "args": vars(args)}, ckpt_path)
+            if main_rank:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if improved:
+                    _atomic_save({"model": model.state_dict(), "unsigned": state["unsigned"], "args": vars(args)},
+                                 os.path.join(args.out, "model.pt"))
+                if hasattr(alg, "log"):
+                    alg.log.write_jsonl(conflict_path)
+                _atomic_save({"model": model.state_dict(), "algorithm": alg.state_dict(), "state": state,
+                              "rng": _rng_state(batches), "args": vars(args), "world_size": ctx.world_size},
+                             ckpt_path)
             if progress is not None:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record['val_acc']:.3f}",
                                      test=f"{record['test_acc']:.3f}")
     if progress is not None:
         progress.close()
     if state["step"] < args.steps:
-        print(f"gaqat-train: stopped at step {state['step']} of {args.steps} (--max-steps-this-run); "
-              "continue with --resume", file=sys.stderr)
+        if main_rank:
+            print(f"gaqat-train: stopped at step {state['step']} of {args.steps} (--max-steps-this-run); "
+                  "continue with --resume", file=sys.stderr)
+        ctx.barrier()  # the checkpoint is written before any rank exits
         return {"stopped_at": state["step"]}
     best = state["best"]
     results = {"args": vars(args), "dataset": dataset.name, "domains": dataset.domain_names, "test_domain": test,
                "test_domain_name": dataset.domain_names[test], "selected_step": best["step"],
                "val_acc": best["val_acc"], "test_acc": best["test_acc"], "test_acc_all": best["test_acc_all"],
-               "final": state["history"][-1], "quantized": state["unsigned"] is not None}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    try:
-        from .plots import plot_run
-        plot_run(args.out)
-    except ImportError as e:  # matplotlib is optional
-        print(f"gaqat-train: no plots ({e})", file=sys.stderr)
+               "final": state["history"][-1], "quantized": state["unsigned"] is not None,
+               "world_size": ctx.world_size}
+    if main_rank:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        try:
+            from .plots import plot_run
+            plot_run(args.out)
+        except ImportError as e:  # matplotlib is optional
+            print(f"gaqat-train: no plots ({e})", file=sys.stderr)
+    ctx.barrier()
     return results
 
 

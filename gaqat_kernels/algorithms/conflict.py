@@ -14,6 +14,12 @@ one flat buffer (one segment per layer), and in one kernel launch, with no host 
 This is our reading of GAQAT's "gradient disorder" and selective freezing (arXiv 2412.05551) and FQAT's
 disorder-guided adaptive freezing (arXiv 2509.00859); their method sections were not available to us, so
 every choice is an argument (see DESIGN.md, "What the papers say").
+
+Under ``torch.distributed`` (DDP) every rank feeds the tracker the same all-reduced gradients, and the
+kernels sum in a fixed order, so the ranks already compute equal statistics. The tracker still makes the
+agreement a guarantee rather than an assumption: after the kernel, one all-reduce of the packed
+``[stats | ema]`` buffer averages them over the ranks, and the freeze mask is decided again from the
+averaged disorder, identically on every rank (no host sync: the collective is enqueued on the stream).
 """
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ from dataclasses import dataclass, fields
 from typing import Dict, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from ..kernels.reference import bias_corrected_disorder, freeze_mask
 from ..ops import conflict_update
 
 STAT_NAMES = ("conflict", "cosine", "task_norm", "smooth_norm", "task_flips", "smooth_flips", "disorder")
@@ -53,11 +61,14 @@ class ConflictTracker:
         warmup_steps: updates before any layer is frozen (statistics are still tracked).
         max_frozen: at most this many layers frozen per step (the most disordered); None: no limit.
         backend: "auto", "reference", "triton" or "cuda" (auto: cuda, else triton on GPUs; reference on CPU).
+        sync_ranks: average the statistics over the ranks of ``process_group`` and decide the mask from the
+            average; None: whenever ``torch.distributed`` is initialized with more than one rank.
+        process_group: the group to agree over (None: the default group).
     """
 
     def __init__(self, sizes: Sequence[int], *, device="cpu", decay: float = 0.9, flip_weight: float = 0.5,
                  threshold: float = 0.5, warmup_steps: int = 0, max_frozen: Optional[int] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", sync_ranks: Optional[bool] = None, process_group=None):
         sizes = list(sizes)
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
             raise ValueError(f"sizes: expected non-negative ints, got {sizes!r}")
@@ -76,6 +87,7 @@ class ConflictTracker:
         self.warmup_steps = warmup_steps
         self.top_k = len(sizes) if max_frozen is None else min(max_frozen, len(sizes))
         self.backend = backend
+        self.sync_ranks, self.process_group = sync_ranks, process_group
         device = torch.device(device)
         n, s = sum(sizes), len(sizes)
         self.offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0).to(device)
@@ -106,7 +118,29 @@ class ConflictTracker:
         conflict_update(task.contiguous(), smooth.contiguous(), self.offsets, self.state, decay=self.decay,
                         flip_weight=self.flip_weight, threshold=self.threshold, warmup=self.warmup_steps,
                         top_k=self.top_k, backend=self.backend)
+        if self._world_size() > 1:
+            self._agree_across_ranks()
         return self.state.frozen
+
+    def _world_size(self) -> int:
+        if self.sync_ranks is False or not (dist.is_available() and dist.is_initialized()):
+            if self.sync_ranks:
+                raise RuntimeError("sync_ranks=True: torch.distributed is not initialized")
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _agree_across_ranks(self) -> None:
+        """One all-reduce of ``[stats | ema]``, then the mask from the averaged disorder (same on every rank)."""
+        state, n = self.state, self.state.stats.numel()
+        packed = torch.cat([state.stats.reshape(-1), state.ema])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.process_group)  # gloo has no AVG
+        packed.mul_(1.0 / self._world_size())
+        state.stats.copy_(packed[:n].view_as(state.stats))
+        state.ema.copy_(packed[n:])
+        disorder = bias_corrected_disorder(state.ema, state.step, self.decay)
+        state.stats[:, STAT_NAMES.index("disorder")] = disorder
+        state.frozen.copy_(freeze_mask(disorder, state.step - 1, threshold=self.threshold,
+                                       warmup=self.warmup_steps, top_k=self.top_k))
 
     @property
     def stats(self) -> Tensor:

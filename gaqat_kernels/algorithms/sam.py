@@ -15,6 +15,11 @@ with the task gradient; to first order in the same two passes it is ``g_smooth =
 ``SAM.gradients(params)`` returns ``(g_task, g_smooth)`` for any parameters (e.g. every quantizer scale).
 
 Every reduction stays on the device (``torch._foreach_norm``), so a step issues no host synchronisation.
+
+Under DistributedDataParallel both backward passes all-reduce the gradients, so ``e`` is computed from the
+all-reduced (global-batch) gradient ``g_task`` and is the same on every rank, and ``g_sam`` is the
+all-reduced gradient at ``w + e``: N ranks take exactly the step one process takes on the N-times larger
+batch (not the per-replica "m-sharpness" variant, which would perturb each rank by its local gradient).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ image datasets "PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet" in Do
 (PACS also from its per-domain zips).
 """
 from .base import FileDomain, MultiDomainDataset, TensorDomain, seed_hash
+from .batches import DomainBatches, GlobalDrawSampler
 from .digits import rotated_digits
 from .images import KNOWN_DOMAINS, image_folder_dataset
 from .mnist import colored_mnist, load_mnist, rotated_mnist
@@ -27,4 +28,5 @@ def get_dataset(name: str, root=None, seed: int = 0, image_size: int = 224) -> M
 
 
 __all__ = ["DATASETS", "get_dataset", "MultiDomainDataset", "TensorDomain", "FileDomain", "seed_hash",
-           "rotated_mnist", "colored_mnist", "rotated_digits", "image_folder_dataset", "load_mnist", "KNOWN_DOMAINS"]
+           "rotated_mnist", "colored_mnist", "rotated_digits", "image_folder_dataset", "load_mnist", "KNOWN_DOMAINS",
+           "DomainBatches", "GlobalDrawSampler"]

@@ -198,12 +198,27 @@ def conflict_update_reference(
     fw, d = f32(flip_weight), f32(decay)
     raw = (1 - fw) * base[:, 0] + fw * (0.5 * (flips[0] + flips[1]))
     new_ema = d * ema + (1 - d) * raw
-    t1 = (step + 1).to(torch.float32)
-    disorder = new_ema / (1 - torch.exp2(t1 * f32(math.log2(decay) if decay > 0 else -math.inf)))
-    larger = disorder[None, :] > disorder[:, None]
-    index = torch.arange(n_seg, device=task.device)
-    tie_first = (disorder[None, :] == disorder[:, None]) & (index[None, :] < index[:, None])
-    rank = (larger | tie_first).sum(dim=1)
-    frozen = (step >= warmup) & (disorder > threshold) & (rank < top_k)
+    disorder = bias_corrected_disorder(new_ema, step + 1, decay)
+    frozen = freeze_mask(disorder, step, threshold=threshold, warmup=warmup, top_k=top_k)
     stats = torch.cat([base, flips.T, disorder[:, None]], dim=1)
     return stats, frozen, new_signs, new_ema
+
+
+def bias_corrected_disorder(ema: Tensor, updates: Tensor, decay: float) -> Tensor:
+    """``D = m / (1 - decay^updates)``: the EMA ``m`` (float32 (S,)) after ``updates`` (int64 (1,)) updates."""
+    t = updates.to(torch.float32)
+    log_decay = torch.tensor(math.log2(decay) if decay > 0 else -math.inf, dtype=torch.float32, device=ema.device)
+    return ema / (1 - torch.exp2(t * log_decay))
+
+
+def freeze_mask(disorder: Tensor, step: Tensor, *, threshold: float, warmup: int, top_k: int) -> Tensor:
+    """bool (S,): ``(step >= warmup) & (D > threshold) & (rank of D < top_k)``.
+
+    The rank of a segment counts the segments with a larger D (ties: the lower index ranks first).
+    """
+    n_seg = disorder.numel()
+    larger = disorder[None, :] > disorder[:, None]
+    index = torch.arange(n_seg, device=disorder.device)
+    tie_first = (disorder[None, :] == disorder[:, None]) & (index[None, :] < index[:, None])
+    rank = (larger | tie_first).sum(dim=1)
+    return (step >= warmup) & (disorder > threshold) & (rank < top_k)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .modules import QuantConv2d, QuantLinear
+from .quantizer import LSQQuantizer
 
 
 @dataclass
@@ -54,6 +55,75 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _convertible(model: nn.Module, skip: Sequence[str], keep_first_last: bool):
+    """``(to_convert, skipped)``: the Conv2d/Linear layers quantize_model converts, and the others with why."""
+    candidates = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    protected = {}
+    if keep_first_last:
+        convs = [n for n, m in candidates if isinstance(m, nn.Conv2d)]
+        linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
+        if convs:
+            protected[convs[0]] = "first conv layer (keep_first_last)"
+        if linears:
+            protected[linears[-1]] = "last linear layer (keep_first_last)"
+    to_convert, skipped = [], []
+    for name, module in candidates:
+        if name in protected:
+            skipped.append((name, protected[name]))
+        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
+            skipped.append((name, "matched skip"))
+        else:
+            to_convert.append((name, module))
+    return to_convert, skipped
+
+
+def find_unsigned_inputs(model: nn.Module, example_inputs: Any, *, skip: Sequence[str] = (),
+                         keep_first_last: bool = True) -> List[str]:
+    """Names of the layers ``quantize_model`` would convert whose inputs are all >= 0 on ``example_inputs``.
+
+    One forward pass of the full-precision ``model`` (no gradients). Pass the result as ``unsigned_inputs``;
+    deciding first lets several processes agree on one list (e.g. the intersection over ranks).
+    """
+    to_convert, _ = _convertible(model, skip, keep_first_last)
+    seen = _nonnegative_inputs(model, [n for n, _ in to_convert], example_inputs)
+    return [n for n, _ in to_convert if seen.get(n, False)]
+
+
+def initialize_quantizers(model: nn.Module, example_inputs: Any,
+                          combine: Optional[Callable[[List[torch.Tensor]], None]] = None) -> None:
+    """Set every uninitialised LSQ step size from one forward pass over ``example_inputs``, now.
+
+    Normally a quantizer initialises itself from its first training input; calling this first lets every
+    rank of a distributed job start from the same step sizes: ``combine`` (e.g.
+    ``DistributedContext.average_``) is applied to each new step size in place before the layer uses it,
+    so the layers after it see the combined value, as one process with the whole batch would. Buffers
+    other than the quantizers' (BatchNorm running statistics) are restored afterwards.
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
+    quantizer_buffers = {id(b) for q in quantizers for b in q.buffers()}
+    saved = [(b, b.clone()) for b in model.buffers() if id(b) not in quantizer_buffers]
+
+    def initialize(quantizer, args):
+        if quantizer._init_pending:
+            quantizer._initialize_from(args[0])
+            quantizer._init_pending = False
+            if combine is not None:
+                combine([quantizer.scale])
+
+    hooks = [q.register_forward_pre_hook(initialize) for q in quantizers]
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+            for buffer, value in saved:
+                buffer.copy_(value)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def quantize_model(
     model: nn.Module,
     w_bits: Optional[int] = 4,
@@ -82,24 +152,8 @@ def quantize_model(
     The quantized layers reuse the original weight and bias Parameter objects; the step sizes are new
     Parameters, so build the optimizer after calling this. Returns a ``ConversionReport``.
     """
-    candidates = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     report = ConversionReport()
-    protected = {}
-    if keep_first_last:
-        convs = [n for n, m in candidates if isinstance(m, nn.Conv2d)]
-        linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
-        if convs:
-            protected[convs[0]] = "first conv layer (keep_first_last)"
-        if linears:
-            protected[linears[-1]] = "last linear layer (keep_first_last)"
-    to_convert = []
-    for name, module in candidates:
-        if name in protected:
-            report.skipped.append((name, protected[name]))
-        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
-            report.skipped.append((name, "matched skip"))
-        else:
-            to_convert.append((name, module))
+    to_convert, report.skipped = _convertible(model, skip, keep_first_last)
     nonneg = {}
     if unsigned_inputs is not None:
         nonneg = {name: True for name in unsigned_inputs}
