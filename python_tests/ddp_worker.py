@@ -30,7 +30,8 @@ def tracker_only(out: str, device: str, steps: int) -> None:
         if ctx.device.type == "cuda":  # the all-reduce and the mask decision must not wait for the GPU
             torch.cuda.set_sync_debug_mode("error")
         mask = shared.update(task, smooth)
-        torch.cuda.set_sync_debug_mode("default")
+        if ctx.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
         masks.append(mask.cpu().clone())
         stats.append(shared.stats.cpu().clone())
         local_masks.append(local.update(task, smooth).cpu().clone())

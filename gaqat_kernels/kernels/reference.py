@@ -206,9 +206,8 @@ def conflict_update_reference(
 
 def bias_corrected_disorder(ema: Tensor, updates: Tensor, decay: float) -> Tensor:
     """``D = m / (1 - decay^updates)``: the EMA ``m`` (float32 (S,)) after ``updates`` (int64 (1,)) updates."""
-    t = updates.to(torch.float32)
-    log_decay = torch.tensor(math.log2(decay) if decay > 0 else -math.inf, dtype=torch.float32, device=ema.device)
-    return ema / (1 - torch.exp2(t * log_decay))
+    log_decay = math.log2(decay) if decay > 0 else -math.inf  # a Python number: no host-to-device copy
+    return ema / (1 - torch.exp2(updates.to(torch.float32) * log_decay))
 
 
 def freeze_mask(disorder: Tensor, step: Tensor, *, threshold: float, warmup: int, top_k: int) -> Tensor:
