@@ -76,7 +76,8 @@ def test_two_ranks_match_one_process_with_the_doubled_batch(tmp_path, algorithm,
 
 
 def test_training_script_under_torchrun_matches_one_process(tmp_path):
-    """``torchrun -m gaqat_kernels.train``: rank 0 writes the usual files; the result matches 1 process x 2B.
+    """``torchrun -m gaqat_kernels.train``, interrupted and resumed: rank 0 writes the usual files; the result
+    matches 1 process x 2B.
 
     SGD, not Adam: Adam turns rounding noise in near-zero gradients into full-size steps. Measured: every
     tensor within 0.018 relative (fake-quant rounding amplifies summation-order noise over the steps); one
@@ -84,7 +85,9 @@ def test_training_script_under_torchrun_matches_one_process(tmp_path):
     common = ["-m", "gaqat_kernels.train", "--dataset", "digits", "--algorithm", "gaqat", "--steps", "8",
               "--quant-start-step", "3", "--checkpoint-freq", "4", "--no-progress", "--device", "cpu",
               "--threshold", "10", "--warmup-fraction", "0", "--optimizer", "sgd", "--lr", "0.05"]
-    launch(2, common + ["--batch-size", "4", "--out", "two"], tmp_path)
+    launch(2, common + ["--batch-size", "4", "--out", "two", "--max-steps-this-run", "5"], tmp_path)
+    assert not (tmp_path / "two" / "results.json").exists()
+    launch(2, common + ["--batch-size", "4", "--out", "two", "--resume"], tmp_path)  # rank 0's checkpoint
     launch(1, common + ["--batch-size", "8", "--out", "one"], tmp_path)
     two, one = tmp_path / "two", tmp_path / "one"
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
