@@ -2,7 +2,8 @@
 
 Install against the torch you already have, without build isolation (the build imports torch):
     pip install --no-build-isolation .
-CUDA kernels are built when torch has CUDA and nvcc is found (GAQAT_FORCE_CPU=1 disables them).
+CUDA kernels are built when torch has CUDA and nvcc is found (GAQAT_FORCE_CPU=1 disables them), for
+sm_80 and sm_90 (GAQAT_CUDA_ARCHS="90" picks others).
 If the extension fails to build, the package still installs with the reference and Triton backends,
 unless GAQAT_REQUIRE_EXT=1 makes that failure fatal.
 """
@@ -43,9 +44,11 @@ def _extension():
     sources = ["csrc/bindings.cpp", "csrc/lsq_cpu.cpp"]
     if _want_cuda():
         print(f"gaqat_kernels: building the extension with CUDA kernels (nvcc from {CUDA_HOME})")
-        nvcc = ["-O3", "-std=c++17", "-lineinfo", "-DGAQAT_WITH_CUDA",
-                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-                "-gencode=arch=compute_90,code=compute_90"]
+        # GAQAT_CUDA_ARCHS="90" builds for one architecture only (faster builds on a known GPU)
+        archs = os.environ.get("GAQAT_CUDA_ARCHS", "80;90").split(";")
+        nvcc = ["-O3", "-std=c++17", "-lineinfo", "-DGAQAT_WITH_CUDA"]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        nvcc += [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
         return CUDAExtension("gaqat_kernels._C", sources + ["csrc/lsq_cuda.cu", "csrc/conflict_cuda.cu"],
                              extra_compile_args={"cxx": cxx + ["-DGAQAT_WITH_CUDA"], "nvcc": nvcc},
                              extra_link_args=["-fopenmp"])

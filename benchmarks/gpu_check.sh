@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU box: build the extension against its torch, run the GPU tests, compute-sanitizer, benchmark.
 #   bash benchmarks/gpu_check.sh [test|sanitize|bench|conflict|ddp|all] [extra pytest args...]
+# step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py.
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
@@ -17,7 +18,7 @@ start=$(date +%s)
 if [[ ${GAQAT_PREBUILT:-0} == 1 ]] && ls gaqat_kernels/_C*.so >/dev/null 2>&1; then
   echo "gaqat_kernels: using the prebuilt $(ls gaqat_kernels/_C*.so)" > "$out/build.log"
 else
-  GAQAT_REQUIRE_EXT=1 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
+  GAQAT_CUDA_ARCHS=${GAQAT_CUDA_ARCHS:-90} GAQAT_REQUIRE_EXT=1 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
     || { tail -50 "$out/build.log"; exit 1; }
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -38,6 +39,13 @@ if [[ $mode == bench || $mode == all ]]; then
 fi
 if [[ $mode == conflict || $mode == all ]]; then
   python3 benchmarks/bench_conflict.py --out "$out" 2>&1 | tee "$out/bench_conflict.log" | tail -20
+fi
+if [[ $mode == step ]]; then  # training-step speed (STEP_SUITES, default resnet18)
+  python3 -m pytest python_tests/test_ops.py python_tests/test_algorithms.py -q -p no:cacheprovider \
+    -k "eager_cpp or cuda_graph or synchronise" 2>&1 | tee "$out/tests_step.log" | tail -4
+  rc=${PIPESTATUS[0]}
+  python3 benchmarks/bench_train_step.py --suite ${STEP_SUITES:-resnet18} --out "$out" > "$out/bench_step.log" 2>&1
+  grep -v '^{' "$out/bench_step.log" | tail -80
 fi
 if [[ $mode == ddp ]]; then
   export NCCL_NVLS_ENABLE=0  # no NVLink multicast on the lent machines

@@ -89,6 +89,64 @@ void conflict_update(const at::Tensor& task, const at::Tensor& smooth, const at:
 #endif
 }
 
+// (O, C, I) storage-order view of a dense tensor (see gaqat_kernels/kernels/layout.py); axis < 0: per-tensor.
+void channel_view(const at::Tensor& x, int64_t axis, int64_t& O, int64_t& C, int64_t& I) {
+  const int64_t n = x.numel();
+  if (axis < 0 || x.size(axis) == 1) {
+    O = 1, C = 1, I = n;
+    return;
+  }
+  C = x.size(axis);
+  I = x.stride(axis);
+  O = n / (C * I);
+}
+
+at::Tensor dense(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
+
+// The eager path of lsq_fake_quant for the cpu/cuda backends: the same kernels as the custom op, with the
+// autograd node built in C++ (a Python custom op costs ~100 us of host time per forward + backward, which
+// dominates small layers; this costs a few). torch.compile keeps using the custom op.
+class LSQFunction : public torch::autograd::Function<LSQFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            int64_t qn, int64_t qp, int64_t axis, double g) {
+    const at::Tensor xd = dense(x), s = scale.contiguous().view(-1);
+    at::Tensor y = at::empty_like(xd);  // keeps a dense tensor's strides
+    int64_t O, C, I;
+    channel_view(xd, axis, O, C, I);
+    lsq_forward(xd, s, y, O, C, I, static_cast<double>(qn), static_cast<double>(qp));
+    ctx->save_for_backward({x, scale});
+    ctx->saved_data["qn"] = qn;
+    ctx->saved_data["qp"] = qp;
+    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["g"] = g;
+    return y;
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor xd = dense(saved[0]), scale = saved[1];
+    const at::Tensor s = scale.contiguous().view(-1);
+    at::Tensor dy = grads[0].to(xd.scalar_type());
+    if (!same_layout(dy, xd)) dy = at::empty_like(xd).copy_(dy);
+    at::Tensor dx = at::empty_like(xd);
+    at::Tensor ds = at::empty(scale.sizes(), scale.options());
+    int64_t O, C, I;
+    const int64_t axis = ctx->saved_data["axis"].toInt();
+    channel_view(xd, axis, O, C, I);
+    at::Tensor ds_flat = ds.view(-1);
+    lsq_backward(dy, xd, s, dx, ds_flat, O, C, I, static_cast<double>(ctx->saved_data["qn"].toInt()),
+                 static_cast<double>(ctx->saved_data["qp"].toInt()), ctx->saved_data["g"].toDouble());
+    return {dx, ds, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale, int64_t qn, int64_t qp,
+                                   int64_t axis, double g) {
+  return LSQFunction::apply(x, scale, qn, qp, axis, g);
+}
+
 bool built_with_cuda() {
 #ifdef GAQAT_WITH_CUDA
   return true;
@@ -104,6 +162,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gaqat_kernels C++/CUDA kernels (LSQ fake quantization)";
   m.def("lsq_forward", &gaqat::lsq_forward, "LSQ forward into a preallocated y (dense, (O, C, I) view)");
   m.def("lsq_backward", &gaqat::lsq_backward, "LSQ backward into preallocated dx and ds");
+  m.def("lsq_fake_quant_autograd", &gaqat::lsq_fake_quant_autograd,
+        "LSQ fake quant with its autograd node in C++ (eager path of the cpu/cuda backends); axis < 0: per-tensor");
   m.def("conflict_update", &gaqat::conflict_update, "one gradient-conflict tracker step (CUDA), in place");
   m.def("built_with_cuda", &gaqat::built_with_cuda, "True when the CUDA kernels were compiled in");
 }

@@ -3,7 +3,8 @@
 Everything above this module calls ``lsq_fake_quant``; everything below it is a backend (``backends.py``).
 Because the op is a ``torch.library.custom_op`` with ``register_fake`` and ``register_autograd``, it runs
 in eager mode, traces under ``torch.compile(fullgraph=True)`` without graph breaks, and can be captured
-in CUDA graphs (no host synchronisation on any path unless checked mode is on).
+in CUDA graphs (no host synchronisation on any path unless checked mode is on). In plain eager mode the
+C++ backends take a shorter road to the same kernels: an autograd node built in C++ (``_plain_eager``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .kernels import extension
 from .kernels.layout import as_dense, match_layout, output_like
 from .kernels.reference import default_grad_scale, quant_bounds
 
@@ -161,10 +163,26 @@ def lsq_fake_quant(
     """
     axis = _validate(x, scale, bits, signed, axis, grad_scale)
     concrete = backends.resolve(backend, x)
-    if _checked and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if _checked and not compiling:
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError("scale: checked mode requires every scale to be finite and > 0")
+    if concrete in ("cpu", "cuda") and not compiling and _plain_eager(x, scale):
+        qn, qp = quant_bounds(bits, signed)
+        g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
+        return extension.MODULE.lsq_fake_quant_autograd(x, scale, qn, qp, -1 if axis is None else axis, g)
     return _lsq_forward_op(x, scale, bits, signed, axis, grad_scale, concrete)
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
+def _plain_eager(x: Tensor, scale: Tensor) -> bool:
+    """True for ordinary tensors with no tracing or dispatch mode active: then the C++ autograd path runs
+    the same kernels as the custom op with less host time. Anything else (FakeTensors, functionalisation,
+    dispatch modes) goes through the custom op and its fake implementation."""
+    return type(x) in _PLAIN_TYPES and type(scale) in _PLAIN_TYPES and _dispatch_modes() == 0
 
 
 def _conflict_output(task: Tensor, offsets: Tensor) -> Tensor:

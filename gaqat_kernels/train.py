@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .algorithms import build_algorithm
+from .algorithms import CUDAGraphStep, build_algorithm
 from .data import DATASETS, DomainBatches, MultiDomainDataset, TensorDomain, get_dataset, seed_hash
 from .distributed import DistributedContext, init_from_env, shutdown
 from .models import ARCHS, build_model
@@ -84,6 +84,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="kernel backend for quantizers and the conflict tracker")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu (under torchrun: "
                    "cuda:LOCAL_RANK)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture each training step in a CUDA graph and "
+                   "replay it (less host overhead; Adam is built with capturable=True; not with torchrun)")
     p.add_argument("--dist-backend", default=None, help="torchrun process group: default nccl on GPUs, gloo on CPU")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (image datasets)")
     p.add_argument("--log-every", type=int, default=10, help="GAQAT/FQAT: per-layer statistics every N steps")
@@ -155,6 +157,8 @@ def _algorithm(model, args, quant_steps: int, quantized: bool):
     kwargs = dict(lr=args.lr, weight_decay=args.weight_decay)
     if args.optimizer == "sgd":
         kwargs["momentum"] = 0.9
+    elif args.cuda_graph:
+        kwargs["capturable"] = True
     if name in ("sam", "sagm", "gaqat", "fqat"):
         kwargs["rho"] = args.rho
     if name == "sagm":
@@ -289,7 +293,14 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
     if resumed:
         alg.load_state_dict(ckpt["algorithm"])
         _set_rng_state(ckpt["rng"], batches)
+    if args.cuda_graph and (device.type != "cuda" or ctx.enabled):
+        raise ValueError("--cuda-graph: needs a CUDA device and a single process (not torchrun)")
     net = ctx.wrap(model)
+
+    def loss_fn(inputs, labels):
+        return nn.functional.cross_entropy(net(inputs), labels)
+
+    graphed = CUDAGraphStep(alg, loss_fn) if args.cuda_graph else None
     log_path, conflict_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "conflict.jsonl")
     if main_rank:
         with open(log_path, "w") as f:  # rewritten from the checkpointed history: a resumed run logs each step once
@@ -313,6 +324,7 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
             alg = _algorithm(model, args, quant_steps, True)  # new parameters (weights reused, scales new): new optimizer
             del net  # DDP's hooks on the reused weights go with it
             net = ctx.wrap(model)
+            graphed = CUDAGraphStep(alg, loss_fn) if args.cuda_graph else None
             init_scales = ctx.enabled
         minibatches = batches.next()
         x = torch.cat([b[0] for b in minibatches])
@@ -322,11 +334,11 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
             init_scales = False
 
         def closure():
-            out = nn.functional.cross_entropy(net(x), y)
+            out = loss_fn(x, y)
             out.backward()
             return out
 
-        loss = alg.step(closure)
+        loss = graphed(x, y) if graphed is not None else alg.step(closure)
         state["step"] = step = step + 1
         if progress is not None:
             progress.update(1)

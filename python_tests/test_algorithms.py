@@ -171,3 +171,51 @@ def test_one_argument_set_serves_every_algorithm():
     for name in ALGORITHMS:
         build_algorithm(name, small_model(), lr=0.1, rho=0.05, threshold=0.3, warmup_steps=2, log_every=1,
                         max_frozen_fraction=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, optimizer", [("erm", "sgd"), ("sam", "adam"), ("gaqat", "sgd"), ("fqat", "adam")])
+def test_cuda_graph_steps_equal_eager_steps(name, optimizer, monkeypatch):
+    """CUDAGraphStep replays the same kernels: the weights after 6 steps (3 eager, 1 captured, 2 replayed)
+    equal 6 eager steps; every replay is a real step (counter, logging)."""
+    from gaqat_kernels.algorithms import CUDAGraphStep
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(16, 3, 8, 8, generator=gen).cuda(), torch.randint(0, 4, (16,), generator=gen).cuda())
+               for _ in range(6)]
+    runs = []
+    for graphed in (False, True):
+        model = small_model("cuda", conv=True)
+        kwargs = dict(lr=0.05, momentum=0.9) if optimizer == "sgd" else dict(lr=1e-3, capturable=True)
+        base = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+        alg = build_algorithm(name, model, base_optimizer=base, threshold=0.2, log_every=1, **kwargs)
+        step = CUDAGraphStep(alg, lambda x, y: nn.functional.cross_entropy(model(x), y))
+        losses = []
+        for x, y in batches:
+            loss = step(x, y) if graphed else alg.step(closure_for(model, x, y))
+            losses.append(float(loss))
+        runs.append((losses, copy.deepcopy(model.state_dict()), alg))
+    (l0, s0, a0), (l1, s1, a1) = runs
+    assert a1.steps == a0.steps == 6
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-6, atol=1e-6)
+    for key in s0:
+        torch.testing.assert_close(s1[key], s0[key], rtol=1e-5, atol=1e-6, msg=key)
+    if name in ("gaqat", "fqat"):
+        assert len(a1.log.records()) == len(a0.log.records()) == 6 * len(a0.layer_names)
+
+
+def test_cuda_graph_step_needs_cuda_and_a_capturable_optimizer():
+    from gaqat_kernels.algorithms import CUDAGraphStep
+
+    model = small_model()
+    alg = build_algorithm("erm", model, base_optimizer=torch.optim.SGD, lr=0.1)
+    step = CUDAGraphStep(alg, lambda x, y: nn.functional.cross_entropy(model(x), y))
+    with pytest.raises(ValueError, match="x: CUDA graphs need CUDA tensors"):
+        step(*batch())
+    adam = build_algorithm("sam", model, base_optimizer=torch.optim.Adam, lr=0.1)
+    with pytest.raises(ValueError, match="capturable=True"):
+        CUDAGraphStep(adam, lambda x, y: None)
+    with pytest.raises(ValueError, match="warmup"):
+        CUDAGraphStep(alg, lambda x, y: None, warmup=0)

@@ -222,6 +222,33 @@ def test_compile_fullgraph_matches_eager(backend, device):
     assert torch.equal(y0, y1) and torch.equal(dx0, dx1) and torch.equal(ds0, ds1)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in ("cpu", "cuda")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("axis", [None, 1], ids=["per-tensor", "axis1"])
+def test_eager_cpp_path_equals_the_custom_op(backend, device, dtype, axis):
+    """Eager calls of the C++ backends build their autograd node in C++; the custom op (torch.compile's
+    path) must give the same bits, non-contiguous input included."""
+    gen = torch.Generator().manual_seed(9)
+    x, s, dy = random_case((6, 5, 7), axis, 3, False, dtype, device, gen)
+    x = x.transpose(0, 2)
+    dy = dy.transpose(0, 2)
+    ax = None if axis is None else 1
+    results = []
+    for eager in (True, False):
+        a, b = x.clone().requires_grad_(), s.clone().requires_grad_()
+        if eager:
+            y = gk.lsq_fake_quant(a, b, bits=3, signed=False, axis=ax, backend=backend)
+            assert "LSQFunction" in y.grad_fn.name()
+        else:
+            y = torch.ops.gaqat_kernels.lsq_fake_quant(a, b, 3, False, ax, None, backend)
+            assert "lsq_fake_quant" in y.grad_fn.name()
+        y.backward(dy)
+        results.append((y, a.grad, b.grad))
+    (y0, dx0, ds0), (y1, dx1, ds1) = results
+    assert torch.equal(y0, y1) and y0.stride() == y1.stride()
+    assert torch.equal(dx0, dx1) and torch.equal(ds0, ds1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])

@@ -10,6 +10,7 @@ from torch import nn
 from .base import ERM, SAMTraining, TrainingAlgorithm
 from .conflict import STAT_NAMES, ConflictTracker
 from .freezing import FQAT, GAQAT
+from .graphed import CUDAGraphStep
 from .sam import SAM
 from .stats_log import ConflictLog
 
@@ -40,4 +41,4 @@ def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
 
 
 __all__ = ["SAM", "ERM", "SAMTraining", "GAQAT", "FQAT", "TrainingAlgorithm", "ConflictTracker", "ConflictLog",
-           "STAT_NAMES", "ALGORITHMS", "build_algorithm"]
+           "STAT_NAMES", "ALGORITHMS", "build_algorithm", "CUDAGraphStep"]

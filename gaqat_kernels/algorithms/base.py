@@ -32,6 +32,17 @@ class TrainingAlgorithm:
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def end_step(self) -> None:
+        """Host-side bookkeeping after a step (count, logging). Skipped while a CUDA graph captures the step:
+        ``CUDAGraphStep`` calls it after every replay instead."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        self.steps += 1
+        self.on_step_end()
+
+    def on_step_end(self) -> None:
+        """Subclasses: host-side work after step ``self.steps - 1`` (device work belongs in ``step``)."""
+
     def state_dict(self) -> Dict:
         return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
 
@@ -52,7 +63,7 @@ class ERM(TrainingAlgorithm):
         self.optimizer.zero_grad(set_to_none=True)
         loss = closure()
         self.optimizer.step()
-        self.steps += 1
+        self.end_step()
         return loss
 
 
@@ -82,5 +93,5 @@ class SAMTraining(TrainingAlgorithm):
         closure()
         self.between_passes()
         self.sam.second_step()
-        self.steps += 1
+        self.end_step()
         return loss

@@ -89,8 +89,11 @@ class GAQAT(SAMTraining):
                     factors.append(factor.to(p.grad.dtype))
             if grads:
                 torch._foreach_mul_(grads, factors)
-        if self.log.due(self.steps):
-            self.log.record(self.steps, self.tracker.stats, frozen)
+
+    def on_step_end(self) -> None:
+        step = self.steps - 1
+        if self.log.due(step):
+            self.log.record(step, self.tracker.stats, self.tracker.state.frozen)
 
     def state_dict(self) -> Dict:
         return {**super().state_dict(), "tracker": self.tracker.state_dict()}

@@ -1,0 +1,216 @@
+"""Training-step time and peak memory of W4A4 QAT against full precision, on a CUDA GPU.
+
+Models: ResNet-18 and ResNet-50 (torchvision, random weights, 1000 classes) and ViT-B/16 (torchvision; its
+MLP and other nn.Linear layers become QuantLinear), batch 64 of random 224x224 inputs (a synthetic
+stand-in of the real shape: step time does not depend on pixel values). W4A4 LSQ, first conv and last
+linear in full precision, SGD with momentum.
+
+Implementations (``impl``): ``fp`` (no quantization), ``eager_lsq`` (LSQ written as eager PyTorch ops, the
+usual reference), ``triton`` and ``cuda`` (our kernels). Algorithms: ``erm`` (one pass), ``sam`` (two
+passes), ``gaqat`` (SAM + conflict tracker + freezing; quantized only). Precision: fp32, or bf16 autocast.
+Run modes: ``eager``; ``graph`` (the whole step captured by ``CUDAGraphStep``); ``compile``
+(``torch.compile`` of the model, the algorithm around it eager).
+
+    python benchmarks/bench_train_step.py --suite resnet18 --out bench_out
+    python benchmarks/bench_train_step.py --suite resnet50 vit --out bench_out
+
+Per configuration: median over rounds of the mean step time (CUDA events), the ratio to the ``fp`` step of
+the same model/algorithm/precision/mode, peak ``torch.cuda.max_memory_allocated`` during the timed steps
+and its ratio. Appends JSON lines to ``--out/train_step.jsonl``; writes ``train_step_<suite>.md`` and, for
+resnet18, ``profile_resnet18.md`` (top CUDA kernels of a W4A4 SAM step with our kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import subprocess
+import time
+import types
+
+import torch
+import torchvision
+from torch import nn
+
+from gaqat_kernels.algorithms import CUDAGraphStep, build_algorithm
+from gaqat_kernels.kernels.reference import lsq_fake_quant_eager
+from gaqat_kernels.nn import LSQQuantizer, quantize_model
+
+SUITES = {
+    # (model, impls, algorithms, precisions, modes)
+    "resnet18": [("resnet18", ["fp", "eager_lsq", "triton", "cuda"], ["erm", "sam", "gaqat"], ["fp32", "bf16"],
+                  ["eager", "graph"]),
+                 ("resnet18", ["fp", "eager_lsq", "cuda"], ["erm"], ["fp32"], ["compile"])],
+    "resnet50": [("resnet50", ["fp", "eager_lsq", "cuda"], ["erm", "sam", "gaqat"], ["fp32", "bf16"],
+                  ["eager", "graph"])],
+    "vit": [("vit_b_16", ["fp", "eager_lsq", "cuda"], ["erm", "sam"], ["fp32", "bf16"], ["eager", "graph"])],
+    "quick": [("resnet18", ["fp", "cuda"], ["erm", "sam"], ["fp32"], ["eager", "graph"])],
+}
+
+
+def _eager_lsq_forward(self, x):
+    if self._init_pending:
+        self._initialize_from(x)
+        self._init_pending = False
+    return lsq_fake_quant_eager(x, self.scale, bits=self.bits, signed=self.signed,
+                                axis=self.axis if self.per_channel else None)
+
+
+def build(model_name: str, impl: str, batch: int):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, model_name)(num_classes=1000).cuda()
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    if impl != "fp":
+        backend = "cuda" if impl == "eager_lsq" else impl
+        quantize_model(model, 4, 4, example_inputs=x[:2], backend=backend)
+        if impl == "eager_lsq":
+            for q in model.modules():
+                if isinstance(q, LSQQuantizer):
+                    q.forward = types.MethodType(_eager_lsq_forward, q)
+    return model, x, y
+
+
+def make_step(model, x, y, algorithm: str, precision: str, mode: str):
+    net = torch.compile(model) if mode == "compile" else model
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    alg = build_algorithm(algorithm, model, base_optimizer=torch.optim.SGD, lr=0.01, momentum=0.9, rho=0.05,
+                          threshold=0.5)
+
+    def loss_fn(inputs, labels):
+        with autocast():
+            return nn.functional.cross_entropy(net(inputs), labels)
+
+    if mode == "graph":
+        graphed = CUDAGraphStep(alg, loss_fn)
+        return lambda: graphed(x, y)
+
+    def closure():
+        loss = loss_fn(x, y)
+        loss.backward()
+        return loss
+    return lambda: alg.step(closure)
+
+
+def timed(fn, steps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def measure(config, rounds: int, steps: int, warmup: int) -> dict:
+    model_name, impl, algorithm, precision, mode = config
+    torch.cuda.empty_cache()
+    model, x, y = build(model_name, impl, 64)
+    step = make_step(model, x, y, algorithm, precision, mode)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = [timed(step, steps) for _ in range(rounds)]
+    row = {"model": model_name, "impl": impl, "algorithm": algorithm, "precision": precision, "mode": mode,
+           "ms": statistics.median(times), "rounds_ms": times, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+           "warmup_s": warmup_s}
+    del step, model
+    gc.collect()
+    return row
+
+
+def profile_summary(out: str, top: int = 15) -> None:
+    """Top CUDA kernels of a ResNet-18 W4A4 SAM step with our CUDA kernels (fp32, eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, x, y = build("resnet18", "cuda", 64)
+    step = make_step(model, x, y, "sam", "fp32", "eager")
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    lines = ["| kernel | ms per step | % of GPU time | calls per step |", "|---|---|---|---|"]
+    for e in events[:top]:
+        name = e.key if len(e.key) < 90 else e.key[:87] + "..."
+        lines.append(f"| `{name}` | {getattr(e, key) / 5e3:.3f} | {100 * getattr(e, key) / total:.1f}% | "
+                     f"{e.count // 5} |")
+    lines.append(f"| total GPU time | {total / 5e3:.2f} | 100% | |")
+    with open(os.path.join(out, "profile_resnet18.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def table(rows) -> str:
+    fp = {(r["model"], r["algorithm"], r["precision"], r["mode"]): r for r in rows if r["impl"] == "fp"}
+    lines = ["| model | precision | mode | algorithm | impl | ms/step | x FP | peak GiB | x FP |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = fp.get((r["model"], "sam" if r["algorithm"] == "gaqat" else r["algorithm"], r["precision"], r["mode"]))
+        ratio = f"{r['ms'] / base['ms']:.2f}" if base else "-"
+        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base else "-"
+        lines.append(f"| {r['model']} | {r['precision']} | {r['mode']} | {r['algorithm']} | {r['impl']} | "
+                     f"{r['ms']:.2f} | {ratio} | {r['peak_gib']:.2f} | {mem} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", nargs="+", default=["resnet18"], choices=sorted(SUITES))
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.backends.cudnn.benchmark = True
+    commit = os.environ.get("GAQAT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit, "batch": 64}
+    for suite in args.suite:
+        rows = []
+        for model_name, impls, algorithms, precisions, modes in SUITES[suite]:
+            for mode in modes:
+                for precision in precisions:
+                    for algorithm in algorithms:
+                        for impl in impls:
+                            if algorithm == "gaqat" and impl == "fp":
+                                continue
+                            config = (model_name, impl, algorithm, precision, mode)
+                            try:
+                                row = {**meta, **measure(config, args.rounds, args.steps, args.warmup)}
+                            except Exception as e:  # one failing configuration must not lose the others
+                                row = {**meta, "model": model_name, "impl": impl, "algorithm": algorithm,
+                                       "precision": precision, "mode": mode, "error": repr(e)[:300]}
+                                print("FAILED", config, row["error"], flush=True)
+                                continue
+                            finally:
+                                gc.collect()
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+                            with open(os.path.join(args.out, "train_step.jsonl"), "a") as f:
+                                f.write(json.dumps(row) + "\n")
+        md = f"{meta['device']}, torch {meta['torch']}, commit {commit}, batch 64, 224x224, W4A4\n\n" + table(rows)
+        with open(os.path.join(args.out, f"train_step_{suite}.md"), "w") as f:
+            f.write(md + "\n")
+        print(md)
+        if suite == "resnet18":
+            try:
+                profile_summary(args.out)
+            except Exception as e:  # the profile is a summary; the table above is the result
+                print("profile failed:", repr(e))
+
+
+if __name__ == "__main__":
+    main()
