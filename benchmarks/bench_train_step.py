@@ -35,6 +35,7 @@ import torch
 import torchvision
 from torch import nn
 
+from bench_conflict import timed  # benchmarks/ is on the path when this runs as a script
 from gaqat_kernels.algorithms import CUDAGraphStep, build_algorithm
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager
 from gaqat_kernels.nn import LSQQuantizer, quantize_model
@@ -93,16 +94,6 @@ def make_step(model, x, y, algorithm: str, precision: str, mode: str):
         loss.backward()
         return loss
     return lambda: alg.step(closure)
-
-
-def timed(fn, steps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / steps
 
 
 def measure(config, rounds: int, steps: int, warmup: int) -> dict:

@@ -27,6 +27,15 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _forward_without_grad(model: nn.Module, example_inputs: Any) -> None:
+    """One forward pass on a batch or a tuple/list of positional inputs."""
+    with torch.no_grad():
+        if isinstance(example_inputs, (tuple, list)):
+            model(*example_inputs)
+        else:
+            model(example_inputs)
+
+
 def _nonnegative_inputs(model: nn.Module, names: Sequence[str], example_inputs: Any) -> Dict[str, bool]:
     """Run one forward pass and record, per layer, whether every input element was >= 0."""
     modules = dict(model.named_modules())
@@ -38,11 +47,7 @@ def _nonnegative_inputs(model: nn.Module, names: Sequence[str], example_inputs: 
             seen[_name] = seen.get(_name, True) and nonneg
         hooks.append(modules[name].register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
-            if isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+        _forward_without_grad(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -112,11 +117,8 @@ def initialize_quantizers(model: nn.Module, example_inputs: Any,
 
     hooks = [q.register_forward_pre_hook(initialize) for q in quantizers]
     try:
+        _forward_without_grad(model, example_inputs)
         with torch.no_grad():
-            if isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
             for buffer, value in saved:
                 buffer.copy_(value)
     finally:
