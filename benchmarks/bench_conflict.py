@@ -45,6 +45,12 @@ def step_fn(alg, model, x, y):
     return lambda: alg.step(closure)
 
 
+def commit_id() -> str:
+    """GAQAT_COMMIT if set (a copied working tree may carry a stale .git), else git's short HEAD."""
+    return os.environ.get("GAQAT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 def timed(fn, steps: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -106,8 +112,7 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cudnn.benchmark = True
-    commit = os.environ.get("GAQAT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
               "reduction": reduction_cost(args.rounds, args.steps),
               "resnet18_steps": step_overhead(args.rounds, args.steps)}

@@ -16,13 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from bench_conflict import commit_id  # benchmarks/ is on the path when this runs as a script
 from gaqat_kernels.algorithms import build_algorithm
 from gaqat_kernels.distributed import init_from_env, shutdown
 from gaqat_kernels.models import build_model
@@ -71,7 +71,7 @@ def main() -> None:
         times.append((time.perf_counter() - start) / args.steps)
     step_s = statistics.median(times)
     if ctx.is_main:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = commit_id()
         row = {"arch": args.arch, "gpus": ctx.world_size, "batch_per_gpu": args.batch, "step_ms": step_s * 1e3,
                "images_per_s": ctx.world_size * args.batch / step_s, "rounds_ms": [t * 1e3 for t in times],
                "device": torch.cuda.get_device_name(ctx.device), "torch": torch.__version__, "commit": commit,

@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import time
 import types
 
@@ -35,7 +34,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bench_conflict import timed  # benchmarks/ is on the path when this runs as a script
+from bench_conflict import commit_id, timed  # benchmarks/ is on the path when this runs as a script
 from gaqat_kernels.algorithms import CUDAGraphStep, build_algorithm
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager
 from gaqat_kernels.nn import LSQQuantizer, quantize_model
@@ -166,8 +165,7 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cudnn.benchmark = True
-    commit = os.environ.get("GAQAT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit, "batch": 64}
     for suite in args.suite:
         rows = []

@@ -115,19 +115,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _eval_batches(split, rank: int = 0, world_size: int = 1, batch: int = 1024, workers: int = 0):
+    """``(x, y)`` batches over rows ``rank, rank + world_size, ...`` of ``split``, in order."""
+    if isinstance(split, TensorDomain):
+        xs, ys = split.x[rank::world_size], split.y[rank::world_size]
+        return ((xs[i:i + batch], ys[i:i + batch]) for i in range(0, len(ys), batch))
+    shard = split if world_size == 1 else torch.utils.data.Subset(split, range(rank, len(split), world_size))
+    return torch.utils.data.DataLoader(shard, batch_size=256, num_workers=workers)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, split, device, batch: int = 1024, workers: int = 0) -> torch.Tensor:
     """Softmax probabilities of ``model`` on every example of ``split`` (float32, on the CPU)."""
     was_training = model.training
     model.eval()
-    outs = []
-    if isinstance(split, TensorDomain):
-        for i in range(0, len(split), batch):
-            outs.append(torch.softmax(model(split.x[i:i + batch].to(device)).float(), dim=1).cpu())
-    else:
-        loader = torch.utils.data.DataLoader(split, batch_size=256, num_workers=workers)
-        for x, _ in loader:
-            outs.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+    outs = [torch.softmax(model(x.to(device)).float(), dim=1).cpu()
+            for x, _ in _eval_batches(split, batch=batch, workers=workers)]
     model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0)
 
@@ -142,10 +145,8 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
 
 
-def _quantize(model, args, example=None, unsigned=None):
-    a_bits = args.a_bits or None
-    return quantize_model(model, args.w_bits, a_bits, example_inputs=example, unsigned_inputs=unsigned,
-                          backend=args.backend)
+def _quantize(model, args, unsigned):
+    return quantize_model(model, args.w_bits, args.a_bits or None, unsigned_inputs=unsigned, backend=args.backend)
 
 
 def _algorithm(model, args, quant_steps: int, quantized: bool):
@@ -201,13 +202,7 @@ def count_correct(model: nn.Module, split, device, rank: int = 0, world_size: in
     was_training = model.training
     model.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=device)
-    if isinstance(split, TensorDomain):
-        xs, ys = split.x[rank::world_size], split.y[rank::world_size]
-        pieces = ((xs[i:i + batch], ys[i:i + batch]) for i in range(0, len(ys), batch))
-    else:
-        shard = torch.utils.data.Subset(split, range(rank, len(split), world_size))
-        pieces = torch.utils.data.DataLoader(shard, batch_size=256, num_workers=workers)
-    for x, y in pieces:
+    for x, y in _eval_batches(split, rank, world_size, batch, workers):
         y = y.to(device)
         counts[0] += (model(x.to(device)).argmax(1) == y).sum()
         counts[1] += y.numel()

@@ -19,6 +19,15 @@ def loss_of(model, x, y):
     return nn.functional.cross_entropy(model(x), y)
 
 
+def closure_for(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+    return closure
+
+
 def manual_sam_step(model, x, y, rho, lr, adaptive):
     params = list(model.parameters())
     g = torch.autograd.grad(loss_of(model, x, y), params)
@@ -43,12 +52,7 @@ def test_matches_hand_written_two_pass_sam(adaptive):
     rho = 0.5 if adaptive else 0.05
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, lr=0.1)
     for _ in range(3):
-        def closure():
-            opt.zero_grad()
-            loss = loss_of(model, x, y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(closure_for(opt, model, x, y))
         g_task, g_sam = manual_sam_step(reference, x, y, rho, 0.1, adaptive)
         task, smooth = opt.gradients(list(model.parameters()))
         for a, b in zip(task, g_task):
@@ -115,12 +119,7 @@ def test_sagm_variant_matches_hand_written():
     rho, alpha, lr = 0.05, 0.01, 0.1
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, alpha=alpha, lr=lr)
     for _ in range(3):
-        def closure():
-            opt.zero_grad()
-            loss = loss_of(model, x, y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(closure_for(opt, model, x, y))
         params = list(reference.parameters())
         g = torch.autograd.grad(loss_of(reference, x, y), params)
         norm = torch.sqrt(sum((gi * gi).sum() for gi in g))

@@ -9,7 +9,7 @@ import torch
 
 from gaqat_kernels import eoq, report, train
 from gaqat_kernels.models import build_model
-from gaqat_kernels.nn import layer_scales, quantized_layers
+from gaqat_kernels.nn import find_unsigned_inputs, layer_scales, quantized_layers
 
 QUICK = ["--dataset", "digits", "--batch-size", "8", "--checkpoint-freq", "3", "--no-progress", "--device", "cpu",
          "--backend", "auto"]
@@ -62,7 +62,7 @@ def test_optimizer_updates_the_swapped_in_parameters():
     torch.manual_seed(0)
     model = build_model("mnist_cnn", (1, 8, 8), 10)
     x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
-    train._quantize(model, args, example=x)
+    train._quantize(model, args, unsigned=find_unsigned_inputs(model, x))  # as the script does
     alg = train._algorithm(model, args, quant_steps=10, quantized=True)
     optimized = {id(p) for group in alg.optimizer.param_groups for p in group["params"]}
     layers = quantized_layers(model)

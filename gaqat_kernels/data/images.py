@@ -29,6 +29,13 @@ def _layout_error(name: str, root: str, detail: str) -> FileNotFoundError:
         f"domains {domains}" + (" (or, for PACS, the per-domain zips art_painting.zip, ...)" if name == "PACS" else ""))
 
 
+def _same_classes(name: str, root: str, classes, found, where: str):
+    """``found`` if it is the first domain's class list or equals it; else a layout error naming ``where``."""
+    if classes is not None and found != classes:
+        raise _layout_error(name, root, f"{where} has classes {found}, the first domain has {classes}")
+    return found
+
+
 def _folder_domains(name: str, root: str, domains: Sequence[str]):
     classes = None
     files, labels = [], []
@@ -37,10 +44,7 @@ def _folder_domains(name: str, root: str, domains: Sequence[str]):
         found = sorted(c for c in os.listdir(droot) if os.path.isdir(os.path.join(droot, c)))
         if not found:
             raise _layout_error(name, root, f"domain folder {droot!r} has no class folders")
-        if classes is None:
-            classes = found
-        elif found != classes:
-            raise _layout_error(name, root, f"domain {d!r} has classes {found}, the first domain has {classes}")
+        classes = _same_classes(name, root, classes, found, f"domain {d!r}")
         f, l = [], []
         for k, c in enumerate(classes):
             for fn in sorted(os.listdir(os.path.join(droot, c))):
@@ -64,10 +68,7 @@ def _zip_domains(name: str, root: str, domains: Sequence[str]):
         found = sorted({p[-2] for p in parts if len(p) >= 2})
         if not names:
             raise _layout_error(name, root, f"{path} holds no images")
-        if classes is None:
-            classes = found
-        elif found != classes:
-            raise _layout_error(name, root, f"{path} has classes {found}, the first domain has {classes}")
+        classes = _same_classes(name, root, classes, found, path)
         members.append(names)
         labels.append([classes.index(p[-2]) for p in parts])
         archives.append(path)
