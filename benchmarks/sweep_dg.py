@@ -7,13 +7,17 @@ Suites (every test domain; ``--seeds`` sets both --seed and --trial-seed, as Dom
   rmnist_w4, rmnist_w3     {FP SAM, LSQ, LSQ+SAM, GAQAT, FQAT} at W4A4 / W3A3 on RotatedMNIST
   pacs_w4, pacs_w3         the same on PACS (128 px) with EfficientNet-Lite0 ImageNet weights
 A run whose results.json exists is skipped, and unfinished runs continue from their checkpoint, so a sweep
-cut off by a time limit resumes where it stopped. Ends with the report table (``gaqat_kernels.report``)
-written to ``--out/table.md``.
+cut off by a time limit resumes where it stopped. ``--budget-s`` starts a run only if it is expected to end
+within that many seconds of the sweep's start (expected duration: the longest finished run, or
+``--run-estimate-s`` before one has finished), for time-limited machines. Then EoQ (``gaqat_kernels.eoq``)
+for every quantized setting with at least two finished seeds, into ``--out/<suite>/eoq/<setting>/eoq.json``,
+and the report table with the EoQ rows (``gaqat_kernels.report``) written to ``--out/table.md``.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -43,8 +47,32 @@ def commands(suite: str, args) -> list:
         if dataset == "PACS":
             cmd += ["--arch", "efficientnet_lite0", "--pretrained", args.pretrained, "--image-size", "128"]
         cmd += args.extra
-        out.append((tag, os.path.join(args.out, suite, tag), cmd))
+        out.append((tag, os.path.join(args.out, suite, tag), cmd, tag.rsplit("_s", 1)[0]))
     return out
+
+
+def ensembles(dirs: list, rows: list) -> None:
+    """EoQ of every quantized setting with >= 2 finished seeds whose ensemble is missing or has fewer members."""
+    from collections import defaultdict
+
+    from gaqat_kernels import eoq
+
+    groups = defaultdict(list)
+    for r in rows:
+        a = r["args"]
+        if r.get("quantized"):
+            key = (a["dataset"], a["algorithm"], a["w_bits"], a["a_bits"], r["test_domain"])
+            groups[key].append(os.path.dirname(r["_path"]))
+    for key, runs in sorted(groups.items()):
+        suite_dir = next(d for d in dirs if os.path.commonpath([d, runs[0]]) == d)
+        out = os.path.join(suite_dir, "eoq", "_".join(str(k) for k in key))
+        path = os.path.join(out, "eoq.json")
+        if len(runs) < 2 or (os.path.exists(path) and len(json.load(open(path))["members"]) == len(runs)):
+            continue
+        if not all(os.path.exists(os.path.join(r, "model.pt")) for r in runs):
+            print(f"sweep: no EoQ for {key}: model.pt of an earlier call's run is not here", flush=True)
+            continue
+        eoq.main(sorted(runs) + ["--out", out])
 
 
 def main():
@@ -57,29 +85,49 @@ def main():
     p.add_argument("--steps", type=int, default=5001)
     p.add_argument("--test-domains", type=int, nargs="+", default=None, help="only these test domains")
     p.add_argument("--parallel", type=int, default=6)
+    p.add_argument("--budget-s", type=float, default=None, help="start no run expected to end after this")
+    p.add_argument("--run-estimate-s", type=float, default=120.0, help="expected run time before one has finished")
+    p.add_argument("--no-eoq", action="store_true", help="skip the EoQ ensembles")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more training-script arguments")
     args = p.parse_args()
     todo = [c for s in args.suite for c in commands(s, args)
             if not os.path.exists(os.path.join(c[1], "results.json"))]
     print(f"sweep: {len(todo)} runs to do", flush=True)
-    running, start = [], time.time()
-    while todo or running:
-        while todo and len(running) < args.parallel:
-            tag, out, cmd = todo.pop(0)
+    running, start, longest, admitted = [], time.time(), None, set()
+
+    def may_start(group: str) -> bool:
+        """Seeds of one setting start together or not at all, so that each call's EoQ sees whole groups."""
+        expected = args.run_estimate_s if longest is None else longest
+        if group in admitted or args.budget_s is None or time.time() - start + expected <= args.budget_s:
+            admitted.add(group)
+            return True
+        return False
+
+    while (todo and may_start(todo[0][3])) or running:
+        while todo and len(running) < args.parallel and may_start(todo[0][3]):
+            tag, out, cmd, _ = todo.pop(0)
             os.makedirs(out, exist_ok=True)
             log = open(os.path.join(out, "stdout.txt"), "a")
             env = dict(os.environ, OMP_NUM_THREADS="1")  # many runs share the host's cores
-            running.append((tag, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((tag, proc, log, time.time()))
         for item in list(running):
-            tag, proc, log = item
+            tag, proc, log, began = item
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
-                print(f"[{time.time() - start:6.0f} s] {tag}: exit {proc.returncode}", flush=True)
+                took = time.time() - began
+                longest = took if longest is None else max(longest, took)
+                print(f"[{time.time() - start:6.0f} s] {tag}: exit {proc.returncode} ({took:.0f} s)", flush=True)
         time.sleep(0.5)
+    if todo:
+        print(f"sweep: {len(todo)} runs left for a later call (--budget-s {args.budget_s:.0f})", flush=True)
     from gaqat_kernels import report
 
-    table = report.table(report.find_results([os.path.join(args.out, s) for s in args.suite]))
+    dirs = [os.path.join(args.out, s) for s in args.suite]
+    if not args.no_eoq:
+        ensembles(dirs, report.find_results(dirs))
+    table = report.table(report.find_results(dirs) + report.find_ensembles(dirs))
     with open(os.path.join(args.out, "table.md"), "a") as f:
         f.write(table + "\n")
     print(table)

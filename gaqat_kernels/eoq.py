@@ -1,10 +1,11 @@
 """``python -m gaqat_kernels.eoq RUN_DIR...``: EoQ (QT-DoG, ICML 2025), the ensemble of quantized models.
 
-The runs must share dataset, test domain, data seed (``--trial-seed``) and quantization, and differ in
-``--seed``. Each run's selected model (``model.pt``) predicts the test domain; the ensemble averages their
-softmax probabilities. Reports each model's and the ensemble's accuracy on the test domain's 80% split
-(DomainBed's test accuracy) and on all of it, and writes ``eoq.json`` into the first run's directory
-(or ``--out``).
+The runs must share dataset, algorithm, test domain and quantization, and differ in ``--seed`` (and may
+differ in ``--trial-seed``: no member trained on any part of the test domain, so every split of it is unseen
+by all). Each run's selected model (``model.pt``) predicts the test domain; the ensemble averages their
+softmax probabilities. Reports each model's and the ensemble's accuracy on the test domain's 80% split under
+the first run's ``--trial-seed`` (DomainBed's test accuracy) and on all of it, and writes ``eoq.json`` into
+the first run's directory (or ``--out``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from .models import build_model
 from .train import accuracy, labels_of, load_data, predict, _quantize
 
-_SAME = ("dataset", "test_domain", "trial_seed", "arch", "w_bits", "a_bits", "max_per_domain", "image_size",
+_SAME = ("dataset", "algorithm", "test_domain", "arch", "w_bits", "a_bits", "max_per_domain", "image_size",
          "holdout_fraction")
 
 
@@ -58,8 +59,10 @@ def ensemble(run_dirs: List[str], device=None) -> Dict:
         members.append({"run": d, "seed": s["args"]["seed"], "test_acc": accuracy(a, y_in),
                         "test_acc_all": accuracy(torch.cat([a, b]), torch.cat([y_in, y_out]))})
     mean_in, mean_out = torch.stack(p_in).mean(0), torch.stack(p_out).mean(0)
-    return {"dataset": dataset.name, "test_domain": test, "test_domain_name": dataset.domain_names[test],
-            "members": members,
+    setting = {k: first.get(k) for k in _SAME + ("trial_seed",)}
+    return {"dataset": dataset.name, "domains": dataset.domain_names, "test_domain": test,
+            "test_domain_name": dataset.domain_names[test], "quantized": saved[0]["unsigned"] is not None,
+            "setting": setting, "members": members,
             "ensemble": {"test_acc": accuracy(mean_in, y_in),
                          "test_acc_all": accuracy(torch.cat([mean_in, mean_out]), torch.cat([y_in, y_out]))}}
 

@@ -3,7 +3,9 @@
 Rows: dataset x algorithm x bits; columns: every test domain and the average; cells: mean +- std over seeds
 of the selected model's test-domain accuracy (training-domain validation). The average column averages over
 domains within each seed first, then takes mean +- std over seeds (DomainBed's convention). Reads every
-run's ``results.json`` (any ``.json`` with a run's results) below the given directories.
+run's ``results.json`` (any ``.json`` with a run's results) below the given directories. EoQ results
+(``eoq.json`` from ``gaqat_kernels.eoq``) found there add a row "<algorithm> + EoQ" per setting: the
+ensemble's test accuracy per domain; its seeds column counts ensembles, its name the members of each.
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ from typing import Dict, List
 import numpy as np
 
 
-def find_results(dirs: List[str]) -> List[Dict]:
-    rows = []
+def _json_files(dirs: List[str]):
     for d in dirs:
         pattern = d if d.endswith(".json") else os.path.join(d, "**", "*.json")
         for path in sorted(glob.glob(pattern, recursive=True)):
@@ -28,9 +29,26 @@ def find_results(dirs: List[str]) -> List[Dict]:
                     r = json.load(f)
                 except json.JSONDecodeError:
                     continue
-            if isinstance(r, dict) and "test_acc" in r and "args" in r:
+            if isinstance(r, dict):
                 r["_path"] = path
-                rows.append(r)
+                yield r
+
+
+def find_results(dirs: List[str]) -> List[Dict]:
+    """Every single run's results (a dict with ``test_acc`` and ``args``) below ``dirs``."""
+    return [r for r in _json_files(dirs) if "test_acc" in r and "args" in r]
+
+
+def find_ensembles(dirs: List[str]) -> List[Dict]:
+    """Every EoQ result below ``dirs``, as rows the table reads: algorithm "<alg> + EoQ(<members>)"."""
+    rows = []
+    for r in _json_files(dirs):
+        if "ensemble" in r and "setting" in r:
+            name = f"{r['setting']['algorithm']} + EoQ({len(r['members'])})"
+            args = dict(r["setting"], algorithm=name, seed=None)
+            rows.append({"dataset": r["dataset"], "domains": r["domains"], "test_domain": r["test_domain"],
+                         "quantized": r["quantized"], "args": args, "test_acc": r["ensemble"]["test_acc"],
+                         "test_acc_all": r["ensemble"]["test_acc_all"], "_path": r["_path"]})
     return rows
 
 
@@ -78,7 +96,7 @@ def main(argv=None) -> str:
     p.add_argument("dirs", nargs="+", help="run directories (searched recursively for results.json)")
     p.add_argument("--metric", default="test_acc", choices=["test_acc", "test_acc_all", "val_acc"])
     args = p.parse_args(argv)
-    rows = find_results(args.dirs)
+    rows = find_results(args.dirs) + (find_ensembles(args.dirs) if args.metric != "val_acc" else [])
     if not rows:
         print(f"gaqat-report: no results.json under {args.dirs}", file=sys.stderr)
         sys.exit(1)

@@ -95,6 +95,10 @@ def test_report_and_eoq(tmp_path):
     result = eoq.main([dirs[0], dirs[3]])
     assert len(result["members"]) == 2 and 0 <= result["ensemble"]["test_acc"] <= 1
     assert os.path.exists(os.path.join(dirs[0], "eoq.json"))
+    assert result["setting"]["algorithm"] == "lsq" and result["setting"]["w_bits"] == 4
+    row = next(line for line in report.main([str(tmp_path)]).splitlines() if "EoQ" in line)
+    ensemble_cell = f"{100 * result['ensemble']['test_acc']:.1f} ± 0.0"
+    assert row.startswith(f"| lsq + EoQ(2) | W4A4 | {ensemble_cell} | – | – | – | 1 |"), row
     with pytest.raises(ValueError, match="same setting"):
         eoq.ensemble([dirs[0], dirs[1]])  # different test domains
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call of a leave-one-domain-out sweep (benchmarks/sweep_dg.py), packed for the trip back.
+#   bash benchmarks/sweep_gpu.sh NAME [sweep_dg.py arguments...]
+# Runs share the GPU through CUDA MPS when the box has it (without MPS, processes time-slice the GPU and
+# many small runs barely overlap). Finished runs already under runs/NAME (carried from an earlier call) are
+# skipped. The results without model files go to $OUT/sweep_NAME.tar.gz, the log to $OUT/sweep_NAME.log.
+set -uo pipefail
+name=$1; shift
+out=${OUT:-bench_out}
+mkdir -p "$out" runs
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/sweep_$name.log"
+mps=0
+if command -v nvidia-cuda-mps-control >/dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && mps=1
+fi
+echo "MPS: $mps; commit ${GAQAT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee -a "$out/sweep_$name.log"
+python3 benchmarks/sweep_dg.py --out "runs/$name" "$@" 2>&1 | tee -a "$out/sweep_$name.log"
+rc=${PIPESTATUS[0]}
+[[ $mps == 1 ]] && echo quit | nvidia-cuda-mps-control
+tar czf "$out/sweep_$name.tar.gz" --exclude='*.pt' --exclude='*.png' "runs/$name"
+exit $rc
