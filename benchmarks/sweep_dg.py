@@ -8,8 +8,9 @@ Suites (every test domain; ``--seeds`` sets both --seed and --trial-seed, as Dom
   pacs_w4, pacs_w3         the same on PACS (128 px) with EfficientNet-Lite0 ImageNet weights
 A run whose results.json exists is skipped, and unfinished runs continue from their checkpoint, so a sweep
 cut off by a time limit resumes where it stopped. ``--budget-s`` starts a run only if it is expected to end
-within that many seconds of the sweep's start (expected duration: the longest finished run, or
-``--run-estimate-s`` before one has finished), for time-limited machines. Then EoQ (``gaqat_kernels.eoq``)
+within that many seconds of the sweep's start (expected duration: ``--run-estimate-s`` or the longest
+finished run if longer), for time-limited machines; ``--deadline-s`` stops what is
+still running then. Then EoQ (``gaqat_kernels.eoq``)
 for every quantized setting with at least two finished seeds, into ``--out/<suite>/eoq/<setting>/eoq.json``,
 and the report table with the EoQ rows (``gaqat_kernels.report``) written to ``--out/table.md``.
 """
@@ -86,7 +87,9 @@ def main():
     p.add_argument("--test-domains", type=int, nargs="+", default=None, help="only these test domains")
     p.add_argument("--parallel", type=int, default=6)
     p.add_argument("--budget-s", type=float, default=None, help="start no run expected to end after this")
-    p.add_argument("--run-estimate-s", type=float, default=120.0, help="expected run time before one has finished")
+    p.add_argument("--run-estimate-s", type=float, default=120.0, help="expected run time (at least)")
+    p.add_argument("--deadline-s", type=float, default=None, help="stop runs still going after this many seconds "
+                   "(they keep their last checkpoint), then EoQ and the table of what finished")
     p.add_argument("--no-eoq", action="store_true", help="skip the EoQ ensembles")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more training-script arguments")
     args = p.parse_args()
@@ -97,7 +100,7 @@ def main():
 
     def may_start(group: str) -> bool:
         """Seeds of one setting start together or not at all, so that each call's EoQ sees whole groups."""
-        expected = args.run_estimate_s if longest is None else longest
+        expected = args.run_estimate_s if longest is None else max(longest, args.run_estimate_s)
         if group in admitted or args.budget_s is None or time.time() - start + expected <= args.budget_s:
             admitted.add(group)
             return True
@@ -119,9 +122,17 @@ def main():
                 took = time.time() - began
                 longest = took if longest is None else max(longest, took)
                 print(f"[{time.time() - start:6.0f} s] {tag}: exit {proc.returncode} ({took:.0f} s)", flush=True)
+        if args.deadline_s is not None and time.time() - start > args.deadline_s:
+            for tag, proc, log, _ in running:
+                proc.terminate()
+                proc.wait()
+                log.close()
+                print(f"[{time.time() - start:6.0f} s] {tag}: stopped at the deadline", flush=True)
+            running = []
+            break
         time.sleep(0.5)
     if todo:
-        print(f"sweep: {len(todo)} runs left for a later call (--budget-s {args.budget_s:.0f})", flush=True)
+        print(f"sweep: {len(todo)} runs left for a later call", flush=True)
     from gaqat_kernels import report
 
     dirs = [os.path.join(args.out, s) for s in args.suite]

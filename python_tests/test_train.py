@@ -36,6 +36,14 @@ def test_every_algorithm_runs(tmp_path, algorithm):
         assert os.path.exists(os.path.join(out, "conflict.png"))
 
 
+def test_skip_train_in_eval_keeps_selection_and_test(tmp_path):
+    full, _ = run(tmp_path, "full", "--algorithm", "lsq", "--steps", "6")
+    lean, _ = run(tmp_path, "lean", "--algorithm", "lsq", "--steps", "6", "--skip-train-in-eval")
+    for a, b in zip(*[[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (full, lean)]):
+        assert {k: a[k] for k in b if k != "elapsed_s"} == {k: b[k] for k in b if k != "elapsed_s"}
+        assert set(a) - set(b) == {"env1_in_acc", "env2_in_acc"}  # test domain 0 keeps its in-split
+
+
 def final_weights(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
 
