@@ -101,14 +101,12 @@ def main():
     def may_start(group: str) -> bool:
         """Seeds of one setting start together or not at all, so that each call's EoQ sees whole groups."""
         expected = args.run_estimate_s if longest is None else max(longest, args.run_estimate_s)
-        if group in admitted or args.budget_s is None or time.time() - start + expected <= args.budget_s:
-            admitted.add(group)
-            return True
-        return False
+        return group in admitted or args.budget_s is None or time.time() - start + expected <= args.budget_s
 
     while (todo and may_start(todo[0][3])) or running:
         while todo and len(running) < args.parallel and may_start(todo[0][3]):
-            tag, out, cmd, _ = todo.pop(0)
+            tag, out, cmd, group = todo.pop(0)
+            admitted.add(group)
             os.makedirs(out, exist_ok=True)
             log = open(os.path.join(out, "stdout.txt"), "a")
             env = dict(os.environ, OMP_NUM_THREADS="1")  # many runs share the host's cores
