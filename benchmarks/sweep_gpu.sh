@@ -4,6 +4,7 @@
 # Runs share the GPU through CUDA MPS when the box has it (without MPS, processes time-slice the GPU and
 # many small runs barely overlap). Finished runs already under runs/NAME (carried from an earlier call) are
 # skipped. The results without model files go to $OUT/sweep_NAME.tar.gz, the log to $OUT/sweep_NAME.log.
+# SWEEP_MPS=0: no MPS (when other GPU work shares the call).
 set -uo pipefail
 name=$1; shift
 out=${OUT:-bench_out}
@@ -11,7 +12,7 @@ mkdir -p "$out" runs
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/sweep_$name.log"
 mps=0
-if command -v nvidia-cuda-mps-control >/dev/null; then
+if [[ ${SWEEP_MPS:-1} == 1 ]] && command -v nvidia-cuda-mps-control >/dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   nvidia-cuda-mps-control -d && mps=1
