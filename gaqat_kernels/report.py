@@ -64,14 +64,20 @@ def _fmt(values) -> str:
     return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
 
 
-def table(rows: List[Dict], key: str = "test_acc") -> str:
-    """The markdown table(s), one per dataset."""
+def table(rows: List[Dict], key: str = "test_acc", only: List[str] = ()) -> str:
+    """The markdown table(s), one per dataset; ``only``: these test domains (names) alone, and the average over
+    them (for sweeps that skipped domains)."""
     by_dataset = defaultdict(list)
     for r in rows:
         by_dataset[r["dataset"]].append(r)
     out = []
     for dataset, rs in sorted(by_dataset.items()):
-        domains = rs[0]["domains"]
+        names = rs[0]["domains"]
+        unknown = [d for d in only if d not in names]
+        if unknown:
+            raise ValueError(f"only: {unknown} are not test domains of {dataset} ({names})")
+        picked = [k for k, d in enumerate(names) if not only or d in only]
+        domains = [names[k] for k in picked]
         groups = defaultdict(lambda: defaultdict(dict))  # (algorithm, bits) -> seed -> domain -> acc
         for r in rs:
             seed = (r["args"]["seed"], r["args"]["trial_seed"])
@@ -81,10 +87,10 @@ def table(rows: List[Dict], key: str = "test_acc") -> str:
                 "|---|---|" + "---|" * (len(domains) + 2)]
         for (alg, bits), seeds in sorted(groups.items(), key=lambda kv: (kv[0][1] != "FP", kv[0][1], kv[0][0])):
             cells = []
-            for k in range(len(domains)):
+            for k in picked:
                 vals = [s[k] for s in seeds.values() if k in s]
                 cells.append(_fmt(vals) if vals else "–")
-            complete = [np.mean([s[k] for k in range(len(domains))]) for s in seeds.values() if len(s) == len(domains)]
+            complete = [np.mean([s[k] for k in picked]) for s in seeds.values() if all(k in s for k in picked)]
             cells.append(_fmt(complete) if complete else "–")
             out.append(f"| {alg} | {bits} | " + " | ".join(cells) + f" | {len(seeds)} |")
         out.append("")
@@ -95,12 +101,13 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(prog="gaqat-report", description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", help="run directories (searched recursively for results.json)")
     p.add_argument("--metric", default="test_acc", choices=["test_acc", "test_acc_all", "val_acc"])
+    p.add_argument("--domains", nargs="+", default=(), help="only these test domains (names), averaged over them")
     args = p.parse_args(argv)
     rows = find_results(args.dirs) + (find_ensembles(args.dirs) if args.metric != "val_acc" else [])
     if not rows:
         print(f"gaqat-report: no results.json under {args.dirs}", file=sys.stderr)
         sys.exit(1)
-    text = table(rows, args.metric)
+    text = table(rows, args.metric, args.domains)
     print(text)
     return text
 

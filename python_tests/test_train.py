@@ -107,6 +107,13 @@ def test_report_and_eoq(tmp_path):
     row = next(line for line in report.main([str(tmp_path)]).splitlines() if "EoQ" in line)
     ensemble_cell = f"{100 * result['ensemble']['test_acc']:.1f} ± 0.0"
     assert row.startswith(f"| lsq + EoQ(2) | W4A4 | {ensemble_cell} | – | – | – | 1 |"), row
+    only = report.table(report.find_results([str(tmp_path)]), only=["0", "60"])
+    means = [100 * sum(r["test_acc"] for r in report.find_results([str(tmp_path)])
+                       if r["args"]["seed"] == seed and r["test_domain"] in (0, 2)) / 2 for seed in (0, 1)]
+    mean = sum(means) / 2
+    assert "| 0 | 60 | avg | seeds |" in only and f"| {mean:.1f} ± " in only, only
+    with pytest.raises(ValueError, match="not test domains"):
+        report.table(report.find_results([str(tmp_path)]), only=["90"])
     with pytest.raises(ValueError, match="same setting"):
         eoq.ensemble([dirs[0], dirs[1]])  # different test domains
 
