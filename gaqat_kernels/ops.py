@@ -40,18 +40,43 @@ def checked_mode(enabled: bool = True) -> Iterator[None]:
         _checked = previous
 
 
+def checked_mode_on() -> bool:
+    """Whether ``checked_mode()`` is active."""
+    return _checked
+
+
 def _channels(x: Tensor, axis: Optional[int]) -> int:
     return 1 if axis is None else x.shape[axis]
+
+
+def lsq_forward_values(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int], backend: str) -> Tensor:
+    """The op's forward on a concrete backend, outside autograd (for layers that fuse it into their own
+    backward); arguments as ``lsq_fake_quant``'s, already validated, ``axis`` non-negative or None."""
+    qn, qp = quant_bounds(bits, signed)
+    y = output_like(x)
+    backends.get(backend).forward(as_dense(x), scale.contiguous().reshape(-1), y, qn, qp, axis)
+    return y
+
+
+def lsq_backward_values(dy: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int],
+                        grad_scale: Optional[float], backend: str) -> Tuple[Tensor, Tensor]:
+    """``(dx, ds)`` of the op for output gradient ``dy``, outside autograd (see ``lsq_forward_values``)."""
+    qn, qp = quant_bounds(bits, signed)
+    g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
+    xd = as_dense(x)
+    dx = output_like(x)
+    ds = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
+    backends.get(backend).backward(
+        match_layout(dy.to(x.dtype), xd), xd, scale.contiguous().reshape(-1), dx, ds.view(-1), qn, qp, axis, g
+    )
+    return dx, ds
 
 
 @torch.library.custom_op("gaqat_kernels::lsq_fake_quant", mutates_args=())
 def _lsq_forward_op(
     x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int], grad_scale: Optional[float], backend: str
 ) -> Tensor:
-    qn, qp = quant_bounds(bits, signed)
-    y = output_like(x)
-    backends.get(backend).forward(as_dense(x), scale.contiguous().reshape(-1), y, qn, qp, axis)
-    return y
+    return lsq_forward_values(x, scale, bits, signed, axis, backend)
 
 
 @_lsq_forward_op.register_fake
@@ -64,15 +89,7 @@ def _lsq_backward_op(
     dy: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int],
     grad_scale: Optional[float], backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    qn, qp = quant_bounds(bits, signed)
-    g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
-    xd = as_dense(x)
-    dx = output_like(x)
-    ds = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
-    backends.get(backend).backward(
-        match_layout(dy.to(x.dtype), xd), xd, scale.contiguous().reshape(-1), dx, ds.view(-1), qn, qp, axis, g
-    )
-    return dx, ds
+    return lsq_backward_values(dy, x, scale, bits, signed, axis, grad_scale, backend)
 
 
 @_lsq_backward_op.register_fake
@@ -99,7 +116,7 @@ def _backward(ctx, dy):
 _lsq_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(x, scale, bits, signed, axis, grad_scale) -> Optional[int]:
+def validate(x, scale, bits, signed, axis, grad_scale) -> Optional[int]:
     """Check the arguments; return the axis made non-negative. Errors name the argument."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -161,7 +178,7 @@ def lsq_fake_quant(
         ``y`` with x's shape and dtype. Backward: ``dx = dy`` where ``qn <= x/s <= qp`` (inclusive) else 0;
         the scale gradient is float32 with scale's shape (LSQ formula, reduced per channel).
     """
-    axis = _validate(x, scale, bits, signed, axis, grad_scale)
+    axis = validate(x, scale, bits, signed, axis, grad_scale)
     concrete = backends.resolve(backend, x)
     compiling = torch.compiler.is_compiling()
     if _checked and not compiling:
