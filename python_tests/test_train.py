@@ -125,14 +125,30 @@ def test_bad_arguments(tmp_path):
         train.main(QUICK + ["--test-domain", "7", "--steps", "1", "--out", str(tmp_path / "x")])
 
 
-def test_pacs_with_efficientnet_lite0(tmp_path):
+@pytest.mark.parametrize("on_device", [False, True], ids=["workers", "augment-on-device"])
+def test_pacs_with_efficientnet_lite0(tmp_path, on_device):
     from test_data import shared
 
     root = shared("pacs128")
     out, results = run(tmp_path, "pacs", "--dataset", "PACS", "--data-root", root, "--arch", "efficientnet_lite0",
                        "--image-size", "32", "--max-per-domain", "20", "--batch-size", "2", "--steps", "2",
-                       "--checkpoint-freq", "2", "--workers", "0", "--algorithm", "gaqat", "--test-domain", "sketch")
+                       "--checkpoint-freq", "2", "--workers", "0", "--algorithm", "gaqat", "--test-domain", "sketch",
+                       *(["--augment-on-device"] if on_device else []))
     assert results["test_domain_name"] == "sketch" and results["quantized"]
+
+
+def test_augment_on_device_resumes_exactly(tmp_path):
+    """The augmentation draws from the checkpointed batch generator: an interrupted run ends where it would."""
+    from test_data import shared
+
+    args = ["--dataset", "PACS", "--data-root", shared("pacs128"), "--image-size", "32", "--max-per-domain", "12",
+            "--batch-size", "2", "--steps", "4", "--checkpoint-freq", "2", "--algorithm", "erm", "--augment-on-device"]
+    straight, _ = run(tmp_path, "straight", *args)
+    interrupted = str(tmp_path / "interrupted")
+    assert train.main(QUICK + ["--out", interrupted, "--max-steps-this-run", "2"] + args) == {"stopped_at": 2}
+    train.main(QUICK + ["--out", interrupted, "--resume"] + args)
+    a, b = final_weights(straight), final_weights(interrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrained_efficientnet_lite0_loads():

@@ -20,12 +20,18 @@ def seed_hash(*args) -> int:
 
 
 class TensorDomain(torch.utils.data.Dataset):
-    """A domain held as ``x`` (N, C, H, W) float32 and ``y`` (N,) int64 tensors."""
+    """A domain held as ``x`` (N, C, H, W) and ``y`` (N,) int64 tensors.
 
-    def __init__(self, x: Tensor, y: Tensor):
+    ``x`` is float32 model input, or raw images (uint8) with ``transform`` (a batch of x -> model input,
+    for evaluation) and ``train_transform`` (``(batch, generator)`` -> augmented model input, for training),
+    both run on the batch's device.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, transform: Optional[Callable] = None,
+                 train_transform: Optional[Callable] = None):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"y: expected {x.shape[0]} labels for {x.shape[0]} images, got {y.shape[0]}")
-        self.x, self.y = x, y
+        self.x, self.y, self.transform, self.train_transform = x, y, transform, train_transform
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -33,12 +39,20 @@ class TensorDomain(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.x[i], self.y[i]
 
+    def rows(self, index) -> "TensorDomain":
+        """The examples at ``index`` (a slice or index tensor), with the same transforms."""
+        return TensorDomain(self.x[index], self.y[index], self.transform, self.train_transform)
+
     def head(self, n: int) -> "TensorDomain":
         """The first ``n`` examples (the MNIST variants are already shuffled)."""
-        return TensorDomain(self.x[:n], self.y[:n])
+        return self.rows(slice(0, n))
 
     def to(self, device) -> "TensorDomain":
-        return TensorDomain(self.x.to(device), self.y.to(device))
+        return TensorDomain(self.x.to(device), self.y.to(device), self.transform, self.train_transform)
+
+    def model_input(self, x: Tensor) -> Tensor:
+        """A batch of rows of ``x`` as the model takes them for evaluation."""
+        return x if self.transform is None else self.transform(x)
 
 
 class FileDomain(torch.utils.data.Dataset):
@@ -113,5 +127,5 @@ class MultiDomainDataset:
         out_idx, in_idx = order[:n_out], order[n_out:]
         domain = self.domains[k]
         if isinstance(domain, TensorDomain):
-            return TensorDomain(domain.x[in_idx], domain.y[in_idx]), TensorDomain(domain.x[out_idx], domain.y[out_idx])
+            return domain.rows(in_idx), domain.rows(out_idx)
         return Subset(domain, in_idx, self.train_transform), Subset(domain, out_idx)

@@ -34,7 +34,9 @@ class DomainBatches:
     """One minibatch per training domain per step.
 
     Tensor domains are indexed directly on their device from one seeded generator (its state is
-    checkpointed, so a resumed run draws the same batches); file domains go through DataLoader workers.
+    checkpointed, so a resumed run draws the same batches), then go through the domain's
+    ``train_transform`` (drawing from the same generator) if it has one; file domains go through
+    DataLoader workers.
     """
 
     def __init__(self, splits: Sequence, batch_size: int, device, seed: int, workers: int, rank: int = 0,
@@ -61,6 +63,11 @@ class DomainBatches:
             for s in self.splits:
                 draw = torch.randint(len(s), (self.world_size * self.batch_size,), generator=self.generator)
                 idx = draw[lo:lo + self.batch_size].to(self.device)
-                out.append((s.x[idx], s.y[idx]))
+                x = s.x[idx]
+                if s.train_transform is not None:
+                    x = s.train_transform(x, self.generator, self.rank, self.world_size)
+                elif s.transform is not None:
+                    x = s.transform(x)
+                out.append((x, s.y[idx]))
             return out
         return [tuple(t.to(self.device, non_blocking=True) for t in next(it)) for it in self.iterators]
