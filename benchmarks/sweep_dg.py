@@ -6,6 +6,7 @@ Suites (every test domain; ``--seeds`` sets both --seed and --trial-seed, as Dom
   rmnist_erm, cmnist_erm   FP ERM with DomainBed's CNN and recipe (5001 steps, Adam 1e-3, batch 64/domain)
   rmnist_w4, rmnist_w3     {FP SAM, LSQ, LSQ+SAM, GAQAT, FQAT} at W4A4 / W3A3 on RotatedMNIST
   pacs_w4, pacs_w3         the same on PACS (128 px) with EfficientNet-Lite0 ImageNet weights
+                           (images decoded once and augmented on the device: --augment-on-device)
 A run whose results.json exists is skipped, and unfinished runs continue from their checkpoint, so a sweep
 cut off by a time limit resumes where it stopped. ``--budget-s`` starts a run only if it is expected to end
 within that many seconds of the sweep's start (expected duration: ``--run-estimate-s`` or the longest
@@ -46,7 +47,8 @@ def commands(suite: str, args) -> list:
         if bits is not None:
             cmd += ["--w-bits", str(bits), "--a-bits", str(bits)]
         if dataset == "PACS":
-            cmd += ["--arch", "efficientnet_lite0", "--pretrained", args.pretrained, "--image-size", "128"]
+            cmd += ["--arch", "efficientnet_lite0", "--pretrained", args.pretrained, "--image-size", "128",
+                    "--augment-on-device"]  # the JPEG pipeline would starve runs that share a machine
         cmd += args.extra
         out.append((tag, os.path.join(args.out, suite, tag), cmd, tag.rsplit("_s", 1)[0]))
     return out
