@@ -41,8 +41,8 @@ if [[ $mode == conflict || $mode == all ]]; then
   python3 benchmarks/bench_conflict.py --out "$out" 2>&1 | tee "$out/bench_conflict.log" | tail -20
 fi
 if [[ $mode == step ]]; then  # training-step speed (STEP_SUITES, default resnet18)
-  python3 -m pytest python_tests/test_ops.py python_tests/test_algorithms.py -q -p no:cacheprovider \
-    -k "eager_cpp or cuda_graph or synchronise" 2>&1 | tee "$out/tests_step.log" | tail -4
+  python3 -m pytest python_tests/test_ops.py python_tests/test_algorithms.py python_tests/test_recompute.py -q -p no:cacheprovider \
+    -k "eager_path or cuda_graph or synchronise or recompute" 2>&1 | tee "$out/tests_step.log" | tail -4
   rc=${PIPESTATUS[0]}
   python3 benchmarks/bench_train_step.py --suite ${STEP_SUITES:-resnet18} --out "$out" > "$out/bench_step.log" 2>&1
   grep -v '^{' "$out/bench_step.log" | tail -80

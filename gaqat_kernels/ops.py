@@ -188,7 +188,27 @@ def lsq_fake_quant(
         qn, qp = quant_bounds(bits, signed)
         g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
         return extension.MODULE.lsq_fake_quant_autograd(x, scale, qn, qp, -1 if axis is None else axis, g)
+    if concrete == "triton" and not compiling and _plain_eager(x, scale):
+        return _EagerFakeQuant.apply(x, scale, bits, signed, axis, grad_scale, concrete)
     return _lsq_forward_op(x, scale, bits, signed, axis, grad_scale, concrete)
+
+
+class _EagerFakeQuant(torch.autograd.Function):
+    """The custom op's autograd for plain eager calls of the Triton backend, without the custom-op dispatch
+    (its Python layers cost more host time than the kernels on small tensors); same launchers, same bits."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bits, signed, axis, grad_scale, backend):
+        ctx.save_for_backward(x, scale)
+        ctx.config = (bits, signed, axis, grad_scale, backend)
+        return lsq_forward_values(x, scale, bits, signed, axis, backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale = ctx.saved_tensors
+        dx, ds = lsq_backward_values(dy, x, scale, *ctx.config)
+        return (dx if ctx.needs_input_grad[0] else None, ds if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None)
 
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
