@@ -85,6 +85,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="kernel backend for quantizers and the conflict tracker")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu (under torchrun: "
                    "cuda:LOCAL_RANK)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: training forward passes under "
+                   "bfloat16 autocast (weights, optimizer and LSQ scales stay float32); DomainBed: fp32")
     p.add_argument("--cuda-graph", action="store_true", help="capture each training step in a CUDA graph and "
                    "replay it (less host overhead; Adam is built with capturable=True; not with torchrun)")
     p.add_argument("--dist-backend", default=None, help="torchrun process group: default nccl on GPUs, gloo on CPU")
@@ -310,7 +312,10 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
     net = ctx.wrap(model)
 
     def loss_fn(inputs, labels):
-        return nn.functional.cross_entropy(net(inputs), labels)
+        # no autocast weight-cast cache: a CUDA graph must cast the weights of every replayed step anew
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16", cache_enabled=False):
+            logits = net(inputs)
+        return nn.functional.cross_entropy(logits.float(), labels)
 
     graphed = CUDAGraphStep(alg, loss_fn) if args.cuda_graph else None
     log_path, conflict_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "conflict.jsonl")

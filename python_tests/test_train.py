@@ -2,6 +2,7 @@
 every algorithm runs, outputs are written, --resume reproduces an uninterrupted run exactly, quantized
 parameters are the ones the optimizer updates, the report and EoQ read the runs."""
 import json
+import math
 import os
 
 import pytest
@@ -42,6 +43,19 @@ def test_skip_train_in_eval_keeps_selection_and_test(tmp_path):
     for a, b in zip(*[[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (full, lean)]):
         assert {k: a[k] for k in b if k != "elapsed_s"} == {k: b[k] for k in b if k != "elapsed_s"}
         assert set(a) - set(b) == {"env1_in_acc", "env2_in_acc"}  # test domain 0 keeps its in-split
+
+
+@pytest.mark.parametrize("algorithm", ["erm", "gaqat"])
+def test_bf16_autocast_training(tmp_path, algorithm):
+    """--precision bf16 trains under autocast (a different trajectory from fp32), parameters stay float32."""
+    args = ["--algorithm", algorithm, "--steps", "6"]
+    fp32, _ = run(tmp_path, "fp32", *args)
+    bf16, results = run(tmp_path, "bf16", *args, "--precision", "bf16")
+    a, b = final_weights(fp32), final_weights(bf16)
+    assert all(v.dtype == a[k].dtype for k, v in b.items())
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    log = [json.loads(line) for line in open(os.path.join(bf16, "log.jsonl"))]
+    assert all(math.isfinite(r["loss"]) for r in log) and 0 <= results["test_acc"] <= 1
 
 
 def final_weights(out):
