@@ -211,7 +211,7 @@ class _EagerFakeQuant(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+PLAIN_TYPES = (Tensor, torch.nn.Parameter)  # not FakeTensors, not tensor subclasses
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
@@ -219,7 +219,7 @@ def _plain_eager(x: Tensor, scale: Tensor) -> bool:
     """True for ordinary tensors with no tracing or dispatch mode active: then the C++ autograd path runs
     the same kernels as the custom op with less host time. Anything else (FakeTensors, functionalisation,
     dispatch modes) goes through the custom op and its fake implementation."""
-    return type(x) in _PLAIN_TYPES and type(scale) in _PLAIN_TYPES and _dispatch_modes() == 0
+    return type(x) in PLAIN_TYPES and type(scale) in PLAIN_TYPES and _dispatch_modes() == 0
 
 
 def _conflict_output(task: Tensor, offsets: Tensor) -> Tensor:

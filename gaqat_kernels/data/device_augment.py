@@ -16,29 +16,21 @@ from __future__ import annotations
 import math
 from typing import Dict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import FileDomain, MultiDomainDataset, TensorDomain
-from .transforms import _BILINEAR, MEAN, STD
+from .transforms import EvalTransform, normalize, to_uint8_tensor
 
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def normalize(x: Tensor) -> Tensor:
-    """uint8 (or [0, 1] float) images -> ImageNet-normalised float32, on x's device."""
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255)
-    return (x - MEAN.to(x.device)) / STD.to(x.device)
-
-
 def _decode(domain: FileDomain, size: int) -> Tensor:
+    resize = EvalTransform(size).resized
     out = torch.empty((len(domain), 3, size, size), dtype=torch.uint8)
     for i in range(len(domain)):
-        img = domain.load(i).convert("RGB").resize((size, size), _BILINEAR)
-        out[i] = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        out[i] = to_uint8_tensor(resize(domain.load(i)))
     return out
 
 

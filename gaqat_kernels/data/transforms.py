@@ -14,9 +14,20 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 _BILINEAR = Image.Resampling.BILINEAR if hasattr(Image, "Resampling") else Image.BILINEAR
 
 
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 1] float) images -> ImageNet-normalised float32, on x's device."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    return (x - MEAN.to(x.device)) / STD.to(x.device)
+
+
 def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    return (x - MEAN) / STD
+    return normalize(to_uint8_tensor(img))
 
 
 class EvalTransform:
@@ -25,8 +36,11 @@ class EvalTransform:
     def __init__(self, size: int):
         self.size = size
 
+    def resized(self, img: Image.Image) -> Image.Image:
+        return img.convert("RGB").resize((self.size, self.size), _BILINEAR)
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return to_normalized_tensor(img.convert("RGB").resize((self.size, self.size), _BILINEAR))
+        return to_normalized_tensor(self.resized(img))
 
 
 class TrainTransform:

@@ -20,9 +20,6 @@ from torch import Tensor
 from .. import ops
 from ..backends import resolve
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
@@ -118,7 +115,7 @@ def can_recompute(module, x: Tensor) -> bool:
     q = module.act_quantizer
     return (getattr(module, "recompute_quantized_input", True) and q is not None and not q.per_channel and not q._init_pending
             and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not ops.checked_mode_on()
-            and not (q._forward_hooks or q._forward_pre_hooks) and type(x) in _PLAIN
+            and not (q._forward_hooks or q._forward_pre_hooks) and type(x) in ops.PLAIN_TYPES
             and x.dtype in ops.SUPPORTED_DTYPES)
 
 
