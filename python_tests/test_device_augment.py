@@ -69,6 +69,13 @@ def test_jitter_factors_and_grayscale(images):
     assert torch.allclose(flat, flat[..., :1, :1].expand_as(flat), atol=1e-5)
 
 
+def test_bad_input_is_named(images):
+    with pytest.raises(ValueError, match="x: expected uint8 images"):
+        apply_augment(images.float() / 255, identity_params(5, 12, 16), 8)
+    with pytest.raises(ValueError, match=r"x: expected uint8 images of shape \(B, 3, H, W\)"):
+        apply_augment(images[:, :1], identity_params(5, 12, 16), 8)
+
+
 def test_random_choices_follow_domainbed_ranges():
     g = torch.Generator().manual_seed(0)
     p = sample_params(4000, 30, 40, g)

@@ -131,6 +131,8 @@ def sample_params(n: int, height: int, width: int, generator: torch.Generator) -
 def apply_augment(x: Tensor, params: Dict[str, Tensor], size: int) -> Tensor:
     """Augment uint8 images ``x`` (B, 3, H, W) with ``params`` from ``sample_params``; normalised float32
     (B, 3, size, size) on x's device."""
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"x: expected uint8 images of shape (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
     p = {k: v.to(x.device) for k, v in params.items()}
     x = x.float().div_(255)
     _, _, height, width = x.shape
