@@ -6,7 +6,8 @@ stand-in of the real shape: step time does not depend on pixel values). W4A4 LSQ
 linear in full precision, SGD with momentum.
 
 Implementations (``impl``): ``fp`` (no quantization), ``eager_lsq`` (LSQ written as eager PyTorch ops, the
-usual reference), ``triton`` and ``cuda`` (our kernels). Algorithms: ``erm`` (one pass), ``sam`` (two
+usual reference), ``triton`` and ``cuda`` (our kernels; quantized layers recompute their quantized input in backward),
+``cuda_stored`` (our kernels, quantized input stored for backward instead). Algorithms: ``erm`` (one pass), ``sam`` (two
 passes), ``gaqat`` (SAM + conflict tracker + freezing; quantized only). Precision: fp32, or bf16 autocast.
 Run modes: ``eager``; ``graph`` (the whole step captured by ``CUDAGraphStep``); ``compile``
 (``torch.compile`` of the model, the algorithm around it eager).
@@ -41,8 +42,8 @@ from gaqat_kernels.nn import LSQQuantizer, quantize_model
 
 SUITES = {
     # (model, impls, algorithms, precisions, modes)
-    "resnet18": [("resnet18", ["fp", "eager_lsq", "triton", "cuda"], ["erm", "sam", "gaqat"], ["fp32", "bf16"],
-                  ["eager", "graph"]),
+    "resnet18": [("resnet18", ["fp", "eager_lsq", "triton", "cuda", "cuda_stored"], ["erm", "sam", "gaqat"],
+                  ["fp32", "bf16"], ["eager", "graph"]),
                  ("resnet18", ["fp", "eager_lsq", "cuda"], ["erm"], ["fp32"], ["compile"])],
     "resnet50": [("resnet50", ["fp", "eager_lsq", "cuda"], ["erm", "sam", "gaqat"], ["fp32", "bf16"],
                   ["eager", "graph"])],
@@ -65,12 +66,18 @@ def build(model_name: str, impl: str, batch: int):
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
     if impl != "fp":
-        backend = "cuda" if impl == "eager_lsq" else impl
+        backend = "cuda" if impl in ("eager_lsq", "cuda_stored") else impl
         quantize_model(model, 4, 4, example_inputs=x[:2], backend=backend)
+        if impl == "cuda_stored":
+            for m in model.modules():
+                if hasattr(m, "recompute_quantized_input"):
+                    m.recompute_quantized_input = False
         if impl == "eager_lsq":
-            for q in model.modules():
-                if isinstance(q, LSQQuantizer):
-                    q.forward = types.MethodType(_eager_lsq_forward, q)
+            for m in model.modules():
+                if isinstance(m, LSQQuantizer):
+                    m.forward = types.MethodType(_eager_lsq_forward, m)
+                if hasattr(m, "recompute_quantized_input"):
+                    m.recompute_quantized_input = False  # the recomputing path would bypass q.forward
     return model, x, y
 
 
