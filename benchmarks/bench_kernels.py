@@ -182,8 +182,8 @@ def main():
                           + (f"  launches {row['launches_fwdbwd']}" if "launches_fwdbwd" in row else ""), flush=True)
                 del sets
                 torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                with open(os.path.join(args.out, "kernels.json"), "w") as f:  # after every case: nothing lost
+                    json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "kernels.md"), "w") as f:
         f.write(markdown(meta, rows))
     print(markdown(meta, rows))

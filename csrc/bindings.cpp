@@ -147,6 +147,152 @@ at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
   return LSQFunction::apply(x, scale, qn, qp, axis, g);
 }
 
+// Per-tensor fake quant of x into a new dense tensor (the forward of the layers below).
+at::Tensor quantize_per_tensor(const at::Tensor& xd, const at::Tensor& s, int64_t qn, int64_t qp) {
+  at::Tensor y = at::empty_like(xd);
+  lsq_forward(xd, s, y, 1, 1, xd.numel(), static_cast<double>(qn), static_cast<double>(qp));
+  return y;
+}
+
+at::Tensor cast_to(const at::Tensor& t, const std::optional<at::ScalarType>& dtype) {
+  return (!t.defined() || !dtype.has_value() || t.scalar_type() == at::kDouble) ? t : t.to(*dtype);
+}
+
+// Input gradient and scale gradient of the per-tensor quantizer, from the gradient w.r.t. its output.
+std::pair<at::Tensor, at::Tensor> quantizer_backward(const at::Tensor& dxq, const at::Tensor& xd,
+                                                     const at::Tensor& scale, int64_t qn, int64_t qp, double g) {
+  at::Tensor dy = dxq.to(xd.scalar_type());
+  if (!same_layout(dy, xd)) dy = at::empty_like(xd).copy_(dy);
+  at::Tensor dx = at::empty_like(xd);
+  at::Tensor ds = at::empty(scale.sizes(), scale.options());
+  at::Tensor ds_flat = ds.view(-1);
+  lsq_backward(dy, xd, scale.contiguous().view(-1), dx, ds_flat, 1, 1, xd.numel(), static_cast<double>(qn),
+               static_cast<double>(qp), g);
+  return {dx, ds};
+}
+
+// Conv2d / linear of a per-tensor LSQ-quantized input that keeps x (not the quantized input) for backward
+// and recomputes the quantized input there (gaqat_kernels/nn/recompute.py): the autograd node in C++, as
+// LSQFunction's, because a Python node costs far more host time than a small layer's kernels.
+// `dtype`: the autocast dtype the conv/matmul runs in (inputs, weight and bias cast to it), or none.
+struct QuantInputConfig {
+  int64_t qn, qp;
+  double g;
+  std::optional<at::ScalarType> dtype;
+};
+
+void save_config(torch::autograd::AutogradContext* ctx, const QuantInputConfig& c, const at::Tensor& bias) {
+  ctx->saved_data["qn"] = c.qn;
+  ctx->saved_data["qp"] = c.qp;
+  ctx->saved_data["g"] = c.g;
+  ctx->saved_data["dtype"] = c.dtype.has_value() ? static_cast<int64_t>(*c.dtype) : int64_t(-1);
+  ctx->saved_data["bias_dtype"] = bias.defined() ? static_cast<int64_t>(bias.scalar_type()) : int64_t(-1);
+}
+
+QuantInputConfig load_config(torch::autograd::AutogradContext* ctx) {
+  const int64_t dtype = ctx->saved_data["dtype"].toInt();
+  return {ctx->saved_data["qn"].toInt(), ctx->saved_data["qp"].toInt(), ctx->saved_data["g"].toDouble(),
+          dtype < 0 ? std::nullopt : std::optional<at::ScalarType>(static_cast<at::ScalarType>(dtype))};
+}
+
+class QuantInputConv2d : public torch::autograd::Function<QuantInputConv2d> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt, int64_t qn,
+                            int64_t qp, double g, std::optional<at::ScalarType> dtype, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+    const at::Tensor xd = dense(x), bias = bias_opt.value_or(at::Tensor());
+    const at::Tensor xq = cast_to(quantize_per_tensor(xd, scale.contiguous().view(-1), qn, qp), dtype);
+    const at::Tensor y = at::convolution(xq, cast_to(weight, dtype), cast_to(bias, dtype), stride, padding,
+                                         dilation, false, {0, 0}, groups);
+    ctx->save_for_backward({x, scale, weight});
+    save_config(ctx, {qn, qp, g, dtype}, bias);
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    return y;
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor xd = dense(saved[0]), scale = saved[1], weight = saved[2];
+    const QuantInputConfig c = load_config(ctx);
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const bool need_xs = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
+    const bool need_w = ctx->needs_input_grad(2), need_b = bias_dtype >= 0 && ctx->needs_input_grad(3);
+    const at::Tensor xq = cast_to(quantize_per_tensor(xd, scale.contiguous().view(-1), c.qn, c.qp), c.dtype);
+    const at::Tensor wc = cast_to(weight, c.dtype);
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    std::optional<at::IntArrayRef> bias_sizes;
+    std::vector<int64_t> bias_shape{wc.size(0)};
+    if (bias_dtype >= 0) bias_sizes = bias_shape;
+    auto [dxq, dw, db] = at::convolution_backward(grads[0], xq, wc, bias_sizes, stride, padding, dilation, false,
+                                                  {0, 0}, ctx->saved_data["groups"].toInt(),
+                                                  {need_xs, need_w, need_b});
+    at::Tensor dx, ds;
+    if (need_xs) std::tie(dx, ds) = quantizer_backward(dxq, xd, scale, c.qn, c.qp, c.g);
+    return {ctx->needs_input_grad(0) ? dx : at::Tensor(), ctx->needs_input_grad(1) ? ds : at::Tensor(),
+            need_w ? dw.to(weight.scalar_type()) : at::Tensor(),
+            need_b ? db.to(static_cast<at::ScalarType>(bias_dtype)) : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+class QuantInputLinear : public torch::autograd::Function<QuantInputLinear> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt, int64_t qn,
+                            int64_t qp, double g, std::optional<at::ScalarType> dtype) {
+    const at::Tensor xd = dense(x), bias = bias_opt.value_or(at::Tensor());
+    const at::Tensor xq = cast_to(quantize_per_tensor(xd, scale.contiguous().view(-1), qn, qp), dtype);
+    const at::Tensor y = at::linear(xq, cast_to(weight, dtype), cast_to(bias, dtype));
+    ctx->save_for_backward({x, scale, weight});
+    save_config(ctx, {qn, qp, g, dtype}, bias);
+    return y;
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor xd = dense(saved[0]), scale = saved[1], weight = saved[2];
+    const QuantInputConfig c = load_config(ctx);
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const at::Tensor& dy = grads[0];
+    const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
+    at::Tensor dx, ds, dw, db;
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1))
+      std::tie(dx, ds) = quantizer_backward(dy.matmul(cast_to(weight, c.dtype)), xd, scale, c.qn, c.qp, c.g);
+    if (ctx->needs_input_grad(2)) {
+      const at::Tensor xq = cast_to(quantize_per_tensor(xd, scale.contiguous().view(-1), c.qn, c.qp), c.dtype);
+      dw = dy2.t().matmul(xq.reshape({-1, xq.size(-1)})).to(weight.scalar_type());
+    }
+    if (bias_dtype >= 0 && ctx->needs_input_grad(3)) db = dy2.sum(0).to(static_cast<at::ScalarType>(bias_dtype));
+    return {ctx->needs_input_grad(0) ? dx : at::Tensor(), ctx->needs_input_grad(1) ? ds : at::Tensor(), dw, db,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor quant_input_conv2d_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, int64_t qn, int64_t qp, double g,
+                                       std::optional<at::ScalarType> dtype, std::vector<int64_t> stride,
+                                       std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "stride, padding, dilation: expected two values each");
+  return QuantInputConv2d::apply(x, scale, weight, bias, qn, qp, g, dtype, stride, padding,
+                                 dilation, groups);
+}
+
+at::Tensor quant_input_linear_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, int64_t qn, int64_t qp, double g,
+                                       std::optional<at::ScalarType> dtype) {
+  return QuantInputLinear::apply(x, scale, weight, bias, qn, qp, g, dtype);
+}
+
 bool built_with_cuda() {
 #ifdef GAQAT_WITH_CUDA
   return true;
@@ -164,6 +310,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lsq_backward", &gaqat::lsq_backward, "LSQ backward into preallocated dx and ds");
   m.def("lsq_fake_quant_autograd", &gaqat::lsq_fake_quant_autograd,
         "LSQ fake quant with its autograd node in C++ (eager path of the cpu/cuda backends); axis < 0: per-tensor");
+  m.def("quant_input_conv2d_autograd", &gaqat::quant_input_conv2d_autograd,
+        "conv2d of the per-tensor LSQ-quantized x, recomputing the quantized x in backward (autograd in C++)");
+  m.def("quant_input_linear_autograd", &gaqat::quant_input_linear_autograd,
+        "linear map of the per-tensor LSQ-quantized x, recomputing the quantized x in backward (autograd in C++)");
   m.def("conflict_update", &gaqat::conflict_update, "one gradient-conflict tracker step (CUDA), in place");
   m.def("built_with_cuda", &gaqat::built_with_cuda, "True when the CUDA kernels were compiled in");
 }

@@ -4,7 +4,7 @@ Everything above this module calls ``lsq_fake_quant``; everything below it is a 
 Because the op is a ``torch.library.custom_op`` with ``register_fake`` and ``register_autograd``, it runs
 in eager mode, traces under ``torch.compile(fullgraph=True)`` without graph breaks, and can be captured
 in CUDA graphs (no host synchronisation on any path unless checked mode is on). In plain eager mode the
-C++ backends take a shorter road to the same kernels: an autograd node built in C++ (``_plain_eager``).
+C++ backends take a shorter road to the same kernels: an autograd node built in C++ (``plain_eager``).
 """
 from __future__ import annotations
 
@@ -184,11 +184,11 @@ def lsq_fake_quant(
     if _checked and not compiling:
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError("scale: checked mode requires every scale to be finite and > 0")
-    if concrete in ("cpu", "cuda") and not compiling and _plain_eager(x, scale):
+    if concrete in ("cpu", "cuda") and not compiling and plain_eager(x, scale):
         qn, qp = quant_bounds(bits, signed)
         g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
         return extension.MODULE.lsq_fake_quant_autograd(x, scale, qn, qp, -1 if axis is None else axis, g)
-    if concrete == "triton" and not compiling and _plain_eager(x, scale):
+    if concrete == "triton" and not compiling and plain_eager(x, scale):
         return _EagerFakeQuant.apply(x, scale, bits, signed, axis, grad_scale, concrete)
     return _lsq_forward_op(x, scale, bits, signed, axis, grad_scale, concrete)
 
@@ -215,7 +215,7 @@ PLAIN_TYPES = (Tensor, torch.nn.Parameter)  # not FakeTensors, not tensor subcla
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
-def _plain_eager(x: Tensor, scale: Tensor) -> bool:
+def plain_eager(x: Tensor, scale: Tensor) -> bool:
     """True for ordinary tensors with no tracing or dispatch mode active: then the C++ autograd path runs
     the same kernels as the custom op with less host time. Anything else (FakeTensors, functionalisation,
     dispatch modes) goes through the custom op and its fake implementation."""

@@ -115,6 +115,45 @@ def test_ties_and_clamp_bounds(backend, device, dtype, signed):
     assert rel_err(ds, eds) < 1e-5
 
 
+def _near(v: torch.Tensor, ulps: int) -> torch.Tensor:
+    """Every float32 within ``ulps`` units in the last place of each value of ``v``."""
+    bits = v.view(torch.int32)
+    return torch.stack([(bits + k).view(torch.float32) for k in range(-ulps, ulps + 1)], dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("channels", [12, 300])  # the Triton backward's whole-row tiles: 12 interpreted, 300 on GPU
+def test_quotients_near_ties_and_bounds_divide_as_ieee(backend, device, channels):
+    """x/s must be the IEEE float32 quotient wherever it decides the result: x a few ulps around (k + 1/2) * s
+    and around the clamp bounds, for scales that are not powers of two (all-ones significands among them)."""
+    bits, signed = 4, True
+    qn, qp = quant_bounds(bits, signed)
+    gen = torch.Generator().manual_seed(11)
+    scales = torch.cat([torch.rand(29, generator=gen) * 0.2 + 1e-3,
+                        torch.tensor([0.1, 0.3, 1 / 3, 0.7, 1.0, 3.0])])
+    all_ones = (torch.tensor([1.0, 0.25, 2.0 ** -7]).view(torch.int32) - 1).view(torch.float32)  # 0.99999994, ...
+    scales = torch.cat([all_ones, scales]).float().repeat(10)[:channels]
+    points = torch.tensor([k + 0.5 for k in range(qn - 2, qp + 2)] + [qn, qp], dtype=torch.float64)
+    x = _near((points[None, :] * scales.double()[:, None]).float(), 3)  # (channels, values)
+    dy = torch.randn(x.shape, generator=gen)
+    check(x.to(device), scales.to(device), dy.to(device), backend, bits, signed, 0)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("scale", [1e-39, 1e-35, 3e-31, 1e-29, 1e29, 1e30, 1e35], ids=lambda s: f"s{s:g}")
+def test_extreme_scales_and_inputs(backend, device, scale):
+    """Scales near float32's limits and inputs whose quotient overflows or underflows."""
+    x = torch.tensor([3e38, -3e38, 1e-38, -1e-44, 0.0, 1.0, -2.5, 7e30, 1e-30], dtype=torch.float32)
+    s = torch.tensor([scale], dtype=torch.float32)
+    dy = torch.linspace(-1, 1, x.numel())
+    check(x.to(device), s.to(device), dy.to(device), backend, 4, True, None)
+    # Per channel, extreme and ordinary scales side by side; 10 rows of 37 take the whole-row backward tiles.
+    row, drow = torch.cat([x] * 4 + [x[:1]]), torch.cat([dy] * 4 + [dy[:1]])
+    scales = torch.tensor([scale, 0.3] * 5)
+    check(torch.stack([row] * 10).to(device), scales.to(device), torch.stack([drow] * 10).to(device), backend, 4,
+          True, 0)
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_stays_in_its_channel(backend, device, dtype):

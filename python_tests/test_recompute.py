@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from gaqat_kernels import available_backends
 from gaqat_kernels.memory import saved_tensor_bytes
 from gaqat_kernels.nn import QuantConv2d, QuantLinear, initialize_quantizers, quantize_model
 from helpers import backend_params
@@ -82,23 +83,42 @@ def test_linear_recompute_equals_composed(backend, device, shape):
     _assert_same(layer, x, dy, exact=False)
 
 
+# The reference backend takes the Python autograd Functions, the cpu backend the C++ autograd nodes.
+CPU_BACKENDS = [pytest.param("reference", id="python-node"),
+                pytest.param("cpu", id="cpp-node", marks=pytest.mark.skipif(
+                    "cpu" not in available_backends(), reason="the C++ extension is not built"))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_recompute_under_bf16_autocast_equals_composed(kind):
+def test_recompute_under_bf16_autocast_equals_composed(kind, backend):
     torch.manual_seed(2)
     if kind == "conv":
-        layer, x = QuantConv2d(4, 6, 3, padding=1, backend="reference"), torch.randn(2, 4, 8, 8)
+        layer, x = QuantConv2d(4, 6, 3, padding=1, backend=backend), torch.randn(2, 4, 8, 8)
     else:
-        layer, x = QuantLinear(8, 5, backend="reference"), torch.randn(6, 8)
+        layer, x = QuantLinear(8, 5, backend=backend), torch.randn(6, 8)
     layer = _initialised(layer, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dy = torch.randn_like(layer(x).float())
     _assert_same(layer, x, dy, autocast_dtype=torch.bfloat16, exact=kind == "conv")
 
 
-def test_non_float_input_gradients_and_frozen_parts():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_extension_backends_build_the_autograd_node_in_cpp(backend):
+    """Host time: a Python autograd node per layer costs more than a small layer's kernels."""
+    conv = _initialised(QuantConv2d(3, 4, 3, backend=backend), torch.randn(2, 3, 6, 6))
+    linear = _initialised(QuantLinear(3, 4, backend=backend), torch.randn(2, 3))
+    names = [conv(torch.randn(2, 3, 6, 6)).grad_fn.name(), linear(torch.randn(2, 3)).grad_fn.name()]
+    expected = ["CppNode" in n for n in names]
+    assert expected == [backend == "cpu"] * 2, names
+    assert "QuantInputConv2d" in names[0] and "QuantInputLinear" in names[1]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_float_input_gradients_and_frozen_parts(backend):
     """Only the gradients that are asked for: no input gradient, frozen weights, frozen scales."""
     torch.manual_seed(3)
-    layer = _initialised(QuantConv2d(3, 4, 3, backend="reference"), torch.randn(2, 3, 6, 6))
+    layer = _initialised(QuantConv2d(3, 4, 3, backend=backend), torch.randn(2, 3, 6, 6))
     layer.weight.requires_grad_(False)
     layer.act_quantizer.scale.requires_grad_(False)
     x = torch.randn(2, 3, 6, 6)
@@ -125,14 +145,15 @@ class _ConvNet(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
-def test_recompute_keeps_one_activation_fewer_per_layer():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_recompute_keeps_one_activation_fewer_per_layer(backend):
     """With the quantized input recomputed, a W4A4 conv net keeps about what full precision keeps for backward
     (the quantized weights and a few scalars more); storing the quantized input keeps one activation more."""
     torch.manual_seed(4)
     x = torch.randn(4, 3, 32, 32)
     fp = _ConvNet()
     quantized = copy.deepcopy(fp)
-    quantize_model(quantized, w_bits=4, a_bits=4, example_inputs=x, backend="reference")
+    quantize_model(quantized, w_bits=4, a_bits=4, example_inputs=x, backend=backend)
     initialize_quantizers(quantized, x)
     fp_bytes, recomputed = _saved_bytes(fp, x), _saved_bytes(quantized, x)
     for m in quantized.modules():

@@ -19,6 +19,10 @@ from torch import Tensor
 
 from .. import ops
 from ..backends import resolve
+from ..kernels import extension
+from ..kernels.reference import default_grad_scale, quant_bounds
+
+
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -119,11 +123,27 @@ def can_recompute(module, x: Tensor) -> bool:
             and x.dtype in ops.SUPPORTED_DTYPES)
 
 
+def _cpp_args(q, x: Tensor, quant: _Quantized):
+    """``(qn, qp, grad scale, autocast dtype)`` for the C++ autograd nodes, or None where they do not apply:
+    only the cpu/cuda backends, plain tensors and no dispatch mode (the Python Functions cover the rest)."""
+    if quant.backend not in ("cpu", "cuda") or not ops.plain_eager(x, q.scale) or not hasattr(
+            extension.MODULE, "quant_input_conv2d_autograd"):
+        return None
+    qn, qp = quant_bounds(q.bits, q.signed)
+    return qn, qp, default_grad_scale(x.numel(), 1, qp), _autocast_dtype(x.device.type)
+
+
 def quant_input_conv2d(module, x: Tensor, weight: Tensor) -> Tensor:
     """``module``'s conv of its quantized input with ``weight`` (already quantized), keeping only ``x``."""
     q = module.act_quantizer
     ops.validate(x, q.scale, q.bits, q.signed, None, None)
-    return _QuantInputConv2d.apply(x, q.scale, weight, module.bias, _Quantized(q, x), module.stride,
+    quant = _Quantized(q, x)
+    cpp = _cpp_args(q, x, quant)
+    if cpp is not None:  # the same computation with its autograd node in C++: far less host time per layer
+        return extension.MODULE.quant_input_conv2d_autograd(
+            x, q.scale, weight, module.bias, *cpp, list(module.stride), list(module.padding), list(module.dilation),
+            module.groups)
+    return _QuantInputConv2d.apply(x, q.scale, weight, module.bias, quant, module.stride,
                                    module.padding, module.dilation, module.groups)
 
 
@@ -131,4 +151,8 @@ def quant_input_linear(module, x: Tensor, weight: Tensor) -> Tensor:
     """``module``'s linear map of its quantized input with ``weight`` (already quantized), keeping only ``x``."""
     q = module.act_quantizer
     ops.validate(x, q.scale, q.bits, q.signed, None, None)
-    return _QuantInputLinear.apply(x, q.scale, weight, module.bias, _Quantized(q, x))
+    quant = _Quantized(q, x)
+    cpp = _cpp_args(q, x, quant)
+    if cpp is not None:
+        return extension.MODULE.quant_input_linear_autograd(x, q.scale, weight, module.bias, *cpp)
+    return _QuantInputLinear.apply(x, q.scale, weight, module.bias, quant)
