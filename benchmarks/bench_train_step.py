@@ -49,6 +49,11 @@ SUITES = {
                   ["eager", "graph"])],
     "vit": [("vit_b_16", ["fp", "eager_lsq", "cuda"], ["erm", "sam"], ["fp32", "bf16"], ["eager", "graph"])],
     "quick": [("resnet18", ["fp", "cuda"], ["erm", "sam"], ["fp32"], ["eager", "graph"])],
+    # eager only: memory (recomputed vs stored quantized inputs) and host-bound step time
+    "resnet18-eager": [("resnet18", ["fp", "eager_lsq", "cuda", "cuda_stored"], ["erm", "sam", "gaqat"],
+                        ["fp32", "bf16"], ["eager"])],
+    "resnet50-eager": [("resnet50", ["fp", "cuda", "cuda_stored"], ["erm", "sam", "gaqat"], ["fp32", "bf16"],
+                        ["eager"])],
 }
 
 
