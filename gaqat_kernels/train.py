@@ -89,6 +89,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    "bfloat16 autocast (weights, optimizer and LSQ scales stay float32); DomainBed: fp32")
     p.add_argument("--cuda-graph", action="store_true", help="capture each training step in a CUDA graph and "
                    "replay it (less host overhead; Adam is built with capturable=True; not with torchrun)")
+    p.add_argument("--store-quantized-inputs", action="store_true", help="quantized layers store their quantized "
+                   "input for backward (faster by one kernel per layer, one activation per layer more memory) "
+                   "instead of recomputing it from the float input (the default; same gradients)")
     p.add_argument("--dist-backend", default=None, help="torchrun process group: default nccl on GPUs, gloo on CPU")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (image datasets)")
     p.add_argument("--log-every", type=int, default=10, help="GAQAT/FQAT: per-layer statistics every N steps")
@@ -158,7 +161,8 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _quantize(model, args, unsigned):
-    return quantize_model(model, args.w_bits, args.a_bits or None, unsigned_inputs=unsigned, backend=args.backend)
+    return quantize_model(model, args.w_bits, args.a_bits or None, unsigned_inputs=unsigned, backend=args.backend,
+                          recompute_quantized_input=not args.store_quantized_inputs)
 
 
 def _algorithm(model, args, quant_steps: int, quantized: bool):

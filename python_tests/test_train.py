@@ -45,6 +45,19 @@ def test_skip_train_in_eval_keeps_selection_and_test(tmp_path):
         assert set(a) - set(b) == {"env1_in_acc", "env2_in_acc"}  # test domain 0 keeps its in-split
 
 
+def test_store_quantized_inputs_trains_the_same_model(tmp_path):
+    """Storing instead of recomputing the quantized inputs changes memory and time, not the trajectory."""
+    args = ["--algorithm", "gaqat", "--steps", "6"]
+    recomputed, _ = run(tmp_path, "recomputed", *args)
+    stored, _ = run(tmp_path, "stored", *args, "--store-quantized-inputs")
+    a, b = final_weights(recomputed), final_weights(stored)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ns = train.parse_args(QUICK + args + ["--store-quantized-inputs"])
+    model = build_model("mnist_cnn", (1, 28, 28), 10)
+    train._quantize(model, ns, unsigned=None)
+    assert [m.recompute_quantized_input for _, m in quantized_layers(model)] == [False] * len(quantized_layers(model))
+
+
 @pytest.mark.parametrize("algorithm", ["erm", "gaqat"])
 def test_bf16_autocast_training(tmp_path, algorithm):
     """--precision bf16 trains under autocast (a different trajectory from fp32), parameters stay float32."""

@@ -136,6 +136,7 @@ def quantize_model(
     example_inputs: Any = None,
     unsigned_inputs: Optional[Sequence[str]] = None,
     backend: str = "auto",
+    recompute_quantized_input: bool = True,
 ) -> ConversionReport:
     """Replace ``nn.Conv2d`` / ``nn.Linear`` layers of ``model`` by QuantConv2d / QuantLinear, in place.
 
@@ -150,6 +151,9 @@ def quantize_model(
             activation quantizer is signed, which is always safe but wastes one bit after a ReLU.
         unsigned_inputs: layer names whose activation quantizers are unsigned, instead of deciding from
             ``example_inputs`` (``report.unsigned`` of an earlier conversion rebuilds the same model).
+        recompute_quantized_input: eager training keeps each layer's float input and recomputes its quantized
+            input in backward (about full precision's activation memory); False stores the quantized input
+            instead (one activation per layer more, one forward kernel per layer less in backward).
 
     The quantized layers reuse the original weight and bias Parameter objects; the step sizes are new
     Parameters, so build the optimizer after calling this. Returns a ``ConversionReport``.
@@ -165,7 +169,9 @@ def quantize_model(
         a_signed = not nonneg.get(name, False)
         kwargs = dict(w_bits=w_bits, a_bits=a_bits, a_signed=a_signed, backend=backend)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        _set_submodule(model, name, cls.from_float(module, **kwargs))
+        quantized = cls.from_float(module, **kwargs)
+        quantized.recompute_quantized_input = recompute_quantized_input
+        _set_submodule(model, name, quantized)
         act = f"A{a_bits}{'s' if a_signed else 'u'}" if a_bits else "A-fp"
         report.converted.append((name, f"{cls.__name__} W{w_bits or '-fp'} {act}"))
         if a_bits and not a_signed:
