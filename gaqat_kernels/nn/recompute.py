@@ -23,7 +23,6 @@ from ..kernels import extension
 from ..kernels.reference import default_grad_scale, quant_bounds
 
 
-
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
