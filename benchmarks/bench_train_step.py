@@ -72,17 +72,13 @@ def build(model_name: str, impl: str, batch: int):
     y = torch.randint(0, 1000, (batch,), device="cuda")
     if impl != "fp":
         backend = "cuda" if impl in ("eager_lsq", "cuda_stored") else impl
-        quantize_model(model, 4, 4, example_inputs=x[:2], backend=backend)
-        if impl == "cuda_stored":
-            for m in model.modules():
-                if hasattr(m, "recompute_quantized_input"):
-                    m.recompute_quantized_input = False
+        # eager_lsq stores too: the recomputing path would bypass the quantizers' forward
+        quantize_model(model, 4, 4, example_inputs=x[:2], backend=backend,
+                       recompute_quantized_input=impl not in ("eager_lsq", "cuda_stored"))
         if impl == "eager_lsq":
-            for m in model.modules():
-                if isinstance(m, LSQQuantizer):
-                    m.forward = types.MethodType(_eager_lsq_forward, m)
-                if hasattr(m, "recompute_quantized_input"):
-                    m.recompute_quantized_input = False  # the recomputing path would bypass q.forward
+            for q in model.modules():
+                if isinstance(q, LSQQuantizer):
+                    q.forward = types.MethodType(_eager_lsq_forward, q)
     return model, x, y
 
 

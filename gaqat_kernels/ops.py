@@ -49,6 +49,15 @@ def _channels(x: Tensor, axis: Optional[int]) -> int:
     return 1 if axis is None else x.shape[axis]
 
 
+def kernel_args(x: Tensor, bits: int, signed: bool, axis: Optional[int], grad_scale: Optional[float]
+                ) -> Tuple[int, int, float]:
+    """``(qn, qp, g)`` that every kernel takes: the integer bounds and the scale-gradient factor (LSQ's default
+    ``1 / sqrt(numel / channels * qp)`` unless ``grad_scale`` is given)."""
+    qn, qp = quant_bounds(bits, signed)
+    g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
+    return qn, qp, g
+
+
 def lsq_forward_values(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int], backend: str) -> Tensor:
     """The op's forward on a concrete backend, outside autograd (for layers that fuse it into their own
     backward); arguments as ``lsq_fake_quant``'s, already validated, ``axis`` non-negative or None."""
@@ -61,8 +70,7 @@ def lsq_forward_values(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: 
 def lsq_backward_values(dy: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int],
                         grad_scale: Optional[float], backend: str) -> Tuple[Tensor, Tensor]:
     """``(dx, ds)`` of the op for output gradient ``dy``, outside autograd (see ``lsq_forward_values``)."""
-    qn, qp = quant_bounds(bits, signed)
-    g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
+    qn, qp, g = kernel_args(x, bits, signed, axis, grad_scale)
     xd = as_dense(x)
     dx = output_like(x)
     ds = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
@@ -185,8 +193,7 @@ def lsq_fake_quant(
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError("scale: checked mode requires every scale to be finite and > 0")
     if concrete in ("cpu", "cuda") and not compiling and plain_eager(x, scale):
-        qn, qp = quant_bounds(bits, signed)
-        g = default_grad_scale(x.numel(), _channels(x, axis), qp) if grad_scale is None else grad_scale
+        qn, qp, g = kernel_args(x, bits, signed, axis, grad_scale)
         return extension.MODULE.lsq_fake_quant_autograd(x, scale, qn, qp, -1 if axis is None else axis, g)
     if concrete == "triton" and not compiling and plain_eager(x, scale):
         return _EagerFakeQuant.apply(x, scale, bits, signed, axis, grad_scale, concrete)

@@ -188,7 +188,7 @@ def _sum_partials_kernel(part_ptr, ds_ptr, C, n_splits, g, BLOCK_C: tl.constexpr
     tl.store(ds_ptr + c, acc * g, mask=c < C)
 
 
-# Division by multiplication + one exact correction (see _divide), measured on H100 (bench_out probe, RESULTS.md):
+# Division by multiplication + one exact correction (see _divide), measured on H100 (probe runs in RESULTS.md):
 # the forward gains 0-4%; the backward gains 17% on whole-row conv-weight tiles but loses 1-7% where its loop
 # runs over several tiles, so the backward plan decides (``_plan``).
 _FAST_DIV_FORWARD = True

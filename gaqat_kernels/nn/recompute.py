@@ -20,7 +20,6 @@ from torch import Tensor
 from .. import ops
 from ..backends import resolve
 from ..kernels import extension
-from ..kernels.reference import default_grad_scale, quant_bounds
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -128,8 +127,7 @@ def _cpp_args(q, x: Tensor, quant: _Quantized):
     if quant.backend not in ("cpu", "cuda") or not ops.plain_eager(x, q.scale) or not hasattr(
             extension.MODULE, "quant_input_conv2d_autograd"):
         return None
-    qn, qp = quant_bounds(q.bits, q.signed)
-    return qn, qp, default_grad_scale(x.numel(), 1, qp), _autocast_dtype(x.device.type)
+    return (*ops.kernel_args(x, q.bits, q.signed, None, None), _autocast_dtype(x.device.type))
 
 
 def quant_input_conv2d(module, x: Tensor, weight: Tensor) -> Tensor:
