@@ -103,6 +103,30 @@ void channel_view(const at::Tensor& x, int64_t axis, int64_t& O, int64_t& C, int
 
 at::Tensor dense(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
 
+// Forward of the op on a dense x into a new tensor laid out like x; axis < 0: per-tensor.
+at::Tensor lsq_values(const at::Tensor& xd, const at::Tensor& scale, int64_t axis, int64_t qn, int64_t qp) {
+  at::Tensor y = at::empty_like(xd);  // keeps a dense tensor's strides
+  int64_t O, C, I;
+  channel_view(xd, axis, O, C, I);
+  lsq_forward(xd, scale.contiguous().view(-1), y, O, C, I, static_cast<double>(qn), static_cast<double>(qp));
+  return y;
+}
+
+// (dx, ds) of the op for the gradient dy of its output, on a dense x; axis < 0: per-tensor.
+std::pair<at::Tensor, at::Tensor> lsq_grads(const at::Tensor& dy_in, const at::Tensor& xd, const at::Tensor& scale,
+                                            int64_t axis, int64_t qn, int64_t qp, double g) {
+  at::Tensor dy = dy_in.to(xd.scalar_type());
+  if (!same_layout(dy, xd)) dy = at::empty_like(xd).copy_(dy);
+  at::Tensor dx = at::empty_like(xd);
+  at::Tensor ds = at::empty(scale.sizes(), scale.options());
+  at::Tensor ds_flat = ds.view(-1);
+  int64_t O, C, I;
+  channel_view(xd, axis, O, C, I);
+  lsq_backward(dy, xd, scale.contiguous().view(-1), dx, ds_flat, O, C, I, static_cast<double>(qn),
+               static_cast<double>(qp), g);
+  return {dx, ds};
+}
+
 // The eager path of lsq_fake_quant for the cpu/cuda backends: the same kernels as the custom op, with the
 // autograd node built in C++ (a Python custom op costs ~100 us of host time per forward + backward, which
 // dominates small layers; this costs a few). torch.compile keeps using the custom op.
@@ -110,11 +134,7 @@ class LSQFunction : public torch::autograd::Function<LSQFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
                             int64_t qn, int64_t qp, int64_t axis, double g) {
-    const at::Tensor xd = dense(x), s = scale.contiguous().view(-1);
-    at::Tensor y = at::empty_like(xd);  // keeps a dense tensor's strides
-    int64_t O, C, I;
-    channel_view(xd, axis, O, C, I);
-    lsq_forward(xd, s, y, O, C, I, static_cast<double>(qn), static_cast<double>(qp));
+    at::Tensor y = lsq_values(dense(x), scale, axis, qn, qp);
     ctx->save_for_backward({x, scale});
     ctx->saved_data["qn"] = qn;
     ctx->saved_data["qp"] = qp;
@@ -126,18 +146,9 @@ class LSQFunction : public torch::autograd::Function<LSQFunction> {
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor xd = dense(saved[0]), scale = saved[1];
-    const at::Tensor s = scale.contiguous().view(-1);
-    at::Tensor dy = grads[0].to(xd.scalar_type());
-    if (!same_layout(dy, xd)) dy = at::empty_like(xd).copy_(dy);
-    at::Tensor dx = at::empty_like(xd);
-    at::Tensor ds = at::empty(scale.sizes(), scale.options());
-    int64_t O, C, I;
-    const int64_t axis = ctx->saved_data["axis"].toInt();
-    channel_view(xd, axis, O, C, I);
-    at::Tensor ds_flat = ds.view(-1);
-    lsq_backward(dy, xd, s, dx, ds_flat, O, C, I, static_cast<double>(ctx->saved_data["qn"].toInt()),
-                 static_cast<double>(ctx->saved_data["qp"].toInt()), ctx->saved_data["g"].toDouble());
+    auto [dx, ds] = lsq_grads(grads[0], dense(saved[0]), saved[1], ctx->saved_data["axis"].toInt(),
+                              ctx->saved_data["qn"].toInt(), ctx->saved_data["qp"].toInt(),
+                              ctx->saved_data["g"].toDouble());
     return {dx, ds, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -147,28 +158,8 @@ at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
   return LSQFunction::apply(x, scale, qn, qp, axis, g);
 }
 
-// Per-tensor fake quant of x into a new dense tensor (the forward of the layers below).
-at::Tensor quantize_per_tensor(const at::Tensor& xd, const at::Tensor& s, int64_t qn, int64_t qp) {
-  at::Tensor y = at::empty_like(xd);
-  lsq_forward(xd, s, y, 1, 1, xd.numel(), static_cast<double>(qn), static_cast<double>(qp));
-  return y;
-}
-
 at::Tensor cast_to(const at::Tensor& t, const std::optional<at::ScalarType>& dtype) {
   return (!t.defined() || !dtype.has_value() || t.scalar_type() == at::kDouble) ? t : t.to(*dtype);
-}
-
-// Input gradient and scale gradient of the per-tensor quantizer, from the gradient w.r.t. its output.
-std::pair<at::Tensor, at::Tensor> quantizer_backward(const at::Tensor& dxq, const at::Tensor& xd,
-                                                     const at::Tensor& scale, int64_t qn, int64_t qp, double g) {
-  at::Tensor dy = dxq.to(xd.scalar_type());
-  if (!same_layout(dy, xd)) dy = at::empty_like(xd).copy_(dy);
-  at::Tensor dx = at::empty_like(xd);
-  at::Tensor ds = at::empty(scale.sizes(), scale.options());
-  at::Tensor ds_flat = ds.view(-1);
-  lsq_backward(dy, xd, scale.contiguous().view(-1), dx, ds_flat, 1, 1, xd.numel(), static_cast<double>(qn),
-               static_cast<double>(qp), g);
-  return {dx, ds};
 }
 
 // Conv2d / linear of a per-tensor LSQ-quantized input that keeps x (not the quantized input) for backward
@@ -202,7 +193,7 @@ class QuantInputConv2d : public torch::autograd::Function<QuantInputConv2d> {
                             int64_t qp, double g, std::optional<at::ScalarType> dtype, std::vector<int64_t> stride,
                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
     const at::Tensor xd = dense(x), bias = bias_opt.value_or(at::Tensor());
-    const at::Tensor xq = cast_to(quantize_per_tensor(xd, scale.contiguous().view(-1), qn, qp), dtype);
+    const at::Tensor xq = cast_to(lsq_values(xd, scale, -1, qn, qp), dtype);
     const at::Tensor y = at::convolution(xq, cast_to(weight, dtype), cast_to(bias, dtype), stride, padding,
                                          dilation, false, {0, 0}, groups);
     ctx->save_for_backward({x, scale, weight});
@@ -222,7 +213,7 @@ class QuantInputConv2d : public torch::autograd::Function<QuantInputConv2d> {
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     const bool need_xs = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
     const bool need_w = ctx->needs_input_grad(2), need_b = bias_dtype >= 0 && ctx->needs_input_grad(3);
-    const at::Tensor xq = cast_to(quantize_per_tensor(xd, scale.contiguous().view(-1), c.qn, c.qp), c.dtype);
+    const at::Tensor xq = cast_to(lsq_values(xd, scale, -1, c.qn, c.qp), c.dtype);
     const at::Tensor wc = cast_to(weight, c.dtype);
     const auto stride = ctx->saved_data["stride"].toIntVector();
     const auto padding = ctx->saved_data["padding"].toIntVector();
@@ -234,7 +225,7 @@ class QuantInputConv2d : public torch::autograd::Function<QuantInputConv2d> {
                                                   {0, 0}, ctx->saved_data["groups"].toInt(),
                                                   {need_xs, need_w, need_b});
     at::Tensor dx, ds;
-    if (need_xs) std::tie(dx, ds) = quantizer_backward(dxq, xd, scale, c.qn, c.qp, c.g);
+    if (need_xs) std::tie(dx, ds) = lsq_grads(dxq, xd, scale, -1, c.qn, c.qp, c.g);
     return {ctx->needs_input_grad(0) ? dx : at::Tensor(), ctx->needs_input_grad(1) ? ds : at::Tensor(),
             need_w ? dw.to(weight.scalar_type()) : at::Tensor(),
             need_b ? db.to(static_cast<at::ScalarType>(bias_dtype)) : at::Tensor(),
@@ -249,7 +240,7 @@ class QuantInputLinear : public torch::autograd::Function<QuantInputLinear> {
                             const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt, int64_t qn,
                             int64_t qp, double g, std::optional<at::ScalarType> dtype) {
     const at::Tensor xd = dense(x), bias = bias_opt.value_or(at::Tensor());
-    const at::Tensor xq = cast_to(quantize_per_tensor(xd, scale.contiguous().view(-1), qn, qp), dtype);
+    const at::Tensor xq = cast_to(lsq_values(xd, scale, -1, qn, qp), dtype);
     const at::Tensor y = at::linear(xq, cast_to(weight, dtype), cast_to(bias, dtype));
     ctx->save_for_backward({x, scale, weight});
     save_config(ctx, {qn, qp, g, dtype}, bias);
@@ -266,9 +257,9 @@ class QuantInputLinear : public torch::autograd::Function<QuantInputLinear> {
     const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
     at::Tensor dx, ds, dw, db;
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1))
-      std::tie(dx, ds) = quantizer_backward(dy.matmul(cast_to(weight, c.dtype)), xd, scale, c.qn, c.qp, c.g);
+      std::tie(dx, ds) = lsq_grads(dy.matmul(cast_to(weight, c.dtype)), xd, scale, -1, c.qn, c.qp, c.g);
     if (ctx->needs_input_grad(2)) {
-      const at::Tensor xq = cast_to(quantize_per_tensor(xd, scale.contiguous().view(-1), c.qn, c.qp), c.dtype);
+      const at::Tensor xq = cast_to(lsq_values(xd, scale, -1, c.qn, c.qp), c.dtype);
       dw = dy2.t().matmul(xq.reshape({-1, xq.size(-1)})).to(weight.scalar_type());
     }
     if (bias_dtype >= 0 && ctx->needs_input_grad(3)) db = dy2.sum(0).to(static_cast<at::ScalarType>(bias_dtype));
