@@ -1,5 +1,11 @@
 // Python bindings of gaqat_kernels._C. Arguments are checked here once more (cheaply) because a wrong
 // pointer or shape in a kernel corrupts memory instead of raising.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
 #include "lsq.h"
 
 namespace gaqat {
@@ -284,6 +290,36 @@ at::Tensor quant_input_linear_autograd(const at::Tensor& x, const at::Tensor& sc
   return QuantInputLinear::apply(x, scale, weight, bias, qn, qp, g, dtype);
 }
 
+// LSQ's default scale-gradient factor 1 / sqrt(n * qp), n the elements per scale (reference.default_grad_scale).
+double default_grad_scale(int64_t numel, int64_t channels, int64_t qp) {
+  const int64_t n = std::max<int64_t>(numel / std::max<int64_t>(channels, 1), 1);
+  return 1.0 / std::sqrt(static_cast<double>(n * qp));
+}
+
+void check_axis(const at::Tensor& x, int64_t axis) {
+  TORCH_CHECK(axis >= -1 && axis < std::max<int64_t>(x.dim(), 1), "axis: expected -1 (per-tensor) or a dimension of x "
+              "(shape ", x.sizes(), "), got ", axis);
+}
+
+// The op's forward and backward as dispatcher operators (gaqat_kernels::lsq_fake_quant_ext*, registered below)
+// for the cpu/cuda backends: compiled graphs call them with no Python in between. Their fake implementations
+// and autograd formula live in gaqat_kernels/ops.py; axis -1 is per-tensor.
+at::Tensor lsq_fake_quant_ext(const at::Tensor& x, const at::Tensor& scale, int64_t qn, int64_t qp, int64_t axis,
+                              std::optional<double> /*grad_scale: used by the backward*/) {
+  check_axis(x, axis);
+  return lsq_values(dense(x), scale, axis, qn, qp);
+}
+
+std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_ext_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                               const at::Tensor& scale, int64_t qn, int64_t qp,
+                                                               int64_t axis, std::optional<double> grad_scale) {
+  check_axis(x, axis);
+  const double g = grad_scale.has_value() ? *grad_scale
+                                          : default_grad_scale(x.numel(), axis < 0 ? 1 : x.size(axis), qp);
+  auto [dx, ds] = lsq_grads(dy, dense(x), scale, axis, qn, qp, g);
+  return {dx, ds};
+}
+
 bool built_with_cuda() {
 #ifdef GAQAT_WITH_CUDA
   return true;
@@ -308,3 +344,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conflict_update", &gaqat::conflict_update, "one gradient-conflict tracker step (CUDA), in place");
   m.def("built_with_cuda", &gaqat::built_with_cuda, "True when the CUDA kernels were compiled in");
 }
+
+TORCH_LIBRARY_FRAGMENT(gaqat_kernels, m) {
+  m.set_python_module("gaqat_kernels.ops");  // registers the fake implementations and the autograd formula
+  m.def("lsq_fake_quant_ext(Tensor x, Tensor scale, int qn, int qp, int axis, float? grad_scale) -> Tensor");
+  m.def("lsq_fake_quant_ext_backward(Tensor dy, Tensor x, Tensor scale, int qn, int qp, int axis, "
+        "float? grad_scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gaqat_kernels, CPU, m) {
+  m.impl("lsq_fake_quant_ext", &gaqat::lsq_fake_quant_ext);
+  m.impl("lsq_fake_quant_ext_backward", &gaqat::lsq_fake_quant_ext_backward);
+}
+
+#ifdef GAQAT_WITH_CUDA
+TORCH_LIBRARY_IMPL(gaqat_kernels, CUDA, m) {
+  m.impl("lsq_fake_quant_ext", &gaqat::lsq_fake_quant_ext);
+  m.impl("lsq_fake_quant_ext_backward", &gaqat::lsq_fake_quant_ext_backward);
+}
+#endif

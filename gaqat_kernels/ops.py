@@ -3,8 +3,10 @@
 Everything above this module calls ``lsq_fake_quant``; everything below it is a backend (``backends.py``).
 Because the op is a ``torch.library.custom_op`` with ``register_fake`` and ``register_autograd``, it runs
 in eager mode, traces under ``torch.compile(fullgraph=True)`` without graph breaks, and can be captured
-in CUDA graphs (no host synchronisation on any path unless checked mode is on). In plain eager mode the
-C++ backends take a shorter road to the same kernels: an autograd node built in C++ (``plain_eager``).
+in CUDA graphs (no host synchronisation on any path unless checked mode is on). The C++ backends (cpu,
+cuda) have their own dispatcher operators defined in C++ (``lsq_fake_quant_ext``), so compiled graphs reach
+their kernels without Python; in plain eager mode they take a shorter road still: an autograd node built in
+C++ (``plain_eager``). The reference and Triton backends go through the Python custom ops below.
 """
 from __future__ import annotations
 
@@ -124,6 +126,33 @@ def _backward(ctx, dy):
 _lsq_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The cpu/cuda backends' operators, defined in C++ (csrc/bindings.cpp, gaqat_kernels::lsq_fake_quant_ext*):
+# their fake implementations and autograd formula. Traced graphs call them through the dispatcher with no
+# Python in between (a Python custom op costs tens of microseconds of host time per call).
+if extension.HAS_CPU:
+    @torch.library.register_fake("gaqat_kernels::lsq_fake_quant_ext")
+    def _(x, scale, qn, qp, axis, grad_scale):
+        return output_like(x)
+
+    @torch.library.register_fake("gaqat_kernels::lsq_fake_quant_ext_backward")
+    def _(dy, x, scale, qn, qp, axis, grad_scale):
+        return output_like(x), torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
+
+    def _ext_setup_context(ctx, inputs, output):
+        x, scale, qn, qp, axis, grad_scale = inputs
+        ctx.save_for_backward(x, scale)
+        ctx.config = (qn, qp, axis, grad_scale)
+
+    def _ext_backward(ctx, dy):
+        x, scale = ctx.saved_tensors
+        dx, ds = torch.ops.gaqat_kernels.lsq_fake_quant_ext_backward(dy, x, scale, *ctx.config)
+        return (dx if ctx.needs_input_grad[0] else None, ds if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
+
+    torch.library.register_autograd("gaqat_kernels::lsq_fake_quant_ext", _ext_backward,
+                                    setup_context=_ext_setup_context)
+
+
 def validate(x, scale, bits, signed, axis, grad_scale) -> Optional[int]:
     """Check the arguments; return the axis made non-negative. Errors name the argument."""
     if not isinstance(x, Tensor):
@@ -192,9 +221,12 @@ def lsq_fake_quant(
     if _checked and not compiling:
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError("scale: checked mode requires every scale to be finite and > 0")
-    if concrete in ("cpu", "cuda") and not compiling and plain_eager(x, scale):
-        qn, qp, g = kernel_args(x, bits, signed, axis, grad_scale)
-        return extension.MODULE.lsq_fake_quant_autograd(x, scale, qn, qp, -1 if axis is None else axis, g)
+    if concrete in ("cpu", "cuda"):
+        if not compiling and plain_eager(x, scale):
+            qn, qp, g = kernel_args(x, bits, signed, axis, grad_scale)
+            return extension.MODULE.lsq_fake_quant_autograd(x, scale, qn, qp, -1 if axis is None else axis, g)
+        qn, qp = quant_bounds(bits, signed)
+        return torch.ops.gaqat_kernels.lsq_fake_quant_ext(x, scale, qn, qp, -1 if axis is None else axis, grad_scale)
     if concrete == "triton" and not compiling and plain_eager(x, scale):
         return _EagerFakeQuant.apply(x, scale, bits, signed, axis, grad_scale, concrete)
     return _lsq_forward_op(x, scale, bits, signed, axis, grad_scale, concrete)

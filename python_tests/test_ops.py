@@ -266,27 +266,71 @@ def test_compile_fullgraph_matches_eager(backend, device):
 @pytest.mark.parametrize("axis", [None, 1], ids=["per-tensor", "axis1"])
 def test_eager_path_equals_the_custom_op(backend, device, dtype, axis):
     """Eager calls skip the custom op's dispatch (the C++ backends build their autograd node in C++, Triton
-    uses an autograd.Function); the custom op (torch.compile's path) must give the same bits, non-contiguous
-    input included."""
+    uses an autograd.Function); the traced paths (the C++ dispatcher op of the C++ backends, the Python custom
+    op of every backend) must give the same bits and strides, non-contiguous input included."""
     gen = torch.Generator().manual_seed(9)
     x, s, dy = random_case((6, 5, 7), axis, 3, False, dtype, device, gen)
     x = x.transpose(0, 2)
     dy = dy.transpose(0, 2)
     ax = None if axis is None else 1
+    paths = ["eager", "python-op"] + (["cpp-op"] if backend in ("cpu", "cuda") else [])
     results = []
-    for eager in (True, False):
+    for path in paths:
         a, b = x.clone().requires_grad_(), s.clone().requires_grad_()
-        if eager:
+        if path == "eager":
             y = gk.lsq_fake_quant(a, b, bits=3, signed=False, axis=ax, backend=backend)
             assert ("_EagerFakeQuant" if backend == "triton" else "LSQFunction") in y.grad_fn.name()
-        else:
+        elif path == "python-op":
             y = torch.ops.gaqat_kernels.lsq_fake_quant(a, b, 3, False, ax, None, backend)
             assert "lsq_fake_quant" in y.grad_fn.name()
+        else:
+            y = torch.ops.gaqat_kernels.lsq_fake_quant_ext(a, b, 0, 7, -1 if ax is None else ax, None)
+            assert "lsq_fake_quant_ext" in y.grad_fn.name()
         y.backward(dy)
         results.append((y, a.grad, b.grad))
-    (y0, dx0, ds0), (y1, dx1, ds1) = results
-    assert torch.equal(y0, y1) and y0.stride() == y1.stride()
-    assert torch.equal(dx0, dx1) and torch.equal(ds0, ds1)
+    y0, dx0, ds0 = results[0]
+    for y1, dx1, ds1 in results[1:]:
+        assert torch.equal(y0, y1) and y0.stride() == y1.stride()
+        assert torch.equal(dx0, dx1) and dx0.stride() == dx1.stride() and torch.equal(ds0, ds1)
+
+
+CPP_BACKENDS = [p for p in backend_params() if p.values[0] in ("cpu", "cuda")]
+
+
+@pytest.mark.parametrize("backend,device", CPP_BACKENDS)
+def test_traced_graphs_call_the_cpp_operators(backend, device):
+    """Under tracing (torch.compile, make_fx) the C++ backends run as their C++ dispatcher operators, forward
+    and backward, so compiled graphs call the kernels without a Python layer."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gen = torch.Generator().manual_seed(1)
+    x, s, dy = random_case((4, 6), 0, 4, True, torch.float32, device, gen)
+
+    def step(a, b, g):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        y = gk.lsq_fake_quant(a, b, bits=4, signed=True, axis=0, backend=backend)
+        return torch.autograd.grad(y, (a, b), g)
+
+    code = make_fx(step)(x, s, dy).code
+    assert "gaqat_kernels.lsq_fake_quant_ext.default" in code
+    assert "gaqat_kernels.lsq_fake_quant_ext_backward.default" in code
+    assert "gaqat_kernels.lsq_fake_quant.default" not in code
+
+
+@pytest.mark.parametrize("backend,device", CPP_BACKENDS)
+@pytest.mark.parametrize("shape,axis", [((8, 5), 0), ((5, 8), 1), ((3, 4, 5), -1), ((2, 3, 4), 1)])
+def test_cpp_operators_pass_opcheck(backend, device, shape, axis):
+    """Schema, fake implementation (shapes, strides), autograd registration and AOT tracing of the C++
+    operators, on contiguous and permuted inputs."""
+    gen = torch.Generator().manual_seed(3)
+    x, s, dy = random_case(shape, None if axis == -1 else axis, 4, True, torch.float32, device, gen)
+    if axis == 1:
+        x = x.transpose(0, 2 if x.dim() == 3 else 1).contiguous().transpose(0, 2 if x.dim() == 3 else 1)
+    s = s[:1] if axis == -1 else s
+    args = (x.requires_grad_(), s.clone().requires_grad_(), -8, 7, axis, None if axis != 1 else 0.25)
+    torch.library.opcheck(torch.ops.gaqat_kernels.lsq_fake_quant_ext, args)
+    torch.library.opcheck(torch.ops.gaqat_kernels.lsq_fake_quant_ext_backward,
+                          (dy, x.detach(), s.detach(), -8, 7, axis, None))
 
 
 @pytest.mark.gpu
