@@ -40,7 +40,7 @@ class _OptionalBuild(BuildExtension):
 
 
 def _extension():
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]  # exact products: see csrc/lsq_cpu.cpp
     sources = ["csrc/bindings.cpp", "csrc/lsq_cpu.cpp"]
     if _want_cuda():
         print(f"gaqat_kernels: building the extension with CUDA kernels (nvcc from {CUDA_HOME})")

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_cpu.py [--threads N]
 
-Prints a markdown table (median of repeated runs, ms) with the speed-up of the ``cpu`` backend.
+Prints a markdown table (median of repeated runs, ms) with the speed-up of the ``cpu`` backend, and the
+``cpu`` backend at each instruction-set level its loops are compiled for (the highest runs by default).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 import torch
 
 import gaqat_kernels as gk
+from gaqat_kernels.kernels import extension
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager
 
 CASES = [
@@ -42,9 +44,12 @@ def main():
     torch.set_num_threads(args.threads)
     if "cpu" not in gk.available_backends():
         raise SystemExit("the cpu backend is not built")
-    print(f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}\n")
-    print("| case | dtype | eager LSQ ms | reference ms | cpu ms | cpu speed-up vs reference / eager |")
-    print("|---|---|---|---|---|---|")
+    levels = extension.CPU_ISA_LEVELS
+    print(f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+          f"cpu backend levels {levels} (default {extension.MODULE.cpu_isa()})\n")
+    print("| case | dtype | eager LSQ ms | reference ms | " + " | ".join(f"cpu {lv} ms" for lv in levels)
+          + " | cpu speed-up vs reference / eager |")
+    print("|---|---|---|---|" + "---|" * len(levels) + "---|")
     for name, shape, axis in CASES:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape).to(dtype).requires_grad_()
@@ -54,11 +59,19 @@ def main():
             impls = {
                 "eager": lambda: lsq_fake_quant_eager(x, s, bits=4, signed=True, axis=axis),
                 "reference": lambda: gk.lsq_fake_quant(x, s, bits=4, signed=True, axis=axis, backend="reference"),
-                "cpu": lambda: gk.lsq_fake_quant(x, s, bits=4, signed=True, axis=axis, backend="cpu"),
             }
             t = {k: median_ms(lambda f=f: torch.autograd.grad(f(), (x, s), dy), args.repeat) for k, f in impls.items()}
-            print(f"| {name} | {str(dtype)[6:]} | {t['eager']:.2f} | {t['reference']:.2f} | {t['cpu']:.2f} | "
-                  f"{t['reference'] / t['cpu']:.1f}× / {t['eager'] / t['cpu']:.1f}× |", flush=True)
+
+            def cpu():
+                return torch.autograd.grad(gk.lsq_fake_quant(x, s, bits=4, signed=True, axis=axis, backend="cpu"),
+                                           (x, s), dy)
+            for level in levels:
+                with extension.cpu_isa(level):
+                    t[level] = median_ms(cpu, args.repeat)
+            best = t[extension.MODULE.cpu_isa()]
+            print(f"| {name} | {str(dtype)[6:]} | {t['eager']:.2f} | {t['reference']:.2f} | "
+                  + " | ".join(f"{t[lv]:.2f}" for lv in levels)
+                  + f" | {t['reference'] / best:.1f}× / {t['eager'] / best:.1f}× |", flush=True)
 
 
 if __name__ == "__main__":

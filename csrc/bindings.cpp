@@ -343,6 +343,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "linear map of the per-tensor LSQ-quantized x, recomputing the quantized x in backward (autograd in C++)");
   m.def("conflict_update", &gaqat::conflict_update, "one gradient-conflict tracker step (CUDA), in place");
   m.def("built_with_cuda", &gaqat::built_with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("cpu_isa_levels", &gaqat::cpu_isa_levels, "instruction-set levels of the CPU kernels this CPU can run");
+  m.def("cpu_isa", &gaqat::cpu_isa, "the instruction-set level the CPU kernels use");
+  m.def("set_cpu_isa", &gaqat::set_cpu_isa, "use this level of the CPU kernels (\"\" = the highest available)");
 }
 
 TORCH_LIBRARY_FRAGMENT(gaqat_kernels, m) {

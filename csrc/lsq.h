@@ -3,6 +3,9 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <string>
+#include <vector>
+
 // The input dtypes of the op: float32, float16, bfloat16 (float64 stays on the Python reference).
 #define GAQAT_DISPATCH_INPUT_TYPES(TYPE, NAME, ...)                   \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                       \
@@ -16,6 +19,11 @@ void lsq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y
                      int64_t O, int64_t C, int64_t I, double qn, double qp);
 void lsq_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
                       at::Tensor& ds, int64_t O, int64_t C, int64_t I, double qn, double qp, double g);
+// Instruction-set levels of the CPU row loops ("baseline", "x86-64-v3", "x86-64-v4") this CPU can run, the
+// one in use, and an override ("" = the highest again): every level gives the same y and dx bits.
+std::vector<std::string> cpu_isa_levels();
+std::string cpu_isa();
+void set_cpu_isa(const std::string& name);
 
 #ifdef GAQAT_WITH_CUDA
 void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,

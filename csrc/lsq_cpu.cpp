@@ -1,12 +1,30 @@
-// CPU LSQ fake quantization: OpenMP (at::parallel_for) over fixed work items, vectorisable inner loops.
-// The scale gradient is summed per work item into fp64 partials, then per channel in a fixed order, so
-// its bits do not depend on the thread count.
+// CPU LSQ fake quantization: OpenMP (at::parallel_for) over fixed work items; the per-row loops are
+// branch-free on raw storage (float, or the 16 bits of bf16/fp16) so that they vectorise, and on x86-64 with
+// GCC they are compiled for x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) besides the baseline; the highest level
+// the CPU has runs (set_cpu_isa can lower it, so tests run every level on one machine).
+// The scale gradient is summed per work item into fp64 partials, then per channel in a fixed order, so its
+// bits do not depend on the thread count (they may depend on the vector width the machine selects).
+// Built with -ffp-contract=off: a fused multiply-add would change the fp16 conversion and the sums.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/StringUtil.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "lsq.h"
+
+// GCC 12 knows the x86-64-v3/v4 level names both as targets and in __builtin_cpu_supports.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
+#define GAQAT_X86_LEVELS 1
+#else
+#define GAQAT_X86_LEVELS 0
+#endif
 
 namespace gaqat {
 namespace {
@@ -28,8 +46,153 @@ struct Plan {
   int64_t items() const { return n_i * n_o * n_c; }
 };
 
+// ------------------------------------------------------------------------------------------- row loops
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// Storage <-> float without branches. S is the storage word: float, or uint16_t holding bf16 / fp16 bits.
+enum class Kind { F32, BF16, F16 };
+
+template <Kind K, typename S>
+inline float load(S v) {
+  if constexpr (K == Kind::F32) {
+    return v;
+  } else if constexpr (K == Kind::BF16) {
+    return bits_to_float(static_cast<uint32_t>(v) << 16);
+  } else {
+    return c10::detail::fp16_ieee_to_fp32_value(v);
+  }
+}
+
+template <Kind K, typename S>
+inline S store(float v) {
+  if constexpr (K == Kind::F32) {
+    return v;
+  } else if constexpr (K == Kind::BF16) {
+    const uint32_t u = float_to_bits(v);  // round to nearest even; NaN -> the canonical quiet NaN
+    const uint16_t r = static_cast<uint16_t>((u + UINT32_C(0x7FFF) + ((u >> 16) & 1u)) >> 16);
+    return v != v ? static_cast<uint16_t>(0x7FC0) : r;
+  } else {
+    return c10::detail::fp16_ieee_from_fp32_value(v);
+  }
+}
+
+template <Kind K, typename S>
+inline __attribute__((always_inline)) void forward_row_body(const S* __restrict__ x, S* __restrict__ y, int64_t n,
+                                                            float sc, float qn, float qp) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = store<K, S>(round_clamp_host(load<K>(x[i]) / sc, qn, qp) * sc);
+}
+
+// All-ones bits where `keep`, else zero: selections by masking, which vectorise where branches do not.
+template <typename U>
+inline U keep_mask(bool keep) {
+  return static_cast<U>(U(0) - static_cast<U>(keep));
+}
+
+// Returns the row's sum of the scale-gradient terms dy * (round(clamp(v)) - (inside ? v : 0)).
+template <Kind K, typename S>
+inline __attribute__((always_inline)) float backward_row_body(const S* __restrict__ dy, const S* __restrict__ x,
+                                                              S* __restrict__ dx, int64_t n, float sc, float qn,
+                                                              float qp) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = load<K>(x[i]) / sc;
+    const bool inside = (v >= qn) & (v <= qp);
+    const float r = round_clamp_host(v, qn, qp);
+    const S d = dy[i];
+    if constexpr (K == Kind::F32) {
+      dx[i] = bits_to_float(float_to_bits(d) & keep_mask<uint32_t>(inside));  // dy or +0.0
+    } else {
+      dx[i] = static_cast<S>(d & keep_mask<uint16_t>(inside));
+    }
+    acc += load<K>(d) * (r - bits_to_float(float_to_bits(v) & keep_mask<uint32_t>(inside)));
+  }
+  return acc;
+}
+
+// The row loops of every input type, compiled once per instruction-set level.
+using ForwardRow = void (*)(const void*, void*, int64_t, float, float, float);
+using BackwardRow = float (*)(const void*, const void*, void*, int64_t, float, float, float);
+struct RowLoops {
+  ForwardRow forward[3];  // indexed by Kind
+  BackwardRow backward[3];
+};
+
+#define GAQAT_ROW_LOOPS(NAME, ATTR)                                                                       \
+  template <Kind K, typename S>                                                                           \
+  ATTR void forward_row_##NAME(const void* x, void* y, int64_t n, float sc, float qn, float qp) {        \
+    forward_row_body<K>(static_cast<const S*>(x), static_cast<S*>(y), n, sc, qn, qp);                     \
+  }                                                                                                       \
+  template <Kind K, typename S>                                                                           \
+  ATTR float backward_row_##NAME(const void* dy, const void* x, void* dx, int64_t n, float sc, float qn, \
+                                 float qp) {                                                              \
+    return backward_row_body<K>(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx), \
+                                n, sc, qn, qp);                                                           \
+  }                                                                                                       \
+  const RowLoops row_loops_##NAME = {                                                                     \
+      {forward_row_##NAME<Kind::F32, float>, forward_row_##NAME<Kind::BF16, uint16_t>,                    \
+       forward_row_##NAME<Kind::F16, uint16_t>},                                                          \
+      {backward_row_##NAME<Kind::F32, float>, backward_row_##NAME<Kind::BF16, uint16_t>,                  \
+       backward_row_##NAME<Kind::F16, uint16_t>}};
+
+GAQAT_ROW_LOOPS(baseline, )
+#if GAQAT_X86_LEVELS
+GAQAT_ROW_LOOPS(v3, __attribute__((target("arch=x86-64-v3"))))
+GAQAT_ROW_LOOPS(v4, __attribute__((target("arch=x86-64-v4"))))
+#endif
+
+// Instruction-set levels in order; the loops use the highest the CPU has unless set_cpu_isa lowered it.
+struct Level {
+  const char* name;
+  const RowLoops* loops;
+  bool supported;
+};
+
+std::vector<Level> levels() {
+  std::vector<Level> out{{"baseline", &row_loops_baseline, true}};
+#if GAQAT_X86_LEVELS
+  __builtin_cpu_init();
+  out.push_back({"x86-64-v3", &row_loops_v3, __builtin_cpu_supports("x86-64-v3") != 0});
+  out.push_back({"x86-64-v4", &row_loops_v4, __builtin_cpu_supports("x86-64-v4") != 0});
+#endif
+  return out;
+}
+
+const Level& best_level() {
+  static const std::vector<Level> all = levels();
+  static const Level* best = [] {
+    const Level* b = &all[0];
+    for (const Level& l : all)
+      if (l.supported) b = &l;
+    return b;
+  }();
+  return *best;
+}
+
+const RowLoops* g_loops = nullptr;  // null: best_level()
+
+const RowLoops& loops() { return g_loops != nullptr ? *g_loops : *best_level().loops; }
+
+template <typename T>
+constexpr int kind_of() {
+  return std::is_same<T, float>::value ? 0 : (std::is_same<T, c10::BFloat16>::value ? 1 : 2);
+}
+
+// ---------------------------------------------------------------------------------------------- kernels
 template <typename T>
 void forward_impl(const T* x, const float* s, T* y, int64_t O, int64_t C, int64_t I, float qn, float qp) {
+  const ForwardRow row_loop = loops().forward[kind_of<T>()];
   const Plan p(O, C, I);
   at::parallel_for(0, p.items(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -37,13 +200,8 @@ void forward_impl(const T* x, const float* s, T* y, int64_t O, int64_t C, int64_
       const int64_t i0 = ic * p.i_chunk, i1 = std::min(I, i0 + p.i_chunk);
       for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o) {
         for (int64_t c = cb * p.c_block; c < std::min(C, (cb + 1) * p.c_block); ++c) {
-          const float sc = s[c];
-          const T* xr = x + (o * C + c) * I;
-          T* yr = y + (o * C + c) * I;
-#pragma omp simd
-          for (int64_t i = i0; i < i1; ++i) {
-            yr[i] = static_cast<T>(round_clamp_host(static_cast<float>(xr[i]) / sc, qn, qp) * sc);
-          }
+          const int64_t row = (o * C + c) * I;
+          row_loop(x + row + i0, y + row + i0, i1 - i0, s[c], qn, qp);
         }
       }
     }
@@ -53,6 +211,7 @@ void forward_impl(const T* x, const float* s, T* y, int64_t O, int64_t C, int64_
 template <typename T>
 void backward_impl(const T* dy, const T* x, const float* s, T* dx, float* ds, int64_t O, int64_t C, int64_t I,
                    float qn, float qp, double g) {
+  const BackwardRow row_loop = loops().backward[kind_of<T>()];
   const Plan p(O, C, I);
   const int64_t splits = p.n_o * p.n_i;  // partials per channel
   std::vector<double> partial(static_cast<size_t>(splits * C));
@@ -61,21 +220,10 @@ void backward_impl(const T* dy, const T* x, const float* s, T* dx, float* ds, in
       const int64_t ic = item % p.n_i, cb = (item / p.n_i) % p.n_c, oc = item / (p.n_i * p.n_c);
       const int64_t i0 = ic * p.i_chunk, i1 = std::min(I, i0 + p.i_chunk);
       for (int64_t c = cb * p.c_block; c < std::min(C, (cb + 1) * p.c_block); ++c) {
-        const float sc = s[c];
         double acc = 0.0;
         for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o) {
-          const int64_t row = (o * C + c) * I;
-          float row_acc = 0.f;
-#pragma omp simd reduction(+ : row_acc)
-          for (int64_t i = i0; i < i1; ++i) {
-            const float v = static_cast<float>(x[row + i]) / sc;
-            const bool inside = v >= qn && v <= qp;
-            const float r = round_clamp_host(v, qn, qp);
-            const float d = static_cast<float>(dy[row + i]);
-            dx[row + i] = inside ? dy[row + i] : static_cast<T>(0.f);
-            row_acc += d * (r - (inside ? v : 0.f));
-          }
-          acc += row_acc;
+          const int64_t row = (o * C + c) * I + i0;
+          acc += row_loop(dy + row, x + row, dx + row, i1 - i0, s[c], qn, qp);
         }
         partial[(oc * p.n_i + ic) * C + c] = acc;
       }
@@ -91,6 +239,34 @@ void backward_impl(const T* dy, const T* x, const float* s, T* dx, float* ds, in
 }
 
 }  // namespace
+
+std::vector<std::string> cpu_isa_levels() {
+  std::vector<std::string> names;
+  for (const Level& l : levels())
+    if (l.supported) names.push_back(l.name);
+  return names;
+}
+
+std::string cpu_isa() {
+  for (const Level& l : levels())
+    if (l.loops == &loops()) return l.name;
+  return "unknown";
+}
+
+void set_cpu_isa(const std::string& name) {
+  if (name.empty()) {
+    g_loops = nullptr;
+    return;
+  }
+  for (const Level& l : levels()) {
+    if (l.name == name) {
+      TORCH_CHECK(l.supported, "set_cpu_isa: this CPU lacks ", name);
+      g_loops = l.loops;
+      return;
+    }
+  }
+  TORCH_CHECK(false, "set_cpu_isa: unknown level '", name, "'; this build has ", c10::Join(", ", cpu_isa_levels()));
+}
 
 void lsq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
                      int64_t O, int64_t C, int64_t I, double qn, double qp) {

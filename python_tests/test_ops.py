@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gaqat_kernels as gk
+from gaqat_kernels.kernels import extension
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager, quant_bounds
 
 from helpers import DTYPES, backend_params, oracle, poison_allocator, random_case, rel_err, sum_err
@@ -152,6 +153,46 @@ def test_extreme_scales_and_inputs(backend, device, scale):
     scales = torch.tensor([scale, 0.3] * 5)
     check(torch.stack([row] * 10).to(device), scales.to(device), torch.stack([drow] * 10).to(device), backend, 4,
           True, 0)
+
+
+CPU_LEVELS = extension.CPU_ISA_LEVELS or ["none"]
+
+
+@pytest.mark.skipif(not extension.HAS_CPU, reason="the C++ extension is not built")
+@pytest.mark.parametrize("level", CPU_LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_cpu_backend_at_every_instruction_set_level(level, dtype, shape, axis, layout):
+    """The cpu backend's loops are compiled per x86-64 level and the highest the CPU has runs: each level must
+    meet the contract on its own (y and dx the oracle's bits, ds within rounding), including odd row lengths
+    that leave vector tails, infinities and signed zeros."""
+    gen = torch.Generator().manual_seed(hash((shape, axis, layout)) % 2**31)
+    x, s, dy = random_case(shape, axis, 3, True, dtype, "cpu", gen)
+    flat = x.view(-1)
+    specials = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0], dtype=dtype)  # NaN: its own test
+    flat[:4] = specials
+    with extension.cpu_isa(level):
+        assert extension.MODULE.cpu_isa() == level
+        check(with_layout(x, layout), s, with_layout(dy, layout), "cpu", 3, True, axis)
+
+
+@pytest.mark.skipif(not extension.HAS_CPU, reason="the C++ extension is not built")
+@pytest.mark.parametrize("level", CPU_LEVELS)
+def test_cpu_levels_divide_as_ieee_near_ties_and_bounds(level):
+    """Vector division gives the IEEE quotient where it decides the result, and NaN stays NaN, at every level."""
+    with extension.cpu_isa(level):
+        test_quotients_near_ties_and_bounds_divide_as_ieee("cpu", "cpu", 300)
+        for scale in (1e-39, 1e35):
+            test_extreme_scales_and_inputs("cpu", "cpu", scale)
+        for dtype in DTYPES:
+            test_nan_stays_in_its_channel("cpu", "cpu", dtype)
+
+
+def test_cpu_isa_rejects_unknown_level():
+    with pytest.raises(ValueError, match="level must be one of"):
+        with extension.cpu_isa("sse9"):
+            pass
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

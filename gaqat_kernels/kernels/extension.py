@@ -5,7 +5,8 @@ decided once, at import, into plain constants, so that ``torch.compile`` never t
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, List, Optional
 
 try:
     from gaqat_kernels import _C as MODULE  # type: ignore[attr-defined]
@@ -16,3 +17,21 @@ except ImportError as e:  # not built, or built against another torch
 
 HAS_CPU: bool = MODULE is not None
 HAS_CUDA: bool = MODULE is not None and bool(MODULE.built_with_cuda())
+# Instruction-set levels of the cpu backend's loops that this CPU runs, lowest first; the highest is used.
+CPU_ISA_LEVELS: List[str] = list(MODULE.cpu_isa_levels()) if MODULE is not None else []
+
+
+@contextlib.contextmanager
+def cpu_isa(level: str) -> Iterator[None]:
+    """Within the block, the cpu backend runs its loops compiled for ``level`` (one of ``CPU_ISA_LEVELS``:
+    "baseline", "x86-64-v3" (AVX2), "x86-64-v4" (AVX-512)) instead of the highest this CPU has, so that
+    tests cover every level on one machine and benchmarks compare them. y and dx are the same bits at every
+    level; the scale gradient's summation order follows the vector width. Not thread-safe: it sets a
+    process-wide switch."""
+    if level not in CPU_ISA_LEVELS:
+        raise ValueError(f"cpu_isa: level must be one of {CPU_ISA_LEVELS} on this machine, got {level!r}")
+    MODULE.set_cpu_isa(level)
+    try:
+        yield
+    finally:
+        MODULE.set_cpu_isa("")
