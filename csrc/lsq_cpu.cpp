@@ -11,6 +11,7 @@
 #include <c10/util/StringUtil.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -59,6 +60,41 @@ inline uint32_t float_to_bits(float f) {
   return u;
 }
 
+// All-ones bits where `keep`, else zero: selections by masking, which vectorise where branches do not.
+template <typename U>
+inline U keep_mask(bool keep) {
+  return static_cast<U>(U(0) - static_cast<U>(keep));
+}
+
+// IEEE half <-> float, round to nearest even, NaN kept quiet: the branch-free algorithm of the FP16 library
+// (Maratos) that c10::Half also uses, with its two selections written as masks so that it vectorises
+// without AVX-512. Same bits as c10::Half's conversions (the tests feed every float16 value through them).
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & UINT32_C(0x80000000);
+  const uint32_t two_w = w + w;
+  const float exp_scale = bits_to_float(UINT32_C(15) << 23);  // 2^-112
+  const float normalized = bits_to_float((two_w >> 4) + (UINT32_C(0xE0) << 23)) * exp_scale;
+  const float denormalized = bits_to_float((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+  const uint32_t denormal = keep_mask<uint32_t>(two_w < (UINT32_C(1) << 27));
+  return bits_to_float(sign | (float_to_bits(denormalized) & denormal) | (float_to_bits(normalized) & ~denormal));
+}
+
+inline uint16_t float_to_half_bits(float f) {
+  const float scale_to_inf = bits_to_float(UINT32_C(239) << 23);  // 2^112
+  const float scale_to_zero = bits_to_float(UINT32_C(17) << 23);  // 2^-110
+  float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
+  const uint32_t w = float_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & UINT32_C(0x80000000);
+  const uint32_t bias = std::max(shl1_w & UINT32_C(0xFF000000), UINT32_C(0x71000000));
+  base = bits_to_float((bias >> 1) + UINT32_C(0x07800000)) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & UINT32_C(0x00007C00)) + (bits & UINT32_C(0x00000FFF));
+  const uint32_t nan = keep_mask<uint32_t>(shl1_w > UINT32_C(0xFF000000));
+  return static_cast<uint16_t>((sign >> 16) | (UINT32_C(0x7E00) & nan) | (nonsign & ~nan));
+}
+
 // Storage <-> float without branches. S is the storage word: float, or uint16_t holding bf16 / fp16 bits.
 enum class Kind { F32, BF16, F16 };
 
@@ -69,7 +105,7 @@ inline float load(S v) {
   } else if constexpr (K == Kind::BF16) {
     return bits_to_float(static_cast<uint32_t>(v) << 16);
   } else {
-    return c10::detail::fp16_ieee_to_fp32_value(v);
+    return half_bits_to_float(v);
   }
 }
 
@@ -82,7 +118,7 @@ inline S store(float v) {
     const uint16_t r = static_cast<uint16_t>((u + UINT32_C(0x7FFF) + ((u >> 16) & 1u)) >> 16);
     return v != v ? static_cast<uint16_t>(0x7FC0) : r;
   } else {
-    return c10::detail::fp16_ieee_from_fp32_value(v);
+    return float_to_half_bits(v);
   }
 }
 
@@ -91,12 +127,6 @@ inline __attribute__((always_inline)) void forward_row_body(const S* __restrict_
                                                             float sc, float qn, float qp) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = store<K, S>(round_clamp_host(load<K>(x[i]) / sc, qn, qp) * sc);
-}
-
-// All-ones bits where `keep`, else zero: selections by masking, which vectorise where branches do not.
-template <typename U>
-inline U keep_mask(bool keep) {
-  return static_cast<U>(U(0) - static_cast<U>(keep));
 }
 
 // Returns the row's sum of the scale-gradient terms dy * (round(clamp(v)) - (inside ? v : 0)).

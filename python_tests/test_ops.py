@@ -189,6 +189,20 @@ def test_cpu_levels_divide_as_ieee_near_ties_and_bounds(level):
             test_nan_stays_in_its_channel("cpu", "cpu", dtype)
 
 
+@pytest.mark.skipif(not extension.HAS_CPU, reason="the C++ extension is not built")
+@pytest.mark.parametrize("level", CPU_LEVELS)
+@pytest.mark.parametrize("scale", [2.0 ** -24, 1.0, 4096.0], ids=["s2^-24", "s1", "s4096"])
+def test_cpu_fp16_every_half_value(level, scale):
+    """Every non-NaN float16 through the cpu backend's own fp16 conversions: subnormals (scale 2^-24 maps
+    them onto the integer grid, so y must equal x), the normal range, and results that overflow to inf."""
+    bits = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.float16)
+    x = x[~torch.isnan(x)]
+    dy = torch.linspace(-1, 1, x.numel()).to(torch.float16)
+    with extension.cpu_isa(level):
+        check(x, torch.tensor([scale]), dy, "cpu", 8, True, None)
+
+
 def test_cpu_isa_rejects_unknown_level():
     with pytest.raises(ValueError, match="level must be one of"):
         with extension.cpu_isa("sse9"):
