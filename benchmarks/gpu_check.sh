@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh [test|sanitize|bench|conflict|ddp|all] [extra pytest args...]
 # step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
-# BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py.
+# BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -36,6 +36,7 @@ if [[ $mode == sanitize || $mode == all ]]; then
 fi
 if [[ $mode == bench || $mode == all ]]; then
   python3 benchmarks/bench_kernels.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
+  python3 benchmarks/bench_compile_overhead.py --device cuda 2>&1 | tee "$out/compile_overhead.log" | grep -v Warn
 fi
 if [[ $mode == conflict || $mode == all ]]; then
   python3 benchmarks/bench_conflict.py --out "$out" 2>&1 | tee "$out/bench_conflict.log" | tail -20
