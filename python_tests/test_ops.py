@@ -488,3 +488,11 @@ def test_available_backends_tell_the_truth():
         y = gk.lsq_fake_quant(torch.ones(4, device=device), torch.ones(1, device=device), bits=4, signed=True,
                               backend=name)
         assert torch.equal(y.cpu(), torch.ones(4))
+
+
+def test_an_extension_from_older_sources_is_not_used():
+    """A stale gaqat_kernels._C (built before functions the Python side calls) would fail at the first call;
+    the loader checks for everything it needs and treats a stale build as absent, saying what is missing."""
+    assert extension._missing(object())[:2] == ["lsq_forward", "lsq_backward"]
+    if extension.HAS_CPU:
+        assert extension._missing(extension.MODULE) == [] and extension.LOAD_ERROR is None

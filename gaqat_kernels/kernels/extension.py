@@ -8,9 +8,28 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, List, Optional
 
+import torch
+
+# What the Python side calls; an extension built from older sources lacks some of it and is not used.
+_FUNCTIONS = ("lsq_forward", "lsq_backward", "lsq_fake_quant_autograd", "quant_input_conv2d_autograd",
+              "quant_input_linear_autograd", "conflict_update", "built_with_cuda", "cpu_isa_levels", "cpu_isa",
+              "set_cpu_isa")
+_OPERATORS = ("lsq_fake_quant_ext", "lsq_fake_quant_ext_backward")  # torch.ops.gaqat_kernels.*, from C++
+
+
+def _missing(module) -> list:
+    names = [f for f in _FUNCTIONS if not hasattr(module, f)]
+    return names + [f"torch.ops.gaqat_kernels.{op}" for op in _OPERATORS if not hasattr(torch.ops.gaqat_kernels, op)]
+
+
 try:
     from gaqat_kernels import _C as MODULE  # type: ignore[attr-defined]
     LOAD_ERROR: Optional[str] = None
+    _lacks = _missing(MODULE)
+    if _lacks:
+        LOAD_ERROR = (f"gaqat_kernels._C is from older sources (it lacks {', '.join(_lacks)}); rebuild it: "
+                      "pip install --no-build-isolation .")
+        MODULE = None
 except ImportError as e:  # not built, or built against another torch
     MODULE = None
     LOAD_ERROR = str(e)
