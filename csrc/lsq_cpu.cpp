@@ -7,13 +7,13 @@
 // Built with -ffp-contract=off: a fused multiply-add would change the fp16 conversion and the sums.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/Half.h>
 #include <c10/util/StringUtil.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -48,18 +48,6 @@ struct Plan {
 };
 
 // ------------------------------------------------------------------------------------------- row loops
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
 // All-ones bits where `keep`, else zero: selections by masking, which vectorise where branches do not.
 template <typename U>
 inline U keep_mask(bool keep) {
@@ -73,23 +61,24 @@ inline float half_bits_to_float(uint16_t h) {
   const uint32_t w = static_cast<uint32_t>(h) << 16;
   const uint32_t sign = w & UINT32_C(0x80000000);
   const uint32_t two_w = w + w;
-  const float exp_scale = bits_to_float(UINT32_C(15) << 23);  // 2^-112
-  const float normalized = bits_to_float((two_w >> 4) + (UINT32_C(0xE0) << 23)) * exp_scale;
-  const float denormalized = bits_to_float((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+  const float exp_scale = c10::bit_cast<float>(UINT32_C(15) << 23);  // 2^-112
+  const float normalized = c10::bit_cast<float>((two_w >> 4) + (UINT32_C(0xE0) << 23)) * exp_scale;
+  const float denormalized = c10::bit_cast<float>((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
   const uint32_t denormal = keep_mask<uint32_t>(two_w < (UINT32_C(1) << 27));
-  return bits_to_float(sign | (float_to_bits(denormalized) & denormal) | (float_to_bits(normalized) & ~denormal));
+  return c10::bit_cast<float>(sign | (c10::bit_cast<uint32_t>(denormalized) & denormal) |
+                              (c10::bit_cast<uint32_t>(normalized) & ~denormal));
 }
 
 inline uint16_t float_to_half_bits(float f) {
-  const float scale_to_inf = bits_to_float(UINT32_C(239) << 23);  // 2^112
-  const float scale_to_zero = bits_to_float(UINT32_C(17) << 23);  // 2^-110
+  const float scale_to_inf = c10::bit_cast<float>(UINT32_C(239) << 23);  // 2^112
+  const float scale_to_zero = c10::bit_cast<float>(UINT32_C(17) << 23);  // 2^-110
   float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
-  const uint32_t w = float_to_bits(f);
+  const uint32_t w = c10::bit_cast<uint32_t>(f);
   const uint32_t shl1_w = w + w;
   const uint32_t sign = w & UINT32_C(0x80000000);
   const uint32_t bias = std::max(shl1_w & UINT32_C(0xFF000000), UINT32_C(0x71000000));
-  base = bits_to_float((bias >> 1) + UINT32_C(0x07800000)) + base;
-  const uint32_t bits = float_to_bits(base);
+  base = c10::bit_cast<float>((bias >> 1) + UINT32_C(0x07800000)) + base;
+  const uint32_t bits = c10::bit_cast<uint32_t>(base);
   const uint32_t nonsign = ((bits >> 13) & UINT32_C(0x00007C00)) + (bits & UINT32_C(0x00000FFF));
   const uint32_t nan = keep_mask<uint32_t>(shl1_w > UINT32_C(0xFF000000));
   return static_cast<uint16_t>((sign >> 16) | (UINT32_C(0x7E00) & nan) | (nonsign & ~nan));
@@ -103,7 +92,7 @@ inline float load(S v) {
   if constexpr (K == Kind::F32) {
     return v;
   } else if constexpr (K == Kind::BF16) {
-    return bits_to_float(static_cast<uint32_t>(v) << 16);
+    return c10::bit_cast<float>(static_cast<uint32_t>(v) << 16);
   } else {
     return half_bits_to_float(v);
   }
@@ -114,7 +103,7 @@ inline S store(float v) {
   if constexpr (K == Kind::F32) {
     return v;
   } else if constexpr (K == Kind::BF16) {
-    const uint32_t u = float_to_bits(v);  // round to nearest even; NaN -> the canonical quiet NaN
+    const uint32_t u = c10::bit_cast<uint32_t>(v);  // round to nearest even; NaN -> the canonical quiet NaN
     const uint16_t r = static_cast<uint16_t>((u + UINT32_C(0x7FFF) + ((u >> 16) & 1u)) >> 16);
     return v != v ? static_cast<uint16_t>(0x7FC0) : r;
   } else {
@@ -142,11 +131,11 @@ inline __attribute__((always_inline)) float backward_row_body(const S* __restric
     const float r = round_clamp_host(v, qn, qp);
     const S d = dy[i];
     if constexpr (K == Kind::F32) {
-      dx[i] = bits_to_float(float_to_bits(d) & keep_mask<uint32_t>(inside));  // dy or +0.0
+      dx[i] = c10::bit_cast<float>(c10::bit_cast<uint32_t>(d) & keep_mask<uint32_t>(inside));  // dy or +0.0
     } else {
       dx[i] = static_cast<S>(d & keep_mask<uint16_t>(inside));
     }
-    acc += load<K>(d) * (r - bits_to_float(float_to_bits(v) & keep_mask<uint32_t>(inside)));
+    acc += load<K>(d) * (r - c10::bit_cast<float>(c10::bit_cast<uint32_t>(v) & keep_mask<uint32_t>(inside)));
   }
   return acc;
 }
@@ -189,21 +178,23 @@ struct Level {
   bool supported;
 };
 
-std::vector<Level> levels() {
-  std::vector<Level> out{{"baseline", &row_loops_baseline, true}};
+const std::vector<Level>& levels() {
+  static const std::vector<Level> all = [] {
+    std::vector<Level> out{{"baseline", &row_loops_baseline, true}};
 #if GAQAT_X86_LEVELS
-  __builtin_cpu_init();
-  out.push_back({"x86-64-v3", &row_loops_v3, __builtin_cpu_supports("x86-64-v3") != 0});
-  out.push_back({"x86-64-v4", &row_loops_v4, __builtin_cpu_supports("x86-64-v4") != 0});
+    __builtin_cpu_init();
+    out.push_back({"x86-64-v3", &row_loops_v3, __builtin_cpu_supports("x86-64-v3") != 0});
+    out.push_back({"x86-64-v4", &row_loops_v4, __builtin_cpu_supports("x86-64-v4") != 0});
 #endif
-  return out;
+    return out;
+  }();
+  return all;
 }
 
 const Level& best_level() {
-  static const std::vector<Level> all = levels();
   static const Level* best = [] {
-    const Level* b = &all[0];
-    for (const Level& l : all)
+    const Level* b = &levels()[0];
+    for (const Level& l : levels())
       if (l.supported) b = &l;
     return b;
   }();
@@ -216,7 +207,9 @@ const RowLoops& loops() { return g_loops != nullptr ? *g_loops : *best_level().l
 
 template <typename T>
 constexpr int kind_of() {
-  return std::is_same<T, float>::value ? 0 : (std::is_same<T, c10::BFloat16>::value ? 1 : 2);
+  return static_cast<int>(std::is_same<T, float>::value           ? Kind::F32
+                          : std::is_same<T, c10::BFloat16>::value ? Kind::BF16
+                                                                  : Kind::F16);
 }
 
 // ---------------------------------------------------------------------------------------------- kernels
