@@ -7,7 +7,10 @@ of CUDA-event timings (``triton.testing.do_bench``), launched eagerly ("eager": 
 the host is the bottleneck) and replayed from a CUDA graph ("graph": device time only). The floor is the
 copy-bandwidth time of the bytes that must move: 2 passes over the tensor forward, 5 forward+backward.
 
-    python benchmarks/bench_kernels.py --out bench_out [--quick]
+    python benchmarks/bench_kernels.py --out bench_out [--quick] [--impls triton cuda] [--division-variants]
+
+``--division-variants`` adds the cuda backend with each division forced (``extension.cuda_division``):
+"ieee" everywhere and the exact "fast" division everywhere, beside the default plan.
 
 Writes ``kernels.json`` and ``kernels.md`` into ``--out``.
 """
@@ -23,7 +26,10 @@ import time
 import torch
 import triton.testing
 
+import contextlib
+
 import gaqat_kernels as gk
+from gaqat_kernels.kernels.extension import cuda_division
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager, quant_bounds
 
 CASES = [  # name, shape, axis (None = per-tensor)
@@ -55,7 +61,7 @@ def builtin_fake_quant(bits, signed, axis):
     return f
 
 
-def implementations(bits, signed, axis, with_compile):
+def implementations(bits, signed, axis, with_compile, division_variants=False):
     impls = {
         "eager LSQ": lambda x, s: lsq_fake_quant_eager(x, s, bits=bits, signed=signed, axis=axis),
         "torch built-in": builtin_fake_quant(bits, signed, axis),
@@ -68,7 +74,18 @@ def implementations(bits, signed, axis, with_compile):
         if backend in gk.available_backends():
             impls[f"ours: {backend}"] = (
                 lambda x, s, b=backend: gk.lsq_fake_quant(x, s, bits=bits, signed=signed, axis=axis, backend=b))
+    if division_variants and "ours: cuda" in impls:
+        for mode in ("ieee", "fast"):
+            impls[f"ours: cuda {mode}-div"] = impls["ours: cuda"]
     return impls
+
+
+def division_of(impl: str):
+    """The forced CUDA division of a ``--division-variants`` implementation, else a no-op context."""
+    for mode in ("ieee", "fast"):
+        if impl.endswith(f"{mode}-div"):
+            return cuda_division(mode)
+    return contextlib.nullcontext()
 
 
 def make_inputs(shape, axis, dtype, bits, signed, copies):
@@ -142,6 +159,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--quick", action="store_true", help="fp32 and bf16, bits 4 only")
+    ap.add_argument("--impls", nargs="+", metavar="NAME",
+                    help="only implementations whose name contains one of these (e.g. triton cuda)")
+    ap.add_argument("--division-variants", action="store_true",
+                    help="also time the cuda backend with IEEE division and with the fast division forced")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bw = copy_bandwidth()
@@ -164,10 +185,15 @@ def main():
                 floor_fwd, floor_fb = 2 * nbytes / bw * 1e3, 5 * nbytes / bw * 1e3
                 copies = max(1, min(8, (256 << 20) // (2 * nbytes)))  # > L2 per cycle of sets
                 s, sets = make_inputs(shape, axis, dtype, bits, True, copies)
-                with_compile = bits == 4 and dname != "fp16"
-                for impl, fn in implementations(bits, True, axis, with_compile).items():
+                with_compile = bits == 4 and dname != "fp16" and (
+                    not args.impls or any(k in "torch.compile" for k in args.impls))
+                impls = implementations(bits, True, axis, with_compile, args.division_variants)
+                for impl, fn in impls.items():
+                    if args.impls and not any(k in impl for k in args.impls):
+                        continue
                     try:
-                        t = time_modes(fn, sets, s)
+                        with division_of(impl):
+                            t = time_modes(fn, sets, s)
                     except Exception as e:
                         print(f"  {impl}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
                         continue

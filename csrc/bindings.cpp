@@ -346,6 +346,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa_levels", &gaqat::cpu_isa_levels, "instruction-set levels of the CPU kernels this CPU can run");
   m.def("cpu_isa", &gaqat::cpu_isa, "the instruction-set level the CPU kernels use");
   m.def("set_cpu_isa", &gaqat::set_cpu_isa, "use this level of the CPU kernels (\"\" = the highest available)");
+#ifdef GAQAT_WITH_CUDA
+  m.def("set_cuda_division", &gaqat::set_cuda_division,
+        "division in the CUDA kernels: 0 the built-in plan, 1 IEEE always, 2 exact fast division where valid");
+#endif
 }
 
 TORCH_LIBRARY_FRAGMENT(gaqat_kernels, m) {

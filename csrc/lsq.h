@@ -30,6 +30,9 @@ void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& 
                       int64_t O, int64_t C, int64_t I, double qn, double qp);
 void lsq_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, at::Tensor& dx,
                        at::Tensor& ds, int64_t O, int64_t C, int64_t I, double qn, double qp, double g);
+// Division used by the CUDA kernels: 0 the built-in plan, 1 IEEE division always, 2 the exact fast division
+// wherever the scale allows (results are the same bits; tests and benchmarks compare them).
+void set_cuda_division(int64_t mode);
 // One step of the gradient-conflict tracker (conflict_cuda.cu); n_seg >= 1.
 void conflict_update_cuda(const at::Tensor& task, const at::Tensor& smooth, const at::Tensor& offsets,
                           at::Tensor& signs, at::Tensor& ema, at::Tensor& step, at::Tensor& counter,

@@ -26,6 +26,35 @@ __device__ __forceinline__ float round_clamp(float v, float qn, float qp) {
   return rintf(c);                                   // round half to even
 }
 
+// Scales whose reciprocal and quotients stay in float32's normal range (NaN is not among them): there the
+// quotient by multiplication plus one correction equals the IEEE quotient.
+__device__ __forceinline__ bool fast_div_ok(float s) {
+  const float a = fabsf(s);
+  return a >= 0x1p-100f && a <= 0x1p100f;
+}
+
+// x / s rounded to nearest; r = RN(1/s) is read only when FAST. FAST: q = RN(x * r) is within one ulp of
+// x / s, and RN(q + RN(x - q * s) * r), the residual exact through the fma, is the correctly rounded quotient
+// (Markstein's theorem; Handbook of Floating-Point Arithmetic, 2nd ed., Thm 4.14) while nothing over- or
+// underflows: scales pass fast_div_ok and an infinite q is the quotient. Explicit _rn intrinsics: nvcc must
+// not contract the product into the fma.
+template <bool FAST>
+__device__ __forceinline__ float divide(float x, float s, float r) {
+  if (FAST) {
+    const float q = __fmul_rn(x, r);
+    return fabsf(q) < INFINITY ? __fmaf_rn(__fmaf_rn(-q, s, x), r, q) : q;
+  }
+  return __fdiv_rn(x, s);
+}
+
+// Which division the kernels may use (set_cuda_division): 0 the plan's choice below, 1 IEEE always, 2 fast
+// wherever the scale allows it (tests and the division benchmark compare the three).
+int g_division_mode = 0;
+// The plan: fast division in the forward and in backward blocks that visit one tile; IEEE where a block loops.
+constexpr bool kFastForward = true;
+constexpr bool kFastBackwardOneTile = true;
+constexpr bool kFastBackwardLoop = false;
+
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
@@ -39,14 +68,26 @@ int num_sms() {
 }
 
 // ---------------------------------------------------------------------------------------------- forward
+template <bool FAST, typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> quantize_vec(const Vec<T, VEC>& in, float sc, float r, float qn, float qp) {
+  Vec<T, VEC> out;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    out.v[j] = static_cast<T>(round_clamp(divide<FAST>(static_cast<float>(in.v[j]), sc, r), qn, qp) * sc);
+  }
+  return out;
+}
+
 // Element p of the dense storage has channel (p / I) % C. The vector path needs I % VEC == 0, so every
 // vector lies in one channel and one division per vector suffices (32-bit when the index fits).
 template <typename T, int VEC, bool PER_TENSOR>
 __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__ x, const float* __restrict__ s,
                                                            T* __restrict__ y, int64_t n_vec, int64_t C, int64_t I,
-                                                           float qn, float qp, bool index32) {
+                                                           float qn, float qp, bool index32, bool allow_fast) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const float s0 = PER_TENSOR ? s[0] : 0.f;
+  const float r0 = PER_TENSOR ? __frcp_rn(s0) : 0.f;
+  const bool fast0 = PER_TENSOR && allow_fast && fast_div_ok(s0);
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < n_vec;
        base += stride * kUnroll) {
     Vec<T, VEC> in[kUnroll];
@@ -59,29 +100,28 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kThreads;
       if (k >= n_vec) continue;
-      float sc = s0;
+      float sc = s0, r = r0;
+      bool fast = fast0;
       if (!PER_TENSOR) {
         const int64_t p = k * VEC;
         sc = s[index32 ? (static_cast<uint32_t>(p) / static_cast<uint32_t>(I)) % static_cast<uint32_t>(C) : (p / I) % C];
+        r = __frcp_rn(sc);
+        fast = allow_fast && fast_div_ok(sc);
       }
-      Vec<T, VEC> out;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        out.v[j] = static_cast<T>(round_clamp(__fdiv_rn(static_cast<float>(in[u].v[j]), sc), qn, qp) * sc);
-      }
-      reinterpret_cast<Vec<T, VEC>*>(y)[k] = out;
+      reinterpret_cast<Vec<T, VEC>*>(y)[k] =
+          fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp);
     }
   }
 }
 
 // --------------------------------------------------------------------------------------------- backward
-template <typename T>
-__device__ __forceinline__ float lsq_grad(T xv, T dyv, float sc, float qn, float qp, T& dxv) {
-  const float v = __fdiv_rn(static_cast<float>(xv), sc);
+template <bool FAST, typename T>
+__device__ __forceinline__ float lsq_grad(T xv, T dyv, float sc, float r, float qn, float qp, T& dxv) {
+  const float v = divide<FAST>(static_cast<float>(xv), sc, r);
   const bool inside = v >= qn && v <= qp;
-  const float r = round_clamp(v, qn, qp);
+  const float q = round_clamp(v, qn, qp);
   dxv = inside ? dyv : static_cast<T>(0.f);
-  return static_cast<float>(dyv) * (r - (inside ? v : 0.f));
+  return static_cast<float>(dyv) * (q - (inside ? v : 0.f));
 }
 
 // Fixed-order block sum; the result is valid in thread 0.
@@ -100,56 +140,71 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
 }
 
 // Long rows (and per-tensor): block (c, split) walks tiles of channel c's rows; tile t is row t / tiles_i,
-// chunk t % tiles_i of kThreads * VEC * bwd_unroll(VEC) elements.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) lsq_bwd_row_kernel(
-    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
-    float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn, float qp,
-    float g, bool final_write) {
-  __shared__ float smem[kThreads / 32];
-  constexpr int U = bwd_unroll(VEC);
+// chunk t % tiles_i of kThreads * VEC * U elements (< 2^31: in-tile offsets are int). Returns this thread's
+// share of the sum.
+template <bool FAST, typename T, int VEC, int U>
+__device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                           float sc, float r, int64_t c, int64_t O, int64_t C, int64_t I,
+                                           int64_t tiles_i, int split, int n_splits, float qn, float qp) {
   constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
-  const int64_t c = blockIdx.x;
-  const int split = blockIdx.y;
-  const float sc = s[c];
   float acc = 0.f;
   for (int64_t t = split; t < O * tiles_i; t += n_splits) {
     const int64_t o = t / tiles_i, chunk = t % tiles_i;
-    const int64_t row = (o * C + c) * I;
-    const int64_t start = chunk * kTile;
+    const int64_t offset = (o * C + c) * I + chunk * kTile;
+    const T* xt = x + offset;
+    const T* gt = dy + offset;
+    T* dt = dx + offset;
+    const int n = static_cast<int>(::min(I - chunk * kTile, kTile));  // elements of this tile
     Vec<T, VEC> xv[U], gv[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t i = start + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
-      if (i + VEC <= I) {
-        xv[u] = *reinterpret_cast<const Vec<T, VEC>*>(x + row + i);
-        gv[u] = *reinterpret_cast<const Vec<T, VEC>*>(dy + row + i);
+      const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+      if (i + VEC <= n) {
+        xv[u] = *reinterpret_cast<const Vec<T, VEC>*>(xt + i);
+        gv[u] = *reinterpret_cast<const Vec<T, VEC>*>(gt + i);
       } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          xv[u].v[j] = i + j < I ? x[row + i + j] : static_cast<T>(0.f);
-          gv[u].v[j] = i + j < I ? dy[row + i + j] : static_cast<T>(0.f);
+          xv[u].v[j] = i + j < n ? xt[i + j] : static_cast<T>(0.f);
+          gv[u].v[j] = i + j < n ? gt[i + j] : static_cast<T>(0.f);
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t i = start + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * VEC;
+      const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
       Vec<T, VEC> d;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float term = lsq_grad(xv[u].v[j], gv[u].v[j], sc, qn, qp, d.v[j]);
-        acc += i + j < I ? term : 0.f;
+        const float term = lsq_grad<FAST>(xv[u].v[j], gv[u].v[j], sc, r, qn, qp, d.v[j]);
+        acc += i + j < n ? term : 0.f;
       }
-      if (i + VEC <= I) {
-        *reinterpret_cast<Vec<T, VEC>*>(dx + row + i) = d;
+      if (i + VEC <= n) {
+        *reinterpret_cast<Vec<T, VEC>*>(dt + i) = d;
       } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
-          if (i + j < I) dx[row + i + j] = d.v[j];
+          if (i + j < n) dt[i + j] = d.v[j];
       }
     }
   }
+  return acc;
+}
+
+// At most 64 registers: four blocks per SM, so 4 x 132 row blocks (a 512-channel conv weight) run in one wave.
+template <typename T, int VEC, int U>
+__global__ void __launch_bounds__(kThreads, 4) lsq_bwd_row_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
+    float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn, float qp,
+    float g, bool final_write, bool allow_fast) {
+  __shared__ float smem[kThreads / 32];
+  const int64_t c = blockIdx.x;
+  const int split = blockIdx.y;
+  const float sc = s[c];
+  const float r = __frcp_rn(sc);
+  float acc = allow_fast && fast_div_ok(sc)
+                  ? row_tiles<true, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp)
+                  : row_tiles<false, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp);
   acc = block_sum(acc, smem);
   if (threadIdx.x == 0) {
     if (final_write) out[c] = acc * g;
@@ -161,23 +216,11 @@ __global__ void __launch_bounds__(kThreads) lsq_bwd_row_kernel(
 // always sees position k of that span (channel k / I) and keeps its sums in registers across rows.
 constexpr int kSlots = kSmallRow / kThreads;
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) lsq_bwd_short_kernel(
-    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
-    float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t cb, int n_splits, float qn, float qp,
-    float g, bool final_write) {
-  __shared__ float sums[kSmallRow];
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * cb;
-  const int64_t nc = min(cb, C - c0);
-  const int64_t span = nc * I;
-  float acc[kSlots];
-  float sc[kSlots];
-#pragma unroll
-  for (int j = 0; j < kSlots; ++j) {
-    const int64_t k = j * kThreads + threadIdx.x;
-    acc[j] = 0.f;
-    sc[j] = k < span ? s[c0 + k / I] : 1.f;
-  }
+template <bool FAST, typename T>
+__device__ __forceinline__ void short_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                           const float (&sc)[kSlots], const float (&r)[kSlots], float (&acc)[kSlots],
+                                           int64_t c0, int64_t span, int64_t O, int64_t C, int64_t I, int n_splits,
+                                           float qn, float qp) {
   for (int64_t o = blockIdx.y; o < O; o += n_splits) {
     const int64_t base = (o * C + c0) * I;
 #pragma unroll
@@ -185,10 +228,37 @@ __global__ void __launch_bounds__(kThreads) lsq_bwd_short_kernel(
       const int64_t k = j * kThreads + threadIdx.x;
       if (k < span) {
         T d;
-        acc[j] += lsq_grad(x[base + k], dy[base + k], sc[j], qn, qp, d);
+        acc[j] += lsq_grad<FAST>(x[base + k], dy[base + k], sc[j], r[j], qn, qp, d);
         dx[base + k] = d;
       }
     }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lsq_bwd_short_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
+    float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t cb, int n_splits, float qn, float qp,
+    float g, bool final_write, bool allow_fast) {
+  __shared__ float sums[kSmallRow];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * cb;
+  const int64_t nc = min(cb, C - c0);
+  const int64_t span = nc * I;
+  float acc[kSlots], sc[kSlots], r[kSlots];
+  bool ok = true;
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int64_t k = j * kThreads + threadIdx.x;
+    acc[j] = 0.f;
+    sc[j] = k < span ? s[c0 + k / I] : 1.f;
+    r[j] = __frcp_rn(sc[j]);
+    ok = ok && fast_div_ok(sc[j]);
+  }
+  // One division variant for the whole block: a per-element choice would keep both in the loop.
+  if (__syncthreads_and(allow_fast && ok)) {
+    short_rows<true>(dy, x, dx, sc, r, acc, c0, span, O, C, I, n_splits, qn, qp);
+  } else {
+    short_rows<false>(dy, x, dx, sc, r, acc, c0, span, O, C, I, n_splits, qn, qp);
   }
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) sums[j * kThreads + threadIdx.x] = acc[j];
@@ -215,6 +285,9 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __r
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
+// Division per launch: fast (Markstein) where g_division_mode or, by default, the plan allows it.
+bool allow_fast(bool plan) { return g_division_mode == 2 || (g_division_mode == 0 && plan); }
+
 template <typename T>
 void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y, int64_t C, int64_t I, float qn,
                     float qp) {
@@ -231,11 +304,38 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   const float* sp = scale.data_ptr<float>();
   T* yp = y.data_ptr<T>();
   const bool i32 = n < (int64_t(1) << 32);
-  if (vec && per_tensor) lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32);
-  else if (vec) lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32);
-  else if (per_tensor) lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32);
-  else lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32);
+  const bool fast = allow_fast(kFastForward);
+  if (vec && per_tensor)
+    lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32, fast);
+  else if (vec)
+    lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32, fast);
+  else if (per_tensor)
+    lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32, fast);
+  else
+    lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32, fast);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Long rows: U vectors per thread per tile, or 1.5 U where that makes the row of a single-row channel (O == 1)
+// one tile: every load of the row is then in flight at once instead of a second, mostly idle round (a conv
+// weight's 4608-element rows). 1.5 U, not 2 U: twice the registers would halve the blocks per SM.
+template <typename T, int VEC>
+void launch_rows(const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp, const float* sp, T* dxp,
+                 float* outp, int64_t O, int64_t C, int64_t I, int n_splits, float qn, float qp, float g,
+                 bool final_write) {
+  constexpr int U = bwd_unroll(VEC);
+  constexpr int kWideU = U + U / 2;
+  constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
+  const int64_t tiles_i = (I + kTile - 1) / kTile;
+  if (O == 1 && I <= kTile * kWideU / U) {
+    const bool fast = allow_fast(kFastBackwardOneTile);
+    lsq_bwd_row_kernel<T, VEC, kWideU><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, 1, n_splits,
+                                                                      qn, qp, g, final_write, fast);
+  } else {
+    const bool fast = allow_fast(O * tiles_i <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
+    lsq_bwd_row_kernel<T, VEC, U><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits,
+                                                                 qn, qp, g, final_write, fast);
+  }
 }
 
 template <typename T>
@@ -268,20 +368,13 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   const float* sp = scale.data_ptr<float>();
   T* dxp = dx.data_ptr<T>();
   if (short_rows) {
+    const bool fast = allow_fast(O <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
     lsq_bwd_short_kernel<T><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb, n_splits, qn, qp, g,
-                                                           final_write);
+                                                           final_write, fast);
+  } else if (aligned16(x) && aligned16(dy) && aligned16(dx) && I % VEC == 0) {
+    launch_rows<T, VEC>(grid, stream, dyp, xp, sp, dxp, outp, O, C, I, n_splits, qn, qp, g, final_write);
   } else {
-    const bool vec = aligned16(x) && aligned16(dy) && aligned16(dx) && I % VEC == 0;
-    constexpr int64_t kTileV = static_cast<int64_t>(kThreads) * VEC * bwd_unroll(VEC);
-    constexpr int64_t kTile1 = static_cast<int64_t>(kThreads) * bwd_unroll(1);
-    if (vec)
-      lsq_bwd_row_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I,
-                                                                (I + kTileV - 1) / kTileV, n_splits, qn, qp, g,
-                                                                final_write);
-    else
-      lsq_bwd_row_kernel<T, 1><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I,
-                                                              (I + kTile1 - 1) / kTile1, n_splits, qn, qp, g,
-                                                              final_write);
+    launch_rows<T, 1>(grid, stream, dyp, xp, sp, dxp, outp, O, C, I, n_splits, qn, qp, g, final_write);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!final_write) {
@@ -291,6 +384,11 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 }
 
 }  // namespace
+
+void set_cuda_division(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "set_cuda_division: mode must be 0 (plan), 1 (IEEE) or 2 (fast), got ", mode);
+  g_division_mode = static_cast<int>(mode);
+}
 
 void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
                       int64_t O, int64_t C, int64_t I, double qn, double qp) {

@@ -206,6 +206,57 @@ def test_cpu_fp16_every_half_value(level, scale):
 def test_cpu_isa_rejects_unknown_level():
     with pytest.raises(ValueError, match="level must be one of"):
         with extension.cpu_isa("sse9"):
+CUDA_KERNEL_PATHS = [  # (shape, axis): which CUDA backward kernel, and how its blocks walk the rows
+    pytest.param((40, 700), 0, id="short-rows"),
+    pytest.param((40, 600, 100), 1, id="short-rows-looped"),
+    pytest.param((20, 4608), 0, id="conv-rows-one-wide-tile"),
+    pytest.param((300, 4096), 0, id="rows-one-tile"),
+    pytest.param((5, 20000), 0, id="long-rows-split"),
+    pytest.param((300, 4, 2048), 1, id="rows-looped"),
+    pytest.param((20, 4601), 0, id="odd-rows-scalar"),
+    pytest.param((70001,), None, id="per-tensor-split"),
+    pytest.param((4_400_000,), None, id="per-tensor-looped"),
+    pytest.param((4_400_001,), None, id="per-tensor-looped-scalar"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in gk.available_backends()),
+                    reason="needs the CUDA extension and a GPU")
+@pytest.mark.parametrize("mode", ["plan", "ieee", "fast"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis", CUDA_KERNEL_PATHS)
+def test_cuda_division_modes_divide_as_ieee(mode, dtype, shape, axis):
+    """Every CUDA kernel path in every division mode gives the oracle's bits, on inputs a few ulps around the
+    ties and clamp bounds of scales that are not powers of two (the only inputs where a division error shows)."""
+    from gaqat_kernels.kernels.extension import cuda_division
+
+    bits, signed = 4, True
+    qn, qp = quant_bounds(bits, signed)
+    gen = torch.Generator().manual_seed(hash((shape, axis)) % 2**31)
+    channels = 1 if axis is None else shape[axis]
+    scales = torch.rand(channels, generator=gen) * 0.2 + 1e-3
+    scales[: min(3, channels)] = (torch.tensor([1.0, 0.25, 2.0 ** -7])[: min(3, channels)].view(torch.int32) - 1
+                                  ).view(torch.float32)
+    points = torch.tensor([k + 0.5 for k in range(qn - 2, qp + 2)] + [qn, qp], dtype=torch.float64)
+    near = _near((points[None, :] * scales.double()[:, None]).float(), 3)  # (channels, values)
+    per_row = math.prod(shape) // channels
+    pick = torch.randint(near.shape[1], (channels, per_row), generator=gen)
+    rows = torch.gather(near, 1, pick)  # each channel's values, in random order
+    ax = 0 if axis is None else axis % len(shape)
+    moved = [shape[ax]] + [d for i, d in enumerate(shape) if i != ax]
+    x = rows.reshape(moved).movedim(0, ax).contiguous().to(dtype).cuda()
+    dy = torch.randn(shape, generator=gen).to(dtype).cuda()
+    s = scales.cuda()
+    with cuda_division(mode):
+        check(x, s, dy, "cuda", bits, signed, axis)
+
+
+def test_cuda_division_rejects_unknown_mode():
+    from gaqat_kernels.kernels.extension import cuda_division
+
+    with pytest.raises(ValueError, match="mode must be one of"):
+        with cuda_division("approximate"):
             pass
 
 

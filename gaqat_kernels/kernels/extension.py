@@ -54,3 +54,23 @@ def cpu_isa(level: str) -> Iterator[None]:
         yield
     finally:
         MODULE.set_cpu_isa("")
+
+
+_DIVISION_MODES = {"plan": 0, "ieee": 1, "fast": 2}
+
+
+@contextlib.contextmanager
+def cuda_division(mode: str) -> Iterator[None]:
+    """Within the block, the CUDA kernels divide as ``mode`` says: ``"plan"`` (the default choice per launch),
+    ``"ieee"`` (IEEE division everywhere) or ``"fast"`` (the exact multiply-and-correct division wherever the
+    scale lies in its range). Results are the same bits in every mode; tests check that and the division
+    benchmark times the modes side by side. Not thread-safe: it sets a process-wide switch."""
+    if mode not in _DIVISION_MODES:
+        raise ValueError(f"cuda_division: mode must be one of {sorted(_DIVISION_MODES)}, got {mode!r}")
+    if not HAS_CUDA:
+        raise RuntimeError("cuda_division: the extension was built without CUDA")
+    MODULE.set_cuda_division(_DIVISION_MODES[mode])
+    try:
+        yield
+    finally:
+        MODULE.set_cuda_division(0)
