@@ -316,26 +316,30 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Long rows: U vectors per thread per tile, or 1.5 U where that makes the row of a single-row channel (O == 1)
+// Tiles of long rows: U vectors per thread, or 1.5 U where that makes the row of a single-row channel (O == 1)
 // one tile: every load of the row is then in flight at once instead of a second, mostly idle round (a conv
 // weight's 4608-element rows). 1.5 U, not 2 U: twice the registers would halve the blocks per SM.
+template <int VEC>
+struct RowTiles {
+  static constexpr int U = bwd_unroll(VEC);
+  static constexpr int kWideU = U + U / 2;
+  static constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
+  bool wide;
+  int64_t tiles_i;  // tiles per row
+  RowTiles(int64_t O, int64_t I) : wide(O == 1 && I <= kTile * kWideU / U), tiles_i(wide ? 1 : (I + kTile - 1) / kTile) {}
+};
+
 template <typename T, int VEC>
-void launch_rows(const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp, const float* sp, T* dxp,
-                 float* outp, int64_t O, int64_t C, int64_t I, int n_splits, float qn, float qp, float g,
-                 bool final_write) {
-  constexpr int U = bwd_unroll(VEC);
-  constexpr int kWideU = U + U / 2;
-  constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
-  const int64_t tiles_i = (I + kTile - 1) / kTile;
-  if (O == 1 && I <= kTile * kWideU / U) {
-    const bool fast = allow_fast(kFastBackwardOneTile);
-    lsq_bwd_row_kernel<T, VEC, kWideU><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, 1, n_splits,
-                                                                      qn, qp, g, final_write, fast);
-  } else {
-    const bool fast = allow_fast(O * tiles_i <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
-    lsq_bwd_row_kernel<T, VEC, U><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits,
-                                                                 qn, qp, g, final_write, fast);
-  }
+void launch_rows(const RowTiles<VEC>& tiles, const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp,
+                 const float* sp, T* dxp, float* outp, int64_t O, int64_t C, int64_t I, int n_splits, float qn,
+                 float qp, float g, bool final_write) {
+  const bool fast = allow_fast(O * tiles.tiles_i <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
+  if (tiles.wide)
+    lsq_bwd_row_kernel<T, VEC, RowTiles<VEC>::kWideU><<<grid, kThreads, 0, stream>>>(
+        dyp, xp, sp, dxp, outp, O, C, I, 1, n_splits, qn, qp, g, final_write, fast);
+  else
+    lsq_bwd_row_kernel<T, VEC, RowTiles<VEC>::U><<<grid, kThreads, 0, stream>>>(
+        dyp, xp, sp, dxp, outp, O, C, I, tiles.tiles_i, n_splits, qn, qp, g, final_write, fast);
 }
 
 template <typename T>
@@ -345,6 +349,9 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   const int64_t sms = num_sms();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool short_rows = C > 1 && I <= kSmallRow;
+  const bool vec = aligned16(x) && aligned16(dy) && aligned16(dx) && I % VEC == 0;
+  const RowTiles<VEC> vec_tiles(O, I);
+  const RowTiles<1> scalar_tiles(O, I);
   int64_t blocks_c, work_per_c, cb = 1;
   if (short_rows) {
     cb = std::max<int64_t>(1, kSmallRow / I);
@@ -352,8 +359,7 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     work_per_c = O;
   } else {
     blocks_c = C;
-    const int64_t tile = static_cast<int64_t>(kThreads) * VEC * bwd_unroll(VEC);
-    work_per_c = O * ((I + tile - 1) / tile);
+    work_per_c = O * (vec ? vec_tiles.tiles_i : scalar_tiles.tiles_i);
   }
   const int n_splits = blocks_c >= 2 * sms
                            ? 1
@@ -371,10 +377,10 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     const bool fast = allow_fast(O <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
     lsq_bwd_short_kernel<T><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb, n_splits, qn, qp, g,
                                                            final_write, fast);
-  } else if (aligned16(x) && aligned16(dy) && aligned16(dx) && I % VEC == 0) {
-    launch_rows<T, VEC>(grid, stream, dyp, xp, sp, dxp, outp, O, C, I, n_splits, qn, qp, g, final_write);
+  } else if (vec) {
+    launch_rows<T, VEC>(vec_tiles, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, n_splits, qn, qp, g, final_write);
   } else {
-    launch_rows<T, 1>(grid, stream, dyp, xp, sp, dxp, outp, O, C, I, n_splits, qn, qp, g, final_write);
+    launch_rows<T, 1>(scalar_tiles, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, n_splits, qn, qp, g, final_write);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!final_write) {
