@@ -206,6 +206,9 @@ def test_cpu_fp16_every_half_value(level, scale):
 def test_cpu_isa_rejects_unknown_level():
     with pytest.raises(ValueError, match="level must be one of"):
         with extension.cpu_isa("sse9"):
+            pass
+
+
 CUDA_KERNEL_PATHS = [  # (shape, axis): which CUDA backward kernel, and how its blocks walk the rows
     pytest.param((40, 700), 0, id="short-rows"),
     pytest.param((40, 600, 100), 1, id="short-rows-looped"),
