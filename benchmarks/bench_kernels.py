@@ -6,6 +6,8 @@ quant (``torch._fake_quantize_learnable_per_{channel,tensor}_affine``), ``torch.
 of CUDA-event timings (``triton.testing.do_bench``), launched eagerly ("eager": includes host overhead when
 the host is the bottleneck) and replayed from a CUDA graph ("graph": device time only). The floor is the
 copy-bandwidth time of the bytes that must move: 2 passes over the tensor forward, 5 forward+backward.
+"bound: same bytes in torch" is not LSQ: PyTorch's copy and multiply kernels moving exactly those bytes, the
+practical floor at each size (launch and tail included).
 
     python benchmarks/bench_kernels.py --out bench_out [--quick] [--impls triton cuda] [--division-variants]
 
@@ -61,8 +63,39 @@ def builtin_fake_quant(bits, signed, axis):
     return f
 
 
+class _SameBytes(torch.autograd.Function):
+    """Not LSQ: PyTorch's own elementwise kernels moving the bytes of the floor (forward: copy x into y;
+    backward: dx = x * dy). What a plain memory-bound kernel reaches at this size, launch and tail included:
+    the practical floor beside the copy-bandwidth one. The scale gradient is a preallocated zero (no launch)."""
+
+    @staticmethod
+    def forward(ctx, x, s, zero_ds):
+        ctx.save_for_backward(x)
+        ctx.zero_ds = zero_ds
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return torch.mul(x, dy), ctx.zero_ds, None
+
+
+SAME_BYTES = "bound: same bytes in torch"
+
+
+def same_bytes():
+    zeros = {}
+
+    def f(x, s):
+        if s not in zeros:  # made on the first (warm-up) call, outside any graph capture
+            zeros[s] = torch.zeros_like(s)
+        return _SameBytes.apply(x, s, zeros[s])
+    return f
+
+
 def implementations(bits, signed, axis, with_compile, division_variants=False):
     impls = {
+        SAME_BYTES: same_bytes(),
         "eager LSQ": lambda x, s: lsq_fake_quant_eager(x, s, bits=bits, signed=signed, axis=axis),
         "torch built-in": builtin_fake_quant(bits, signed, axis),
     }
@@ -99,8 +132,9 @@ def make_inputs(shape, axis, dtype, bits, signed, copies):
     return s.requires_grad_(), sets
 
 
-def time_modes(fn, sets, s):
-    """(eager_fwd, eager_fwdbwd, graph_fwd, graph_fwdbwd) medians in ms, cycling input sets (cold L2)."""
+def time_modes(fn, sets, s, eager=True):
+    """(eager_fwd, eager_fwdbwd, graph_fwd, graph_fwdbwd) medians in ms, cycling input sets (cold L2);
+    the eager pair is NaN when not ``eager``."""
     state = {"i": 0}
 
     def fwd():
@@ -117,7 +151,7 @@ def time_modes(fn, sets, s):
 
     out = []
     for f in (fwd, fwd_bwd):
-        out.append(triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median"))
+        out.append(triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median") if eager else float("nan"))
     for f in (fwd, fwd_bwd):
         try:
             out.append(_graph_time(f, len(sets)))
@@ -189,7 +223,7 @@ def main():
                     not args.impls or any(k in "torch.compile" for k in args.impls))
                 impls = implementations(bits, True, axis, with_compile, args.division_variants)
                 for impl, fn in impls.items():
-                    if args.impls and not any(k in impl for k in args.impls):
+                    if args.impls and impl != SAME_BYTES and not any(k in impl for k in args.impls):
                         continue
                     try:
                         with division_of(impl):
