@@ -49,8 +49,9 @@ def main():
                 if knobs is None:
                     fn = same_bytes()
                 else:
-                    triton_lsq._TILE_BYTES, triton_lsq._NUM_WARPS, triton_lsq._SPLIT_PROGRAMS_PER_SM = knobs
-                    triton_lsq._plan.cache_clear()
+                    tile, triton_lsq._NUM_WARPS, splits = knobs
+                    triton_lsq._TILE_BYTES = {dtype.itemsize: tile}
+                    triton_lsq._SPLIT_PROGRAMS_PER_SM = {dtype.itemsize: splits}
                     fn = (lambda x, s_: gk.lsq_fake_quant(x, s_, bits=args.bits, signed=True, axis=axis,
                                                           backend="triton"))
                 t = time_modes(fn, sets, s, eager=False)

@@ -192,13 +192,21 @@ def _sum_partials_kernel(part_ptr, ds_ptr, C, n_splits, g, BLOCK_C: tl.constexpr
 # the forward gains 0-4%; the backward gains 17% on whole-row conv-weight tiles but loses 1-7% where its loop
 # runs over several tiles, so the backward plan decides (``_plan``).
 _FAST_DIV_FORWARD = True
-_TILE_BYTES = 16384  # per tile and tensor: 64 bytes per thread at 8 warps, four 16-byte accesses in flight
-_NUM_WARPS = 8  # measured on H100: fewer warps for small tiles made the 2.4M-element case slower
-_SPLIT_PROGRAMS_PER_SM = 8  # programs per SM when a channel block's tiles are split (per-tensor, few channels)
+# Launch constants by element size, measured on H100 (``benchmarks/tune_triton.py``, RESULTS.md). Tile bytes
+# per tensor: fp32 16 KB (64 bytes per thread at 8 warps); 16-bit 8 KB, whose backward ran 6-9% faster than
+# with 16 KB (fewer registers per thread, more programs resident). Split programs per SM, for channel blocks
+# whose tiles are split over programs (per-tensor): 16-bit 4, 2% faster than 8 on the large activations.
+_TILE_BYTES = {4: 16384, 2: 8192}
+_SPLIT_PROGRAMS_PER_SM = {4: 8, 2: 4}
+_NUM_WARPS = 8  # measured on H100: 4 warps made every backward slower, by up to 3x with large tiles
 
 
 def _tile(x: Tensor) -> int:
-    return _TILE_BYTES // x.element_size()
+    return _TILE_BYTES.get(x.element_size(), 16384) // x.element_size()
+
+
+def _splits_per_sm(x: Tensor) -> int:
+    return _SPLIT_PROGRAMS_PER_SM.get(x.element_size(), 8)
 
 
 def _block_i(inner: int, tile: int) -> int:
@@ -233,7 +241,7 @@ def _tile_shape(C: int, I: int, tile: int) -> Tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(O: int, C: int, I: int, sms: int, tile: int) -> Tuple[int, int, int, int, int, bool]:
+def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int) -> Tuple[int, int, int, int, int, bool]:
     """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div)``.
 
     One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
@@ -254,7 +262,7 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int) -> Tuple[int, int, int, i
         return bc, bi, tiles_i, num_cb, 1, False
     bc = max_bc
     num_cb = triton.cdiv(C, bc)
-    n_splits = max(1, min(tiles, triton.cdiv(_SPLIT_PROGRAMS_PER_SM * sms, num_cb)))
+    n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
     return bc, bi, tiles_i, num_cb, n_splits, False
 
 
@@ -299,7 +307,7 @@ def backward(
     if x.numel() == 0:
         ds.zero_()
         return
-    bc, bi, tiles_i, num_cb, n_splits, fast_div = _plan(O, C, I, _device_sms(x), _tile(x))
+    bc, bi, tiles_i, num_cb, n_splits, fast_div = _plan(O, C, I, _device_sms(x), _tile(x), _splits_per_sm(x))
     _check_int32(bc, I)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
