@@ -19,6 +19,7 @@ Writes ``kernels.json`` and ``kernels.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -195,6 +196,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fp32 and bf16, bits 4 only")
     ap.add_argument("--impls", nargs="+", metavar="NAME",
                     help="only implementations whose name contains one of these (e.g. triton cuda)")
+    ap.add_argument("--cases", nargs="+", metavar="NAME", help="only cases whose name contains one of these")
     ap.add_argument("--division-variants", action="store_true",
                     help="also time the cuda backend with IEEE division and with the fast division forced")
     args = ap.parse_args()
@@ -209,6 +211,8 @@ def main():
     dtypes = ["fp32", "bf16"] if args.quick else ["fp32", "bf16", "fp16"]
     bit_list = [4] if args.quick else [4, 3]
     for name, shape, axis in CASES:
+        if args.cases and not any(k in name for k in args.cases):
+            continue
         for dname in dtypes:
             for bits in bit_list:
                 dtype = DTYPES[dname]
@@ -231,6 +235,9 @@ def main():
                     except Exception as e:
                         print(f"  {impl}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
                         continue
+                    finally:  # a failed capture (eager LSQ on the largest cases) must not starve the next
+                        gc.collect()
+                        torch.cuda.empty_cache()
                     row = dict(case=name, shape=list(shape), axis=axis, dtype=dname, bits=bits, impl=impl,
                                numel=numel, floor_fwd_ms=floor_fwd, floor_fwdbwd_ms=floor_fb,
                                eager_fwd_ms=t[0], eager_fwdbwd_ms=t[1], graph_fwd_ms=t[2], graph_fwdbwd_ms=t[3])

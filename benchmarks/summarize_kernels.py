@@ -1,6 +1,8 @@
 """Condenses a kernels.json from bench_kernels.py into one markdown row per case: ×floor of each implementation.
 
-    python benchmarks/summarize_kernels.py benchmarks/results/kernels_h100_<commit>.json [--mode graph|eager]
+    python benchmarks/summarize_kernels.py benchmarks/results/kernels_h100_<commit>.json [more.json ...] [--mode graph|eager]
+
+Rows of a later file replace those of an earlier one with the same case, dtype, bits and implementation.
 """
 import argparse
 import json
@@ -9,11 +11,16 @@ import math
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("path")
+    ap.add_argument("paths", nargs="+")
     ap.add_argument("--mode", default="graph", choices=["graph", "eager"])
     args = ap.parse_args()
-    data = json.load(open(args.path))
-    rows = data["rows"]
+    merged = {}
+    for path in args.paths:
+        data = json.load(open(path))
+        for r in data["rows"]:
+            merged[(r["case"], r["dtype"], r["bits"], r["impl"])] = r
+    data = json.load(open(args.paths[0]))
+    rows = list(merged.values())  # a replaced row keeps its place
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     groups = {}
     for r in rows:

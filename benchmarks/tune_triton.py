@@ -4,7 +4,10 @@ For each setting, the forward and forward+backward device time (CUDA-graph repla
 benchmark's cases, as multiples of the copy-bandwidth floor, beside PyTorch's same-bytes bound. The
 constants are module globals of ``triton_lsq``; this script only sets them for its own process.
 
-    python benchmarks/tune_triton.py --out bench_out [--dtypes bf16] [--tiles 8192 16384 32768] [--warps 4 8]
+    python benchmarks/tune_triton.py --out bench_out [--cases conv] [--dtypes bf16] [--tiles 8192 16384]
+        [--warps 4 8] [--splits 4 8] [--row-warps 8 16]
+
+A knob left out keeps the package's value for the dtype.
 """
 from __future__ import annotations
 
@@ -28,37 +31,49 @@ def main():
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--tiles", nargs="+", type=int, default=[8192, 16384, 32768], help="tile bytes per tensor")
-    ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
-    ap.add_argument("--splits", nargs="+", type=int, default=[4, 8], help="split programs per SM")
+    ap.add_argument("--cases", nargs="+", default=None, help="only cases whose name contains one of these")
+    ap.add_argument("--tiles", nargs="+", type=int, default=[None], help="tile bytes per tensor")
+    ap.add_argument("--warps", nargs="+", type=int, default=[None])
+    ap.add_argument("--splits", nargs="+", type=int, default=[None], help="split programs per SM")
+    ap.add_argument("--row-warps", nargs="+", type=int, default=[None], help="warps of one-tile backward rows")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bw = copy_bandwidth()
     rows = []
+    defaults = (dict(triton_lsq._TILE_BYTES), triton_lsq._NUM_WARPS, dict(triton_lsq._SPLIT_PROGRAMS_PER_SM),
+                triton_lsq._ROW_TILE_WARPS)
     for name, shape, axis in CASES:
+        if args.cases and not any(k in name for k in args.cases):
+            continue
         for dname in args.dtypes:
             dtype = DTYPES[dname]
             numel = torch.Size(shape).numel()
             floor_fwd, floor_fb = 2 * numel * dtype.itemsize / bw * 1e3, 5 * numel * dtype.itemsize / bw * 1e3
             copies = max(1, min(8, (256 << 20) // (2 * numel * dtype.itemsize)))
             s, sets = make_inputs(shape, axis, dtype, args.bits, True, copies)
-            settings = [(SAME_BYTES, None)] + [
-                (f"tile {t} B, {w} warps, {p} splits/SM", (t, w, p))
-                for t, w, p in itertools.product(args.tiles, args.warps, args.splits)]
+            size = dtype.itemsize
+            settings = [(SAME_BYTES, None)]
+            for t, w, p, rw in itertools.product(args.tiles, args.warps, args.splits, args.row_warps):
+                t = defaults[0][size] if t is None else t
+                w = defaults[1] if w is None else w
+                p = defaults[2][size] if p is None else p
+                rw = defaults[3] if rw is None else rw
+                settings.append((f"tile {t} B, {w} warps, {p} splits/SM, rows {rw} warps", (t, w, p, rw)))
             for label, knobs in settings:
                 if knobs is None:
                     fn = same_bytes()
                 else:
-                    tile, triton_lsq._NUM_WARPS, splits = knobs
-                    triton_lsq._TILE_BYTES = {dtype.itemsize: tile}
-                    triton_lsq._SPLIT_PROGRAMS_PER_SM = {dtype.itemsize: splits}
+                    tile, triton_lsq._NUM_WARPS, splits, triton_lsq._ROW_TILE_WARPS = knobs
+                    triton_lsq._TILE_BYTES = {size: tile}
+                    triton_lsq._SPLIT_PROGRAMS_PER_SM = {size: splits}
+                    triton_lsq._plan.cache_clear()  # it reads the warp constants
                     fn = (lambda x, s_: gk.lsq_fake_quant(x, s_, bits=args.bits, signed=True, axis=axis,
                                                           backend="triton"))
                 t = time_modes(fn, sets, s, eager=False)
                 row = dict(case=name, dtype=dname, setting=label, graph_fwd_x=t[2] / floor_fwd,
                            graph_fwdbwd_x=t[3] / floor_fb, graph_bwd_x=(t[3] - t[2]) / (floor_fb - floor_fwd))
                 rows.append(row)
-                print(f"{name:38s} {dname} {label:34s} x floor: fwd {row['graph_fwd_x']:.3f}  "
+                print(f"{name:38s} {dname} {label:48s} x floor: fwd {row['graph_fwd_x']:.3f}  "
                       f"bwd {row['graph_bwd_x']:.3f}  fwd+bwd {row['graph_fwdbwd_x']:.3f}", flush=True)
             del sets
             torch.cuda.empty_cache()

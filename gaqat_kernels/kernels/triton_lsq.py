@@ -199,6 +199,7 @@ _FAST_DIV_FORWARD = True
 _TILE_BYTES = {4: 16384, 2: 8192}
 _SPLIT_PROGRAMS_PER_SM = {4: 8, 2: 4}
 _NUM_WARPS = 8  # measured on H100: 4 warps made every backward slower, by up to 3x with large tiles
+_ROW_TILE_WARPS = 8  # the backward's one-tile rows (conv weights)
 
 
 def _tile(x: Tensor) -> int:
@@ -241,8 +242,8 @@ def _tile_shape(C: int, I: int, tile: int) -> Tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int) -> Tuple[int, int, int, int, int, bool]:
-    """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div)``.
+def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int) -> Tuple[int, int, int, int, int, bool, int]:
+    """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div, num_warps)``.
 
     One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
     otherwise each channel block's tiles are split over ``n_splits`` programs and summed by a second kernel.
@@ -258,12 +259,12 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int) -> Tu
             # One program per channel and a short row (a conv weight's 4608): one tile covers the row, so the
             # program waits for memory once instead of once per row block; the masked tail costs only issue,
             # which the fast division pays back.
-            return bc, triton.next_power_of_2(I), 1, num_cb, 1, True
-        return bc, bi, tiles_i, num_cb, 1, False
+            return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, _ROW_TILE_WARPS
+        return bc, bi, tiles_i, num_cb, 1, False, _NUM_WARPS
     bc = max_bc
     num_cb = triton.cdiv(C, bc)
     n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
-    return bc, bi, tiles_i, num_cb, n_splits, False
+    return bc, bi, tiles_i, num_cb, n_splits, False, _NUM_WARPS
 
 
 def _even(C: int, I: int, block_c: int, block_i: int) -> bool:
@@ -307,14 +308,14 @@ def backward(
     if x.numel() == 0:
         ds.zero_()
         return
-    bc, bi, tiles_i, num_cb, n_splits, fast_div = _plan(O, C, I, _device_sms(x), _tile(x), _splits_per_sm(x))
+    bc, bi, tiles_i, num_cb, n_splits, fast_div, num_warps = _plan(O, C, I, _device_sms(x), _tile(x), _splits_per_sm(x))
     _check_int32(bc, I)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
     _lsq_bwd_kernel[(num_cb, n_splits)](
         x, dy, scale, dx, out, C, I, tiles_i, O * tiles_i, n_splits, float(qn), float(qp), float(g),
         BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=_even(C, I, bc, bi), FAST_DIV=fast_div,
-        num_warps=_NUM_WARPS,
+        num_warps=num_warps,
     )
     if not final:
         block_c = min(triton.next_power_of_2(C), 256)
