@@ -41,7 +41,7 @@ def main():
     bw = copy_bandwidth()
     rows = []
     defaults = (dict(triton_lsq._TILE_BYTES), triton_lsq._NUM_WARPS, dict(triton_lsq._SPLIT_PROGRAMS_PER_SM),
-                triton_lsq._ROW_TILE_WARPS)
+                dict(triton_lsq._ROW_TILE_WARPS))
     for name, shape, axis in CASES:
         if args.cases and not any(k in name for k in args.cases):
             continue
@@ -57,16 +57,17 @@ def main():
                 t = defaults[0][size] if t is None else t
                 w = defaults[1] if w is None else w
                 p = defaults[2][size] if p is None else p
-                rw = defaults[3] if rw is None else rw
+                rw = defaults[3][size] if rw is None else rw
                 settings.append((f"tile {t} B, {w} warps, {p} splits/SM, rows {rw} warps", (t, w, p, rw)))
             for label, knobs in settings:
                 if knobs is None:
                     fn = same_bytes()
                 else:
-                    tile, triton_lsq._NUM_WARPS, splits, triton_lsq._ROW_TILE_WARPS = knobs
+                    tile, triton_lsq._NUM_WARPS, splits, row_warps = knobs
                     triton_lsq._TILE_BYTES = {size: tile}
                     triton_lsq._SPLIT_PROGRAMS_PER_SM = {size: splits}
-                    triton_lsq._plan.cache_clear()  # it reads the warp constants
+                    triton_lsq._ROW_TILE_WARPS = {size: row_warps}
+                    triton_lsq._plan.cache_clear()  # it reads _NUM_WARPS
                     fn = (lambda x, s_: gk.lsq_fake_quant(x, s_, bits=args.bits, signed=True, axis=axis,
                                                           backend="triton"))
                 t = time_modes(fn, sets, s, eager=False)
