@@ -14,9 +14,10 @@ def main():
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--mode", default="graph", choices=["graph", "eager"])
     args = ap.parse_args()
-    merged = {}
+    merged, commits = {}, []
     for path in args.paths:
         data = json.load(open(path))
+        commits.append(data["meta"]["commit"])
         for r in data["rows"]:
             merged[(r["case"], r["dtype"], r["bits"], r["impl"])] = r
     data = json.load(open(args.paths[0]))
@@ -26,7 +27,7 @@ def main():
     for r in rows:
         groups.setdefault((r["case"], r["dtype"], r["bits"]), {})[r["impl"]] = r
     print(f"fwd+bwd time / floor ({args.mode}); floor = 5 passes at the measured copy bandwidth "
-          f"({data['meta']['copy_bandwidth_GBps']:.0f} GB/s); {data['meta']['device']}, commit {data['meta']['commit']}\n")
+          f"({data['meta']['copy_bandwidth_GBps']:.0f} GB/s); {data['meta']['device']}, commit {' + '.join(dict.fromkeys(commits))}\n")
     print("| case | dtype | bits | floor µs | " + " | ".join(impls) + " | best of ours vs best peer |")
     print("|---|---|---|---|" + "---|" * (len(impls) + 1))
     for (case, dtype, bits), by_impl in groups.items():
