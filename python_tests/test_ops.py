@@ -234,7 +234,14 @@ def test_cuda_division_modes_divide_as_ieee(mode, dtype, shape, axis):
     ties and clamp bounds of scales that are not powers of two (the only inputs where a division error shows)."""
     from gaqat_kernels.kernels.extension import cuda_division
 
-    bits, signed = 4, True
+    x, s, dy = _near_tie_case(shape, axis, dtype, "cuda")
+    with cuda_division(mode):
+        check(x, s, dy, "cuda", 4, True, axis)
+
+
+def _near_tie_case(shape, axis, dtype, device, bits=4, signed=True):
+    """(x, s, dy): every channel's values a few ulps around its scale's ties and clamp bounds, in random order;
+    scales that are not powers of two, the first three with all-ones significands."""
     qn, qp = quant_bounds(bits, signed)
     gen = torch.Generator().manual_seed(hash((shape, axis)) % 2**31)
     channels = 1 if axis is None else shape[axis]
@@ -248,11 +255,36 @@ def test_cuda_division_modes_divide_as_ieee(mode, dtype, shape, axis):
     rows = torch.gather(near, 1, pick)  # each channel's values, in random order
     ax = 0 if axis is None else axis % len(shape)
     moved = [shape[ax]] + [d for i, d in enumerate(shape) if i != ax]
-    x = rows.reshape(moved).movedim(0, ax).contiguous().to(dtype).cuda()
-    dy = torch.randn(shape, generator=gen).to(dtype).cuda()
-    s = scales.cuda()
-    with cuda_division(mode):
-        check(x, s, dy, "cuda", bits, signed, axis)
+    x = rows.reshape(moved).movedim(0, ax).contiguous().to(dtype).to(device)
+    dy = torch.randn(shape, generator=gen).to(dtype).to(device)
+    return x, scales.to(device), dy
+
+
+TRITON_BACKWARD_PATHS = [  # (shape, axis) at interpreter sizes (4 "SMs" on the CPU) and on a GPU
+    pytest.param((12, 64), 0, id="channel-one-tile"),
+    pytest.param((12, 3, 64), 1, id="channel-blocks-split-one-tile"),
+    pytest.param((200, 3, 64), 1, id="channel-blocks-split-looped"),
+    pytest.param((5000,), None, id="per-tensor-split-one-tile"),
+    pytest.param((300000,), None, id="per-tensor-split-looped"),
+    pytest.param((12, 4608), 0, id="whole-row-tiles"),
+]
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("where", ["rows", "one-tile", "all"])
+@pytest.mark.parametrize("shape,axis", TRITON_BACKWARD_PATHS)
+def test_triton_backward_division_settings_divide_as_ieee(backend, device, where, shape, axis, monkeypatch):
+    """Wherever the Triton backward is set to use the exact fast division (``_FAST_DIV_BACKWARD``), its
+    programs (one tile, looping, whole rows) give the oracle's bits on inputs around every tie and bound."""
+    from gaqat_kernels.kernels import triton_lsq
+
+    monkeypatch.setattr(triton_lsq, "_FAST_DIV_BACKWARD", where)
+    triton_lsq._plan.cache_clear()
+    try:
+        x, s, dy = _near_tie_case(shape, axis, torch.float32, device)
+        check(x, s, dy, backend, 4, True, axis)
+    finally:
+        triton_lsq._plan.cache_clear()
 
 
 def test_cuda_division_rejects_unknown_mode():

@@ -190,8 +190,11 @@ def _sum_partials_kernel(part_ptr, ds_ptr, C, n_splits, g, BLOCK_C: tl.constexpr
 
 # Division by multiplication + one exact correction (see _divide), measured on H100 (probe runs in RESULTS.md):
 # the forward gains 0-4%; the backward gains 17% on whole-row conv-weight tiles but loses 1-7% where its loop
-# runs over several tiles, so the backward plan decides (``_plan``).
+# runs over several tiles (measured with 16 KB tiles), so the backward plan decides (``_plan``).
 _FAST_DIV_FORWARD = True
+# Backward programs other than whole-row tiles: "rows" (fast division only in whole-row tiles, as measured),
+# "one-tile" (also in programs that visit a single tile), "all" (also in looping programs).
+_FAST_DIV_BACKWARD = "rows"
 # Launch constants by element size, measured on H100 (``benchmarks/tune_triton.py``, RESULTS.md). Tile bytes
 # per tensor: fp32 16 KB (64 bytes per thread at 8 warps); 16-bit 8 KB, whose backward ran 6-9% faster than
 # with 16 KB (fewer registers per thread, more programs resident). Split programs per SM, for channel blocks
@@ -267,11 +270,15 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int, row_t
             # program waits for memory once instead of once per row block; the masked tail costs only issue,
             # which the fast division pays back.
             return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, row_tile_warps
-        return bc, bi, tiles_i, num_cb, 1, False, _NUM_WARPS
+        return bc, bi, tiles_i, num_cb, 1, _backward_fast_div(O * tiles_i == 1), _NUM_WARPS
     bc = max_bc
     num_cb = triton.cdiv(C, bc)
     n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
-    return bc, bi, tiles_i, num_cb, n_splits, False, _NUM_WARPS
+    return bc, bi, tiles_i, num_cb, n_splits, _backward_fast_div(tiles <= n_splits), _NUM_WARPS
+
+
+def _backward_fast_div(one_tile: bool) -> bool:
+    return _FAST_DIV_BACKWARD == "all" or (_FAST_DIV_BACKWARD == "one-tile" and one_tile)
 
 
 def _even(C: int, I: int, block_c: int, block_i: int) -> bool:
