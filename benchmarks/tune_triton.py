@@ -5,7 +5,7 @@ benchmark's cases, as multiples of the copy-bandwidth floor, beside PyTorch's sa
 constants are module globals of ``triton_lsq``; this script only sets them for its own process.
 
     python benchmarks/tune_triton.py --out bench_out [--cases conv] [--dtypes bf16] [--tiles 8192 16384]
-        [--warps 4 8] [--splits 4 8] [--row-warps 8 16] [--backward-fast-div rows one-tile all]
+        [--warps 4 8] [--splits 4 8] [--row-warps 8 16] [--backward-fast-div rows one-tile all] [--row-split 0 1]
 
 A knob left out keeps the package's value for the dtype.
 """
@@ -38,12 +38,15 @@ def main():
     ap.add_argument("--row-warps", nargs="+", type=int, default=[None], help="warps of one-tile backward rows")
     ap.add_argument("--backward-fast-div", nargs="+", default=[None], choices=["rows", "one-tile", "all"],
                     help="where the backward divides with the exact fast division (triton_lsq._FAST_DIV_BACKWARD)")
+    ap.add_argument("--row-split", nargs="+", type=int, default=[None], choices=[0, 1],
+                    help="whole-row backward tiles as two power-of-two blocks (triton_lsq._ROW_TILE_SPLIT)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bw = copy_bandwidth()
     rows = []
     defaults = (dict(triton_lsq._TILE_BYTES), triton_lsq._NUM_WARPS, dict(triton_lsq._SPLIT_PROGRAMS_PER_SM),
-                dict(triton_lsq._ROW_TILE_WARPS), triton_lsq._FAST_DIV_BACKWARD)
+                dict(triton_lsq._ROW_TILE_WARPS), triton_lsq._FAST_DIV_BACKWARD,
+                triton_lsq._ROW_TILE_SPLIT)
     for name, shape, axis in CASES:
         if args.cases and not any(k in name for k in args.cases):
             continue
@@ -55,24 +58,26 @@ def main():
             s, sets = make_inputs(shape, axis, dtype, args.bits, True, copies)
             size = dtype.itemsize
             settings = [(SAME_BYTES, None)]
-            for t, w, p, rw, fd in itertools.product(args.tiles, args.warps, args.splits, args.row_warps,
-                                                     args.backward_fast_div):
+            for t, w, p, rw, fd, rs in itertools.product(args.tiles, args.warps, args.splits, args.row_warps,
+                                                         args.backward_fast_div, args.row_split):
                 t = defaults[0][size] if t is None else t
                 w = defaults[1] if w is None else w
                 p = defaults[2][size] if p is None else p
                 rw = defaults[3][size] if rw is None else rw
                 fd = defaults[4] if fd is None else fd
+                rs = defaults[5] if rs is None else bool(rs)
                 settings.append((f"tile {t} B, {w} warps, {p} splits/SM, rows {rw} warps"
-                                 + f", fast div {fd}", (t, w, p, rw, fd)))
+                                 + f", fast div {fd}" + (", rows split" if rs else ""), (t, w, p, rw, fd, rs)))
             for label, knobs in settings:
                 if knobs is None:
                     fn = same_bytes()
                 else:
-                    tile, triton_lsq._NUM_WARPS, splits, row_warps, triton_lsq._FAST_DIV_BACKWARD = knobs
+                    (tile, triton_lsq._NUM_WARPS, splits, row_warps, triton_lsq._FAST_DIV_BACKWARD,
+                     triton_lsq._ROW_TILE_SPLIT) = knobs
                     triton_lsq._TILE_BYTES = {size: tile}
                     triton_lsq._SPLIT_PROGRAMS_PER_SM = {size: splits}
                     triton_lsq._ROW_TILE_WARPS = {size: row_warps}
-                    triton_lsq._plan.cache_clear()  # it reads _NUM_WARPS and _FAST_DIV_BACKWARD
+                    triton_lsq._plan.cache_clear()  # it reads the module's settings
                     fn = (lambda x, s_: gk.lsq_fake_quant(x, s_, bits=args.bits, signed=True, axis=axis,
                                                           backend="triton"))
                 t = time_modes(fn, sets, s, eager=False)

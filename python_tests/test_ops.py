@@ -287,6 +287,23 @@ def test_triton_backward_division_settings_divide_as_ieee(backend, device, where
         triton_lsq._plan.cache_clear()
 
 
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("inner", [4608, 4601, 6000, 8192], ids=lambda i: f"row{i}")
+def test_triton_whole_rows_in_two_blocks(backend, device, dtype, inner, monkeypatch):
+    """``_ROW_TILE_SPLIT``: whole-row backward tiles as a power-of-two block plus a tail block (exact, masked,
+    or none) give the oracle's results around every tie and bound."""
+    from gaqat_kernels.kernels import triton_lsq
+
+    monkeypatch.setattr(triton_lsq, "_ROW_TILE_SPLIT", True)
+    triton_lsq._plan.cache_clear()
+    try:
+        x, s, dy = _near_tie_case((12 if device == "cpu" else 300, inner), 0, dtype, device)
+        check(x, s, dy, backend, 4, True, 0)
+    finally:
+        triton_lsq._plan.cache_clear()
+
+
 def test_cuda_division_rejects_unknown_mode():
     from gaqat_kernels.kernels.extension import cuda_division
 

@@ -123,35 +123,53 @@ def _lsq_fwd_kernel(
 
 
 @triton.jit
+def _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constexpr, FAST: tl.constexpr):
+    """dx of one tile, and its per-row sums of the scale-gradient terms."""
+    if EVEN:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+        dy = tl.load(dy_ptr + offs)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    v = _divide(x, s, r, FAST)
+    inside = (v >= qn) & (v <= qp)
+    q = _round_clamp(v, qn, qp)
+    dx = tl.where(inside, dy, 0.0).to(dx_ptr.dtype.element_ty)
+    term = dy.to(tl.float32) * (q - tl.where(inside, v, 0.0))
+    if EVEN:
+        tl.store(dx_ptr + offs, dx)
+        part = tl.sum(term, axis=1)
+    else:
+        tl.store(dx_ptr + offs, dx, mask=mask)
+        part = tl.sum(tl.where(mask, term, 0.0), axis=1)
+    return part
+
+
+@triton.jit
 def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-               BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr):
+               BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
+               TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr):
     """dx of this program's tiles and their per-row sums of the scale-gradient terms.
 
-    The division variant is fixed for the whole loop: a branch inside it would stop Triton pipelining its loads.
+    TAIL_I > 0: the program's one row (BLOCK_C == 1, one row per channel) as two power-of-two blocks, BLOCK_I
+    (<= I, unmasked) and TAIL_I, instead of one block of next_power_of_2(I) lanes (a conv weight's 4608 =
+    4096 + 512, not 8192 with 44% of the lanes masked). The division variant is fixed for the whole loop: a
+    branch inside it would stop Triton pipelining its loads.
     """
     r = s  # read only when FAST
     if FAST:
         r = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t in range(sp, tiles_per_cb, n_splits):
-        _, offs, mask = _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
-        if EVEN:
-            x = tl.load(x_ptr + offs).to(tl.float32)
-            dy = tl.load(dy_ptr + offs)
-        else:
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-        v = _divide(x, s, r, FAST)
-        inside = (v >= qn) & (v <= qp)
-        q = _round_clamp(v, qn, qp)
-        dx = tl.where(inside, dy, 0.0).to(dx_ptr.dtype.element_ty)
-        term = dy.to(tl.float32) * (q - tl.where(inside, v, 0.0))
-        if EVEN:
-            tl.store(dx_ptr + offs, dx)
-            acc += tl.sum(term, axis=1)
-        else:
-            tl.store(dx_ptr + offs, dx, mask=mask)
-            acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+    if TAIL_I > 0:
+        base = cb.to(tl.int64) * I
+        i = tl.arange(0, BLOCK_I)[None, :]
+        acc = _bwd_block(x_ptr, dy_ptr, dx_ptr, base + i, i < I, s, r, qn, qp, True, FAST)
+        j = BLOCK_I + tl.arange(0, TAIL_I)[None, :]
+        acc += _bwd_block(x_ptr, dy_ptr, dx_ptr, base + j, j < I, s, r, qn, qp, TAIL_EVEN, FAST)
+    else:
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t in range(sp, tiles_per_cb, n_splits):
+            _, offs, mask = _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+            acc += _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
     return acc
 
 
@@ -159,7 +177,7 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
 def _lsq_bwd_kernel(
     x_ptr, dy_ptr, s_ptr, dx_ptr, out_ptr, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp, g,
     BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, FINAL: tl.constexpr, EVEN: tl.constexpr,
-    FAST_DIV: tl.constexpr,
+    FAST_DIV: tl.constexpr, TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr,
 ):
     cb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -167,10 +185,10 @@ def _lsq_bwd_kernel(
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)
     if _fast_div_ok(s, c < C, FAST_DIV):
         acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-                         BLOCK_C, BLOCK_I, EVEN, True)
+                         BLOCK_C, BLOCK_I, EVEN, True, TAIL_I, TAIL_EVEN)
     else:
         acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-                         BLOCK_C, BLOCK_I, EVEN, False)
+                         BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN)
     if FINAL:
         tl.store(out_ptr + c, acc * g, mask=c < C)
     else:
@@ -205,6 +223,9 @@ _NUM_WARPS = 8  # measured on H100: 4 warps made every backward slower, by up to
 # Warps of the backward's one-tile rows (conv weights), measured on H100 on 512x512x3x3: 16-bit 16 warps
 # (bf16 fwd+bwd 1.74 -> 1.68x floor), fp32 8 (16 warps: 1.19 -> 1.33).
 _ROW_TILE_WARPS = {4: 8, 2: 16}
+# Whole-row tiles as two power-of-two blocks (no masked lanes in the first; see _bwd_tiles) instead of one
+# next_power_of_2(I) block. Not yet measured on a GPU: off.
+_ROW_TILE_SPLIT = False
 
 
 def _tile(x: Tensor) -> int:
@@ -252,8 +273,8 @@ def _tile_shape(C: int, I: int, tile: int) -> Tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int, row_tile_warps: int
-          ) -> Tuple[int, int, int, int, int, bool, int]:
-    """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div, num_warps)``.
+          ) -> Tuple[int, int, int, int, int, bool, int, int]:
+    """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div, num_warps, TAIL_I)``.
 
     One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
     otherwise each channel block's tiles are split over ``n_splits`` programs and summed by a second kernel.
@@ -269,12 +290,16 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int, row_t
             # One program per channel and a short row (a conv weight's 4608): one tile covers the row, so the
             # program waits for memory once instead of once per row block; the masked tail costs only issue,
             # which the fast division pays back.
-            return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, row_tile_warps
-        return bc, bi, tiles_i, num_cb, 1, _backward_fast_div(O * tiles_i == 1), _NUM_WARPS
+            if _ROW_TILE_SPLIT:
+                main = 1 << (I.bit_length() - 1)  # the largest power of two <= I
+                tail = triton.next_power_of_2(I - main) if I > main else 0
+                return bc, main, 1, num_cb, 1, True, row_tile_warps, tail
+            return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, row_tile_warps, 0
+        return bc, bi, tiles_i, num_cb, 1, _backward_fast_div(O * tiles_i == 1), _NUM_WARPS, 0
     bc = max_bc
     num_cb = triton.cdiv(C, bc)
     n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
-    return bc, bi, tiles_i, num_cb, n_splits, _backward_fast_div(tiles <= n_splits), _NUM_WARPS
+    return bc, bi, tiles_i, num_cb, n_splits, _backward_fast_div(tiles <= n_splits), _NUM_WARPS, 0
 
 
 def _backward_fast_div(one_tile: bool) -> bool:
@@ -322,7 +347,7 @@ def backward(
     if x.numel() == 0:
         ds.zero_()
         return
-    bc, bi, tiles_i, num_cb, n_splits, fast_div, num_warps = _plan(
+    bc, bi, tiles_i, num_cb, n_splits, fast_div, num_warps, tail_i = _plan(
         O, C, I, _device_sms(x), _tile(x), _splits_per_sm(x), _row_tile_warps(x))
     _check_int32(bc, I)
     final = n_splits == 1
@@ -330,7 +355,7 @@ def backward(
     _lsq_bwd_kernel[(num_cb, n_splits)](
         x, dy, scale, dx, out, C, I, tiles_i, O * tiles_i, n_splits, float(qn), float(qp), float(g),
         BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=_even(C, I, bc, bi), FAST_DIV=fast_div,
-        num_warps=num_warps,
+        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, num_warps=num_warps,
     )
     if not final:
         block_c = min(triton.next_power_of_2(C), 256)
