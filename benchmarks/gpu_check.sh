@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU box: build the extension against its torch, run the GPU tests, compute-sanitizer, benchmark.
-#   bash benchmarks/gpu_check.sh [test|sanitize|bench|conflict|ddp|all] [extra pytest args...]
+#   bash benchmarks/gpu_check.sh [test|sanitize|bench|tune|conflict|step|ddp|all|none] [extra pytest args...]
 # step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
+# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the Triton settings not yet measured, on fp32 and bf16).
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -37,6 +38,10 @@ fi
 if [[ $mode == bench || $mode == all ]]; then
   python3 benchmarks/bench_kernels.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
   python3 benchmarks/bench_compile_overhead.py --device cuda 2>&1 | tee "$out/compile_overhead.log" | grep -v Warn
+fi
+if [[ $mode == tune ]]; then
+  python3 benchmarks/tune_triton.py --out "$out" ${TUNE_ARGS:---dtypes fp32 bf16 --backward-fast-div rows one-tile all --row-split 0 1} \
+    2>&1 | grep -v Warn | tee "$out/tune.log"
 fi
 if [[ $mode == conflict || $mode == all ]]; then
   python3 benchmarks/bench_conflict.py --out "$out" 2>&1 | tee "$out/bench_conflict.log" | tail -20
