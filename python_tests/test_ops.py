@@ -304,6 +304,19 @@ def test_triton_whole_rows_in_two_blocks(backend, device, dtype, inner, monkeypa
         triton_lsq._plan.cache_clear()
 
 
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("shapes,axis", [  # (interpreted on 4 "SMs", on a GPU): several tiles per program either way
+    pytest.param(((200, 3, 64), (3000, 3, 64)), 1, id="channel-blocks-looped"),
+    pytest.param(((300000,), (4_400_000,)), None, id="per-tensor-looped")])
+def test_triton_pipelined_tile_loop(backend, device, shapes, axis, monkeypatch):
+    """``_LOOP_STAGES``: the backward's tile loop under Triton's software pipeliner gives the oracle's results."""
+    from gaqat_kernels.kernels import triton_lsq
+
+    monkeypatch.setattr(triton_lsq, "_LOOP_STAGES", 2)
+    x, s, dy = _near_tie_case(shapes[device == "cuda"], axis, torch.bfloat16, device)
+    check(x, s, dy, backend, 4, True, axis)
+
+
 def test_cuda_division_rejects_unknown_mode():
     from gaqat_kernels.kernels.extension import cuda_division
 
