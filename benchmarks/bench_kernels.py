@@ -19,6 +19,7 @@ Writes ``kernels.json`` and ``kernels.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -28,8 +29,6 @@ import time
 
 import torch
 import triton.testing
-
-import contextlib
 
 import gaqat_kernels as gk
 from gaqat_kernels.kernels.extension import cuda_division

@@ -14,20 +14,20 @@ def main():
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--mode", default="graph", choices=["graph", "eager"])
     args = ap.parse_args()
-    merged, commits = {}, []
+    merged, metas = {}, []
     for path in args.paths:
         data = json.load(open(path))
-        commits.append(data["meta"]["commit"])
+        metas.append(data["meta"])
         for r in data["rows"]:
             merged[(r["case"], r["dtype"], r["bits"], r["impl"])] = r
-    data = json.load(open(args.paths[0]))
     rows = list(merged.values())  # a replaced row keeps its place
+    meta, commits = metas[0], [m["commit"] for m in metas]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     groups = {}
     for r in rows:
         groups.setdefault((r["case"], r["dtype"], r["bits"]), {})[r["impl"]] = r
     print(f"fwd+bwd time / floor ({args.mode}); floor = 5 passes at the measured copy bandwidth "
-          f"({data['meta']['copy_bandwidth_GBps']:.0f} GB/s); {data['meta']['device']}, commit {' + '.join(dict.fromkeys(commits))}\n")
+          f"({meta['copy_bandwidth_GBps']:.0f} GB/s); {meta['device']}, commit {' + '.join(dict.fromkeys(commits))}\n")
     print("| case | dtype | bits | floor µs | " + " | ".join(impls) + " | best of ours vs best peer |")
     print("|---|---|---|---|" + "---|" * (len(impls) + 1))
     for (case, dtype, bits), by_impl in groups.items():

@@ -43,7 +43,7 @@ def apply(setting: dict, size: int) -> None:
     """Set the module's globals to ``setting`` (attribute -> value) for dtype element size ``size``."""
     for attr, value in setting.items():
         per_size = next(k[2] for k in KNOBS if k[1] == attr)
-        setattr(triton_lsq, attr, {size: value} if per_size else value)
+        setattr(triton_lsq, attr, {**getattr(triton_lsq, attr), size: value} if per_size else value)
     triton_lsq._plan.cache_clear()  # it reads the module's settings
 
 

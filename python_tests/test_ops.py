@@ -260,59 +260,61 @@ def _near_tie_case(shape, axis, dtype, device, bits=4, signed=True):
     return x, scales.to(device), dy
 
 
-TRITON_BACKWARD_PATHS = [  # (shape, axis) at interpreter sizes (4 "SMs" on the CPU) and on a GPU
-    pytest.param((12, 64), 0, id="channel-one-tile"),
-    pytest.param((12, 3, 64), 1, id="channel-blocks-split-one-tile"),
-    pytest.param((200, 3, 64), 1, id="channel-blocks-split-looped"),
-    pytest.param((5000,), None, id="per-tensor-split-one-tile"),
-    pytest.param((300000,), None, id="per-tensor-split-looped"),
-    pytest.param((12, 4608), 0, id="whole-row-tiles"),
+TRITON_PARAMS = [p for p in backend_params() if p.values[0] == "triton"]
+# (shape interpreted on 4 "SMs", shape on a GPU), axis: the same kind of backward program either way
+TRITON_BACKWARD_PATHS = [
+    pytest.param(((12, 64), (300, 64)), 0, id="channel-one-tile"),
+    pytest.param(((12, 3, 64), (12, 3, 64)), 1, id="channel-blocks-split-one-tile"),
+    pytest.param(((200, 3, 64), (3000, 3, 64)), 1, id="channel-blocks-split-looped"),
+    pytest.param(((5000,), (5000,)), None, id="per-tensor-split-one-tile"),
+    pytest.param(((300000,), (4_400_000,)), None, id="per-tensor-split-looped"),
+    pytest.param(((12, 4608), (300, 4608)), 0, id="whole-row-tiles"),
 ]
 
 
-@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
+@pytest.fixture
+def triton_settings(monkeypatch):
+    """Sets module settings of the Triton backend for one test; its cached launch plans are dropped on the
+    way in and out, since they depend on the settings."""
+    from gaqat_kernels.kernels import triton_lsq
+
+    def apply(**settings):
+        for name, value in settings.items():
+            monkeypatch.setattr(triton_lsq, name, value)
+        triton_lsq._plan.cache_clear()
+
+    yield apply
+    monkeypatch.undo()
+    triton_lsq._plan.cache_clear()
+
+
+@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
 @pytest.mark.parametrize("where", ["rows", "one-tile", "all"])
-@pytest.mark.parametrize("shape,axis", TRITON_BACKWARD_PATHS)
-def test_triton_backward_division_settings_divide_as_ieee(backend, device, where, shape, axis, monkeypatch):
+@pytest.mark.parametrize("shapes,axis", TRITON_BACKWARD_PATHS)
+def test_triton_backward_division_settings_divide_as_ieee(backend, device, where, shapes, axis, triton_settings):
     """Wherever the Triton backward is set to use the exact fast division (``_FAST_DIV_BACKWARD``), its
     programs (one tile, looping, whole rows) give the oracle's bits on inputs around every tie and bound."""
-    from gaqat_kernels.kernels import triton_lsq
-
-    monkeypatch.setattr(triton_lsq, "_FAST_DIV_BACKWARD", where)
-    triton_lsq._plan.cache_clear()
-    try:
-        x, s, dy = _near_tie_case(shape, axis, torch.float32, device)
-        check(x, s, dy, backend, 4, True, axis)
-    finally:
-        triton_lsq._plan.cache_clear()
+    triton_settings(_FAST_DIV_BACKWARD=where)
+    x, s, dy = _near_tie_case(shapes[device == "cuda"], axis, torch.float32, device)
+    check(x, s, dy, backend, 4, True, axis)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("inner", [4608, 4601, 6000, 8192], ids=lambda i: f"row{i}")
-def test_triton_whole_rows_in_two_blocks(backend, device, dtype, inner, monkeypatch):
+def test_triton_whole_rows_in_two_blocks(backend, device, dtype, inner, triton_settings):
     """``_ROW_TILE_SPLIT``: whole-row backward tiles as a power-of-two block plus a tail block (exact, masked,
     or none) give the oracle's results around every tie and bound."""
-    from gaqat_kernels.kernels import triton_lsq
-
-    monkeypatch.setattr(triton_lsq, "_ROW_TILE_SPLIT", True)
-    triton_lsq._plan.cache_clear()
-    try:
-        x, s, dy = _near_tie_case((12 if device == "cpu" else 300, inner), 0, dtype, device)
-        check(x, s, dy, backend, 4, True, 0)
-    finally:
-        triton_lsq._plan.cache_clear()
+    triton_settings(_ROW_TILE_SPLIT=True)
+    x, s, dy = _near_tie_case((12 if device == "cpu" else 300, inner), 0, dtype, device)
+    check(x, s, dy, backend, 4, True, 0)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] == "triton"])
-@pytest.mark.parametrize("shapes,axis", [  # (interpreted on 4 "SMs", on a GPU): several tiles per program either way
-    pytest.param(((200, 3, 64), (3000, 3, 64)), 1, id="channel-blocks-looped"),
-    pytest.param(((300000,), (4_400_000,)), None, id="per-tensor-looped")])
-def test_triton_pipelined_tile_loop(backend, device, shapes, axis, monkeypatch):
+@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
+@pytest.mark.parametrize("shapes,axis", [p for p in TRITON_BACKWARD_PATHS if "looped" in p.id])
+def test_triton_pipelined_tile_loop(backend, device, shapes, axis, triton_settings):
     """``_LOOP_STAGES``: the backward's tile loop under Triton's software pipeliner gives the oracle's results."""
-    from gaqat_kernels.kernels import triton_lsq
-
-    monkeypatch.setattr(triton_lsq, "_LOOP_STAGES", 2)
+    triton_settings(_LOOP_STAGES=2)
     x, s, dy = _near_tie_case(shapes[device == "cuda"], axis, torch.bfloat16, device)
     check(x, s, dy, backend, 4, True, axis)
 

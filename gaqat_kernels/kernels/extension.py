@@ -18,7 +18,8 @@ _OPERATORS = ("lsq_fake_quant_ext", "lsq_fake_quant_ext_backward")  # torch.ops.
 
 
 def _missing(module) -> list:
-    names = [f for f in _FUNCTIONS if not hasattr(module, f)]
+    needed = _FUNCTIONS + (("set_cuda_division",) if getattr(module, "built_with_cuda", bool)() else ())
+    names = [f for f in needed if not hasattr(module, f)]
     return names + [f"torch.ops.gaqat_kernels.{op}" for op in _OPERATORS if not hasattr(torch.ops.gaqat_kernels, op)]
 
 

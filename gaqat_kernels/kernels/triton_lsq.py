@@ -236,16 +236,13 @@ _ROW_TILE_SPLIT = False
 _LOOP_STAGES = 0
 
 
+def _for_size(table: dict, x: Tensor) -> int:
+    """``x``'s entry of a table keyed by element size; other sizes (float64) take the fp32 entry."""
+    return table.get(x.element_size(), table[4])
+
+
 def _tile(x: Tensor) -> int:
-    return _TILE_BYTES.get(x.element_size(), 16384) // x.element_size()
-
-
-def _splits_per_sm(x: Tensor) -> int:
-    return _SPLIT_PROGRAMS_PER_SM.get(x.element_size(), 8)
-
-
-def _row_tile_warps(x: Tensor) -> int:
-    return _ROW_TILE_WARPS.get(x.element_size(), 8)
+    return _for_size(_TILE_BYTES, x) // x.element_size()
 
 
 def _block_i(inner: int, tile: int) -> int:
@@ -356,7 +353,7 @@ def backward(
         ds.zero_()
         return
     bc, bi, tiles_i, num_cb, n_splits, fast_div, num_warps, tail_i = _plan(
-        O, C, I, _device_sms(x), _tile(x), _splits_per_sm(x), _row_tile_warps(x))
+        O, C, I, _device_sms(x), _tile(x), _for_size(_SPLIT_PROGRAMS_PER_SM, x), _for_size(_ROW_TILE_WARPS, x))
     _check_int32(bc, I)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
