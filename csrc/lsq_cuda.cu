@@ -193,18 +193,19 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
 
 // MIN_BLOCKS 4 (one-tile rows): at most 64 registers, four blocks per SM, so 4 x 132 row blocks (a 512-channel
 // conv weight) run in one wave. Looping rows keep the compiler's choice: with the cap their 16-bit backward
-// ran 10-15% slower on H100 (8x4096x4096 bf16 286 -> 321 us).
-template <typename T, int VEC, int U, int MIN_BLOCKS>
+// ran 10-15% slower on H100 (8x4096x4096 bf16 286 -> 321 us). MAY_FAST is a template argument so that a
+// kernel launched for IEEE division holds only that variant (no fast path behind a per-block branch).
+template <typename T, int VEC, int U, int MIN_BLOCKS, bool MAY_FAST>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lsq_bwd_row_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
     float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn, float qp,
-    float g, bool final_write, bool allow_fast) {
+    float g, bool final_write) {
   __shared__ float smem[kThreads / 32];
   const int64_t c = blockIdx.x;
   const int split = blockIdx.y;
   const float sc = s[c];
   const float r = __frcp_rn(sc);
-  float acc = allow_fast && fast_div_ok(sc)
+  float acc = MAY_FAST && fast_div_ok(sc)
                   ? row_tiles<true, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp)
                   : row_tiles<false, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp);
   acc = block_sum(acc, smem);
@@ -332,17 +333,29 @@ struct RowTiles {
       : wide(O == 1 && I > kTile && I <= kTile * kWideU / U), tiles_i(wide ? 1 : (I + kTile - 1) / kTile) {}
 };
 
+template <typename T, int VEC, int U, int MIN_BLOCKS>
+void launch_row_kernel(bool fast, const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp, const float* sp,
+                       T* dxp, float* outp, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn,
+                       float qp, float g, bool final_write) {
+  if (fast)
+    lsq_bwd_row_kernel<T, VEC, U, MIN_BLOCKS, true><<<grid, kThreads, 0, stream>>>(
+        dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
+  else
+    lsq_bwd_row_kernel<T, VEC, U, MIN_BLOCKS, false><<<grid, kThreads, 0, stream>>>(
+        dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
+}
+
 template <typename T, int VEC>
 void launch_rows(const RowTiles<VEC>& tiles, const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp,
                  const float* sp, T* dxp, float* outp, int64_t O, int64_t C, int64_t I, int n_splits, float qn,
                  float qp, float g, bool final_write) {
   const bool fast = allow_fast(O * tiles.tiles_i <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
   if (tiles.wide)
-    lsq_bwd_row_kernel<T, VEC, RowTiles<VEC>::kWideU, 4><<<grid, kThreads, 0, stream>>>(
-        dyp, xp, sp, dxp, outp, O, C, I, 1, n_splits, qn, qp, g, final_write, fast);
+    launch_row_kernel<T, VEC, RowTiles<VEC>::kWideU, 4>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, 1,
+                                                        n_splits, qn, qp, g, final_write);
   else
-    lsq_bwd_row_kernel<T, VEC, RowTiles<VEC>::U, 1><<<grid, kThreads, 0, stream>>>(
-        dyp, xp, sp, dxp, outp, O, C, I, tiles.tiles_i, n_splits, qn, qp, g, final_write, fast);
+    launch_row_kernel<T, VEC, RowTiles<VEC>::U, 1>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I,
+                                                    tiles.tiles_i, n_splits, qn, qp, g, final_write);
 }
 
 template <typename T>
