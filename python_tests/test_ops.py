@@ -302,10 +302,12 @@ def test_triton_backward_division_settings_divide_as_ieee(backend, device, where
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("inner", [4608, 4601, 6000, 8192], ids=lambda i: f"row{i}")
-def test_triton_whole_rows_in_two_blocks(backend, device, dtype, inner, triton_settings):
+@pytest.mark.parametrize("split", [True, False], ids=["two-blocks", "one-block"])
+def test_triton_whole_row_tiles(backend, device, dtype, inner, split, triton_settings):
     """``_ROW_TILE_SPLIT``: whole-row backward tiles as a power-of-two block plus a tail block (exact, masked,
-    or none) give the oracle's results around every tie and bound."""
-    triton_settings(_ROW_TILE_SPLIT=True)
+    or none; the default), or as one masked next_power_of_2 block, give the oracle's results around every tie
+    and bound."""
+    triton_settings(_ROW_TILE_SPLIT=split)
     x, s, dy = _near_tie_case((12 if device == "cpu" else 300, inner), 0, dtype, device)
     check(x, s, dy, backend, 4, True, 0)
 

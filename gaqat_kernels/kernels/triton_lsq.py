@@ -216,23 +216,27 @@ def _sum_partials_kernel(part_ptr, ds_ptr, C, n_splits, g, BLOCK_C: tl.constexpr
 # the forward gains 0-4%; the backward gains 17% on whole-row conv-weight tiles but loses 1-7% where its loop
 # runs over several tiles (measured with 16 KB tiles), so the backward plan decides (``_plan``).
 _FAST_DIV_FORWARD = True
-# Backward programs other than whole-row tiles: "rows" (fast division only in whole-row tiles, as measured),
-# "one-tile" (also in programs that visit a single tile), "all" (also in looping programs).
+# Backward programs other than whole-row tiles: "rows" (fast division only in whole-row tiles), "one-tile" (also
+# in programs that visit a single tile), "all" (also in looping programs). Measured on H100: "rows"; "one-tile"
+# made the one-tile weight rows' backward 1-9% slower, "all" the looping per-tensor backward 0-20% slower (the
+# per-program branch on the scale waits for it before the loads are issued).
 _FAST_DIV_BACKWARD = "rows"
 # Launch constants by element size, measured on H100 (``benchmarks/tune_triton.py``, RESULTS.md). Tile bytes
 # per tensor: fp32 16 KB (64 bytes per thread at 8 warps); 16-bit 8 KB, whose backward ran 6-9% faster than
 # with 16 KB (fewer registers per thread, more programs resident). Split programs per SM, for channel blocks
-# whose tiles are split over programs (per-tensor): 16-bit 4, 2% faster than 8 on the large activations.
+# whose tiles are split over programs (per-tensor): 4, resident in one wave (fp32 64x256x56x56 fwd+bwd 1.060 ->
+# 1.054x floor, 8x4096x4096 1.035 -> 1.031; 16-bit 1.118 -> 1.093 and 1.061 -> 1.045).
 _TILE_BYTES = {4: 16384, 2: 8192}
-_SPLIT_PROGRAMS_PER_SM = {4: 8, 2: 4}
+_SPLIT_PROGRAMS_PER_SM = {4: 4, 2: 4}
 _NUM_WARPS = 8  # measured on H100: 4 warps made every backward slower, by up to 3x with large tiles
-# Warps of the backward's one-tile rows (conv weights), measured on H100 on 512x512x3x3: 16-bit 16 warps
-# (bf16 fwd+bwd 1.74 -> 1.68x floor), fp32 8 (16 warps: 1.19 -> 1.33).
-_ROW_TILE_WARPS = {4: 8, 2: 16}
+# Warps of the backward's whole-row tiles (conv weights), measured on H100 on 512x512x3x3 with the rows split
+# (below): 8 for both sizes (16 warps: fp32 1.145 -> 1.151x floor, bf16 1.423 -> 1.429).
+_ROW_TILE_WARPS = {4: 8, 2: 8}
 # Whole-row tiles as two power-of-two blocks (no masked lanes in the first; see _bwd_tiles) instead of one
-# next_power_of_2(I) block. Not yet measured on a GPU: off.
-_ROW_TILE_SPLIT = False
-# Software-pipeline stages of the backward's tile loop (0: Triton's default). Not yet measured.
+# next_power_of_2(I) block: measured on H100, 512x512x3x3 fwd+bwd fp32 1.195 -> 1.145x floor, bf16 1.685 -> 1.423.
+_ROW_TILE_SPLIT = True
+# Software-pipeline stages of the backward's tile loop (0: Triton's default). Measured on H100: 2 stages made
+# the per-tensor backward 0-30% slower (fp32 and bf16), so the default stays.
 _LOOP_STAGES = 0
 
 
