@@ -13,10 +13,13 @@ A knob left out keeps the package's value for the dtype.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import itertools
 import json
 import os
 import sys
+from typing import Iterator
 
 import torch
 
@@ -39,12 +42,60 @@ KNOBS = [
 ]
 
 
-def apply(setting: dict, size: int) -> None:
-    """Set the module's globals to ``setting`` (attribute -> value) for dtype element size ``size``."""
+@contextlib.contextmanager
+def applied(setting: dict, size: int) -> Iterator[None]:
+    """The module's globals set to ``setting`` (attribute -> value) for dtype element size ``size``, every other
+    knob at the package's value; all restored afterwards."""
+    defaults = {attr: getattr(triton_lsq, attr) for _, attr, _, _, _ in KNOBS}
     for attr, value in setting.items():
         per_size = next(k[2] for k in KNOBS if k[1] == attr)
-        setattr(triton_lsq, attr, {**getattr(triton_lsq, attr), size: value} if per_size else value)
+        setattr(triton_lsq, attr, {**defaults[attr], size: value} if per_size else value)
     triton_lsq._plan.cache_clear()  # it reads the module's settings
+    try:
+        yield
+    finally:
+        for attr, value in defaults.items():
+            setattr(triton_lsq, attr, value)
+        triton_lsq._plan.cache_clear()
+
+
+def sweep(out: str, name: str, cases, dtypes, bits: int, settings, backend: str) -> list:
+    """Time ``backend``'s forward and forward+backward (CUDA-graph replay, cold L2) under each ``(label,
+    context(size))`` of ``settings``, beside PyTorch's same-bytes bound, on the benchmark cases whose name
+    contains one of ``cases`` (all when None); rows as multiples of the copy-bandwidth floor, written to
+    ``out/name.json`` after every case."""
+    os.makedirs(out, exist_ok=True)
+    bw = copy_bandwidth()
+    rows = []
+    for case, shape, axis in CASES:
+        if cases and not any(k in case for k in cases):
+            continue
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            size = dtype.itemsize
+            numel = torch.Size(shape).numel()
+            floor_fwd, floor_fb = 2 * numel * size / bw * 1e3, 5 * numel * size / bw * 1e3
+            copies = max(1, min(8, (256 << 20) // (2 * numel * size)))
+            s, sets = make_inputs(shape, axis, dtype, bits, True, copies)
+            kernel = (lambda x, s_, axis=axis: gk.lsq_fake_quant(x, s_, bits=bits, signed=True, axis=axis,
+                                                                backend=backend))
+            for label, context in [(SAME_BYTES, None)] + list(settings):
+                if context is None:
+                    t = time_modes(same_bytes(), sets, s, eager=False)
+                else:
+                    with context(size):  # a CUDA graph bakes the launch in at capture: capture inside
+                        t = time_modes(kernel, sets, s, eager=False)
+                row = dict(case=case, dtype=dname, setting=label, graph_fwd_x=t[2] / floor_fwd,
+                           graph_fwdbwd_x=t[3] / floor_fb, graph_bwd_x=(t[3] - t[2]) / (floor_fb - floor_fwd))
+                rows.append(row)
+                print(f"{case:38s} {dname} {label:64s} x floor: fwd {row['graph_fwd_x']:.3f}  "
+                      f"bwd {row['graph_bwd_x']:.3f}  fwd+bwd {row['graph_fwdbwd_x']:.3f}", flush=True)
+            del sets
+            torch.cuda.empty_cache()
+            with open(os.path.join(out, f"{name}.json"), "w") as f:
+                json.dump({"copy_bandwidth_GBps": bw / 1e9, "device": torch.cuda.get_device_name(), "rows": rows},
+                          f, indent=1)
+    return rows
 
 
 def main():
@@ -56,49 +107,14 @@ def main():
     for option, attr, _, kind, text in KNOBS:
         ap.add_argument(f"--{option}", nargs="+", type=kind, default=None, help=f"{text} (triton_lsq.{attr})")
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    bw = copy_bandwidth()
-    defaults = {attr: getattr(triton_lsq, attr) for _, attr, _, _, _ in KNOBS}
     swept = [(attr, getattr(args, option.replace("-", "_"))) for option, attr, _, _, _ in KNOBS
              if getattr(args, option.replace("-", "_")) is not None]
-    rows = []
-    for name, shape, axis in CASES:
-        if args.cases and not any(k in name for k in args.cases):
-            continue
-        for dname in args.dtypes:
-            dtype = DTYPES[dname]
-            size = dtype.itemsize
-            numel = torch.Size(shape).numel()
-            floor_fwd, floor_fb = 2 * numel * size / bw * 1e3, 5 * numel * size / bw * 1e3
-            copies = max(1, min(8, (256 << 20) // (2 * numel * size)))
-            s, sets = make_inputs(shape, axis, dtype, args.bits, True, copies)
-            settings = [(SAME_BYTES, None)] + [
-                (", ".join(f"{attr.strip('_').lower()}={v}" for (attr, _), v in zip(swept, values)) or "defaults",
-                 dict(zip((attr for attr, _ in swept), values)))
-                for values in itertools.product(*(vals for _, vals in swept))]
-            for label, setting in settings:
-                if setting is None:
-                    fn = same_bytes()
-                else:
-                    for attr, value in defaults.items():  # every knob back to the package's value first
-                        setattr(triton_lsq, attr, value)
-                    apply(setting, size)
-                    fn = (lambda x, s_: gk.lsq_fake_quant(x, s_, bits=args.bits, signed=True, axis=axis,
-                                                          backend="triton"))
-                t = time_modes(fn, sets, s, eager=False)
-                row = dict(case=name, dtype=dname, setting=label, graph_fwd_x=t[2] / floor_fwd,
-                           graph_fwdbwd_x=t[3] / floor_fb, graph_bwd_x=(t[3] - t[2]) / (floor_fb - floor_fwd))
-                rows.append(row)
-                print(f"{name:38s} {dname} {label:64s} x floor: fwd {row['graph_fwd_x']:.3f}  "
-                      f"bwd {row['graph_bwd_x']:.3f}  fwd+bwd {row['graph_fwdbwd_x']:.3f}", flush=True)
-            del sets
-            torch.cuda.empty_cache()
-            with open(os.path.join(args.out, "tune_triton.json"), "w") as f:
-                json.dump({"copy_bandwidth_GBps": bw / 1e9, "device": torch.cuda.get_device_name(), "rows": rows},
-                          f, indent=1)
-    for attr, value in defaults.items():
-        setattr(triton_lsq, attr, value)
-    triton_lsq._plan.cache_clear()
+    settings = []
+    for values in itertools.product(*(vals for _, vals in swept)):
+        setting = dict(zip((attr for attr, _ in swept), values))
+        label = ", ".join(f"{attr.strip('_').lower()}={v}" for attr, v in setting.items()) or "defaults"
+        settings.append((label, functools.partial(applied, setting)))
+    sweep(args.out, "tune_triton", args.cases, args.dtypes, args.bits, settings, "triton")
 
 
 if __name__ == "__main__":

@@ -349,6 +349,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef GAQAT_WITH_CUDA
   m.def("set_cuda_division", &gaqat::set_cuda_division,
         "division in the CUDA kernels: 0 the built-in plan, 1 IEEE always, 2 exact fast division where valid");
+  m.def("set_cuda_launch", &gaqat::set_cuda_launch,
+        "launch shape of the CUDA kernels: forward blocks per SM, backward split blocks per SM (0 = default)");
 #endif
 }
 

@@ -55,6 +55,24 @@ constexpr bool kFastForward = true;
 constexpr bool kFastBackwardOneTile = true;
 constexpr bool kFastBackwardLoop = false;
 
+// Launch shape: forward blocks per SM (a grid-stride loop beyond that) and backward blocks per SM over which a
+// channel's tiles are split when the channels alone do not fill the GPU. set_cuda_launch overrides them (0 =
+// these defaults) so that one benchmark process can compare shapes.
+constexpr int kForwardBlocksPerSm = 8;
+constexpr int kSplitBlocksPerSm = 8;
+int g_forward_blocks_per_sm = 0;
+int g_split_blocks_per_sm = 0;
+int forward_blocks_per_sm() { return g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardBlocksPerSm; }
+int split_blocks_per_sm() { return g_split_blocks_per_sm > 0 ? g_split_blocks_per_sm : kSplitBlocksPerSm; }
+
+// v, opaque to the compiler from here on, and (the memory clobber) ordered after the loads issued before it: an
+// instruction that uses the scale stalls its warp until the scale has arrived, so nothing that uses it (the
+// division branch, the reciprocal, whose slow path is a branch) may be scheduled ahead of a tile's loads.
+__device__ __forceinline__ float after_loads(float v) {
+  asm volatile("" : "+f"(v)::"memory");
+  return v;
+}
+
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
@@ -86,8 +104,6 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__
                                                            float qn, float qp, bool index32, bool allow_fast) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const float s0 = PER_TENSOR ? s[0] : 0.f;
-  const float r0 = PER_TENSOR ? __frcp_rn(s0) : 0.f;
-  const bool fast0 = PER_TENSOR && allow_fast && fast_div_ok(s0);
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < n_vec;
        base += stride * kUnroll) {
     Vec<T, VEC> in[kUnroll];
@@ -96,12 +112,15 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__
       const int64_t k = base + u * kThreads;
       if (k < n_vec) in[u] = reinterpret_cast<const Vec<T, VEC>*>(x)[k];
     }
+    const float st = PER_TENSOR ? after_loads(s0) : 0.f;
+    const float rt = PER_TENSOR ? __frcp_rn(st) : 0.f;
+    const bool fast_t = PER_TENSOR && allow_fast && fast_div_ok(st);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kThreads;
       if (k >= n_vec) continue;
-      float sc = s0, r = r0;
-      bool fast = fast0;
+      float sc = st, r = rt;
+      bool fast = fast_t;
       if (!PER_TENSOR) {
         const int64_t p = k * VEC;
         sc = s[index32 ? (static_cast<uint32_t>(p) / static_cast<uint32_t>(I)) % static_cast<uint32_t>(C) : (p / I) % C];
@@ -139,13 +158,38 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return v;
 }
 
+// dx of one loaded tile (n valid elements) and this thread's share of its scale-gradient sum.
+template <bool FAST, typename T, int VEC, int U>
+__device__ __forceinline__ float grad_tile(const Vec<T, VEC> (&xv)[U], const Vec<T, VEC> (&gv)[U], T* __restrict__ dt,
+                                           int n, float sc, float r, float qn, float qp) {
+  float acc = 0.f;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+    Vec<T, VEC> d;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float term = lsq_grad<FAST>(xv[u].v[j], gv[u].v[j], sc, r, qn, qp, d.v[j]);
+      acc += i + j < n ? term : 0.f;
+    }
+    if (i + VEC <= n) {
+      *reinterpret_cast<Vec<T, VEC>*>(dt + i) = d;
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if (i + j < n) dt[i + j] = d.v[j];
+    }
+  }
+  return acc;
+}
+
 // Long rows (and per-tensor): block (c, split) walks tiles of channel c's rows; tile t is row t / tiles_i,
 // chunk t % tiles_i of kThreads * VEC * U elements (< 2^31: in-tile offsets are int). Returns this thread's
-// share of the sum.
-template <bool FAST, typename T, int VEC, int U>
+// share of the sum. Everything that uses the scale comes after the tile's loads (after_loads).
+template <bool MAY_FAST, typename T, int VEC, int U>
 __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                                           float sc, float r, int64_t c, int64_t O, int64_t C, int64_t I,
-                                           int64_t tiles_i, int split, int n_splits, float qn, float qp) {
+                                           float sc, int64_t c, int64_t O, int64_t C, int64_t I, int64_t tiles_i,
+                                           int split, int n_splits, float qn, float qp) {
   constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
   float acc = 0.f;
   for (int64_t t = split; t < O * tiles_i; t += n_splits) {
@@ -153,7 +197,6 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
     const int64_t offset = (o * C + c) * I + chunk * kTile;
     const T* xt = x + offset;
     const T* gt = dy + offset;
-    T* dt = dx + offset;
     const int n = static_cast<int>(::min(I - chunk * kTile, kTile));  // elements of this tile
     Vec<T, VEC> xv[U], gv[U];
 #pragma unroll
@@ -170,23 +213,11 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
         }
       }
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
-      Vec<T, VEC> d;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float term = lsq_grad<FAST>(xv[u].v[j], gv[u].v[j], sc, r, qn, qp, d.v[j]);
-        acc += i + j < n ? term : 0.f;
-      }
-      if (i + VEC <= n) {
-        *reinterpret_cast<Vec<T, VEC>*>(dt + i) = d;
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          if (i + j < n) dt[i + j] = d.v[j];
-      }
-    }
+    const float st = after_loads(sc);
+    if (MAY_FAST && fast_div_ok(st))
+      acc += grad_tile<true, T, VEC, U>(xv, gv, dx + offset, n, st, __frcp_rn(st), qn, qp);
+    else
+      acc += grad_tile<false, T, VEC, U>(xv, gv, dx + offset, n, st, st, qn, qp);
   }
   return acc;
 }
@@ -194,7 +225,7 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
 // MIN_BLOCKS 4 (one-tile rows): at most 64 registers, four blocks per SM, so 4 x 132 row blocks (a 512-channel
 // conv weight) run in one wave. Looping rows keep the compiler's choice: with the cap their 16-bit backward
 // ran 10-15% slower on H100 (8x4096x4096 bf16 286 -> 321 us). MAY_FAST is a template argument so that a
-// kernel launched for IEEE division holds only that variant (no fast path behind a per-block branch).
+// kernel launched for IEEE division holds only that variant.
 template <typename T, int VEC, int U, int MIN_BLOCKS, bool MAY_FAST>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lsq_bwd_row_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
@@ -203,11 +234,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lsq_bwd_row_kernel(
   __shared__ float smem[kThreads / 32];
   const int64_t c = blockIdx.x;
   const int split = blockIdx.y;
-  const float sc = s[c];
-  const float r = __frcp_rn(sc);
-  float acc = MAY_FAST && fast_div_ok(sc)
-                  ? row_tiles<true, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp)
-                  : row_tiles<false, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp);
+  float acc = row_tiles<MAY_FAST, T, VEC, U>(dy, x, dx, s[c], c, O, C, I, tiles_i, split, n_splits, qn, qp);
   acc = block_sum(acc, smem);
   if (threadIdx.x == 0) {
     if (final_write) out[c] = acc * g;
@@ -301,7 +328,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   const int64_t n_vec = vec ? n / VEC : n;
   const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n_vec + per_block - 1) / per_block,
-                                                                 static_cast<int64_t>(num_sms()) * 8));
+                                                                 num_sms() * int64_t(forward_blocks_per_sm())));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const T* xp = x.data_ptr<T>();
   const float* sp = scale.data_ptr<float>();
@@ -380,7 +407,7 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   const int n_splits = blocks_c >= 2 * sms
                            ? 1
                            : static_cast<int>(std::max<int64_t>(
-                                 1, std::min<int64_t>({work_per_c, (8 * sms + blocks_c - 1) / blocks_c, 65535})));
+                                 1, std::min<int64_t>({work_per_c, (split_blocks_per_sm() * sms + blocks_c - 1) / blocks_c, 65535})));
   const bool final_write = n_splits == 1;
   at::Tensor partial = final_write ? ds : at::empty({n_splits, C}, x.options().dtype(at::kFloat));
   float* outp = partial.data_ptr<float>();
@@ -410,6 +437,15 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 void set_cuda_division(int64_t mode) {
   TORCH_CHECK(mode >= 0 && mode <= 2, "set_cuda_division: mode must be 0 (plan), 1 (IEEE) or 2 (fast), got ", mode);
   g_division_mode = static_cast<int>(mode);
+}
+
+void set_cuda_launch(int64_t forward_blocks_per_sm, int64_t split_blocks_per_sm) {
+  TORCH_CHECK(forward_blocks_per_sm >= 0 && forward_blocks_per_sm <= (1 << 16),
+              "set_cuda_launch: forward_blocks_per_sm must be in [0, 65536] (0 = default), got ", forward_blocks_per_sm);
+  TORCH_CHECK(split_blocks_per_sm >= 0 && split_blocks_per_sm <= 64,
+              "set_cuda_launch: split_blocks_per_sm must be in [0, 64] (0 = default), got ", split_blocks_per_sm);
+  g_forward_blocks_per_sm = static_cast<int>(forward_blocks_per_sm);
+  g_split_blocks_per_sm = static_cast<int>(split_blocks_per_sm);
 }
 
 void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,

@@ -239,6 +239,32 @@ def test_cuda_division_modes_divide_as_ieee(mode, dtype, shape, axis):
         check(x, s, dy, "cuda", 4, True, axis)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in gk.available_backends()),
+                    reason="needs the CUDA extension and a GPU")
+@pytest.mark.parametrize("launch", [(1, 1), (3, 5), (1 << 16, 64)], ids=lambda v: f"fwd{v[0]}-split{v[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis", CUDA_KERNEL_PATHS)
+def test_cuda_launch_shapes_match_the_oracle(launch, dtype, shape, axis):
+    """Every CUDA kernel path under other launch shapes (a forward grid of one block per SM looping over the
+    tensor or one block per tile; one split block per SM or 64) gives the oracle's results."""
+    from gaqat_kernels.kernels.extension import cuda_launch
+
+    x, s, dy = _near_tie_case(shape, axis, dtype, "cuda")
+    with cuda_launch(*launch):
+        check(x, s, dy, "cuda", 4, True, axis)
+
+
+@pytest.mark.parametrize("kwargs", [dict(forward_blocks_per_sm=-1), dict(split_blocks_per_sm=65),
+                                    dict(forward_blocks_per_sm=2.0)], ids=str)
+def test_cuda_launch_rejects_bad_shapes(kwargs):
+    from gaqat_kernels.kernels.extension import cuda_launch
+
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        with cuda_launch(**kwargs):
+            pass
+
+
 def _near_tie_case(shape, axis, dtype, device, bits=4, signed=True):
     """(x, s, dy): every channel's values a few ulps around its scale's ties and clamp bounds, in random order;
     scales that are not powers of two, the first three with all-ones significands."""

@@ -18,7 +18,8 @@ _OPERATORS = ("lsq_fake_quant_ext", "lsq_fake_quant_ext_backward")  # torch.ops.
 
 
 def _missing(module) -> list:
-    needed = _FUNCTIONS + (("set_cuda_division",) if getattr(module, "built_with_cuda", bool)() else ())
+    needed = _FUNCTIONS + (("set_cuda_division", "set_cuda_launch") if getattr(module, "built_with_cuda", bool)()
+                           else ())
     names = [f for f in needed if not hasattr(module, f)]
     return names + [f"torch.ops.gaqat_kernels.{op}" for op in _OPERATORS if not hasattr(torch.ops.gaqat_kernels, op)]
 
@@ -75,3 +76,23 @@ def cuda_division(mode: str) -> Iterator[None]:
         yield
     finally:
         MODULE.set_cuda_division(0)
+
+
+@contextlib.contextmanager
+def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0) -> Iterator[None]:
+    """Within the block, the CUDA kernels launch at most ``forward_blocks_per_sm`` forward blocks per SM (a
+    grid-stride loop covers the rest) and split a channel's backward tiles over up to ``split_blocks_per_sm``
+    blocks per SM when the channels alone do not fill the GPU; 0 keeps the built-in value. For benchmarks
+    (``benchmarks/tune_cuda.py``): y and dx do not change, the scale gradient's summation order may. Not
+    thread-safe: it sets a process-wide switch."""
+    for name, value, top in (("forward_blocks_per_sm", forward_blocks_per_sm, 1 << 16),
+                             ("split_blocks_per_sm", split_blocks_per_sm, 64)):
+        if not isinstance(value, int) or not 0 <= value <= top:
+            raise ValueError(f"cuda_launch: {name} must be an int in [0, {top}] (0 = default), got {value!r}")
+    if not HAS_CUDA:
+        raise RuntimeError("cuda_launch: the extension was built without CUDA")
+    MODULE.set_cuda_launch(forward_blocks_per_sm, split_blocks_per_sm)
+    try:
+        yield
+    finally:
+        MODULE.set_cuda_launch(0, 0)
