@@ -5,7 +5,7 @@ for every combination, the forward and forward+backward device time as multiples
 beside PyTorch's same-bytes bound.
 
     python benchmarks/tune_cuda.py --out bench_out [--cases act] [--dtypes fp32 bf16] [--division plan ieee fast]
-        [--forward-blocks 8 65536] [--split-blocks 4 8] [--row-blocks 1 6 8]
+        [--forward-blocks 8 65536] [--split-blocks 4 8]
 
 A knob left out keeps the built-in value (0 = the built-in launch value).
 """
@@ -28,8 +28,8 @@ from tune_triton import sweep  # noqa: E402
 
 
 @contextlib.contextmanager
-def applied(division: str, forward_blocks: int, split_blocks: int, row_blocks: int, size: int) -> Iterator[None]:
-    with cuda_division(division), cuda_launch(forward_blocks, split_blocks, row_blocks):
+def applied(division: str, forward_blocks: int, split_blocks: int, size: int) -> Iterator[None]:
+    with cuda_division(division), cuda_launch(forward_blocks, split_blocks):
         yield
 
 
@@ -43,13 +43,10 @@ def main():
     ap.add_argument("--forward-blocks", nargs="+", type=int, default=[0], help="forward blocks per SM (0: built-in)")
     ap.add_argument("--split-blocks", nargs="+", type=int, default=[0],
                     help="backward split blocks per SM (0: built-in)")
-    ap.add_argument("--row-blocks", nargs="+", type=int, default=[0],
-                    help="resident blocks per SM of the backward row kernels: 1, 6, 8 (0: built-in)")
     args = ap.parse_args()
-    settings = [(f"division={d}, forward_blocks={f}, split_blocks={b}, row_blocks={r}",
-                 lambda size, d=d, f=f, b=b, r=r: applied(d, f, b, r, size))
-                for d, f, b, r in itertools.product(args.division, args.forward_blocks, args.split_blocks,
-                                                    args.row_blocks)]
+    settings = [(f"division={d}, forward_blocks={f}, split_blocks={b}",
+                 lambda size, d=d, f=f, b=b: applied(d, f, b, size))
+                for d, f, b in itertools.product(args.division, args.forward_blocks, args.split_blocks)]
     sweep(args.out, "tune_cuda", args.cases, args.dtypes, args.bits, settings, "cuda")
 
 

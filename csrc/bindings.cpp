@@ -350,8 +350,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cuda_division", &gaqat::set_cuda_division,
         "division in the CUDA kernels: 0 the built-in plan, 1 IEEE always, 2 exact fast division where valid");
   m.def("set_cuda_launch", &gaqat::set_cuda_launch,
-        "launch shape of the CUDA kernels: forward blocks per SM, backward split blocks per SM, resident blocks per "
-        "SM of the backward row kernels (0 = default)");
+        "launch shape of the CUDA kernels: forward blocks per SM, backward split blocks per SM (0 = default)");
 #endif
 }
 

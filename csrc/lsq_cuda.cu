@@ -50,29 +50,23 @@ __device__ __forceinline__ float divide(float x, float s, float r) {
 // Which division the kernels may use (set_cuda_division): 0 the plan's choice below, 1 IEEE always, 2 fast
 // wherever the scale allows it (tests and the division benchmark compare the three).
 int g_division_mode = 0;
-// The plan, measured on H100 (benchmarks/tune_cuda.py, RESULTS.md): fast division in the forward and in every
-// row block of the backward (looping blocks fast: per-tensor fp32 backward 1-7% faster, bf16 6%); short-row
-// blocks fast when they visit one tile, IEEE when they loop.
+// The plan, measured on H100 (benchmarks/tune_cuda.py, RESULTS.md): fast division in the forward and in backward
+// blocks that visit one tile; IEEE where a block loops (a looping kernel that may divide fast holds both
+// variants and ran its 16-bit per-tensor backward up to 40% slower).
 constexpr bool kFastForward = true;
 constexpr bool kFastBackwardOneTile = true;
-constexpr bool kFastRowLoop = true;
-constexpr bool kFastShortRowsLoop = false;
+constexpr bool kFastBackwardLoop = false;
 
 // Launch shape. Forward blocks per SM, a grid-stride loop beyond that: 2^16, i.e. one block per 16-byte x
 // kThreads x kUnroll tile (measured on H100: 8 persistent blocks per SM made the forward 5-9% slower).
 // Backward blocks per SM over which a channel's tiles are split when the channels alone do not fill the GPU.
-// Resident blocks per SM the (not wide) row kernels are compiled for (1: the compiler's register choice; 6, 8:
-// at most 40, 32 registers). set_cuda_launch overrides them (0 = these defaults) so that one benchmark process
-// can compare shapes.
+// set_cuda_launch overrides them (0 = these defaults) so that one benchmark process can compare shapes.
 constexpr int kForwardBlocksPerSm = 1 << 16;
 constexpr int kSplitBlocksPerSm = 8;
-constexpr int kRowBlocksPerSm = 1;
 int g_forward_blocks_per_sm = 0;
 int g_split_blocks_per_sm = 0;
-int g_row_blocks_per_sm = 0;
 int forward_blocks_per_sm() { return g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardBlocksPerSm; }
 int split_blocks_per_sm() { return g_split_blocks_per_sm > 0 ? g_split_blocks_per_sm : kSplitBlocksPerSm; }
-int row_blocks_per_sm() { return g_row_blocks_per_sm > 0 ? g_row_blocks_per_sm : kRowBlocksPerSm; }
 
 // v, opaque to the compiler from here on, and (the memory clobber) ordered after the loads issued before it: an
 // instruction that uses the scale stalls its warp until the scale has arrived, so nothing that uses it (the
@@ -220,11 +214,11 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
 }
 
 // MIN_BLOCKS 4 (one-tile rows): at most 64 registers, four blocks per SM, so 4 x 132 row blocks (a 512-channel
-// conv weight) run in one wave. Looping rows keep the compiler's choice: with the cap their 16-bit backward
-// ran 10-15% slower on H100 (8x4096x4096 bf16 286 -> 321 us). MAY_FAST is a template argument so that a
-// kernel launched for IEEE division holds only that variant (no fast path behind a per-block branch). The
-// branch on the scale comes before the tile loop: inside it, the loaded tile would stay live across both
-// variants (72 instead of 62 registers for bf16, 4-5% slower one-tile rows on H100).
+// conv weight) run in one wave. Other rows keep the compiler's choice (~60 registers for 16-bit): capped at 40
+// or 32 registers (6 or 8 blocks per SM) they spill and ran 10-100% slower on H100. MAY_FAST is a template
+// argument so that a kernel launched for IEEE division holds only that variant. The branch on the scale comes
+// before the tile loop: inside it, the loaded tile would stay live across both variants (72 instead of 62
+// registers for bf16, one-tile rows 4-5% slower on H100).
 template <typename T, int VEC, int U, int MIN_BLOCKS, bool MAY_FAST>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lsq_bwd_row_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
@@ -379,28 +373,13 @@ template <typename T, int VEC>
 void launch_rows(const RowTiles<VEC>& tiles, const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp,
                  const float* sp, T* dxp, float* outp, int64_t O, int64_t C, int64_t I, int n_splits, float qn,
                  float qp, float g, bool final_write) {
-  const bool fast = allow_fast(O * tiles.tiles_i <= n_splits ? kFastBackwardOneTile : kFastRowLoop);
-  constexpr int U = RowTiles<VEC>::U;
-  const int64_t tiles_i = tiles.tiles_i;
-  if (tiles.wide) {
+  const bool fast = allow_fast(O * tiles.tiles_i <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
+  if (tiles.wide)
     launch_row_kernel<T, VEC, RowTiles<VEC>::kWideU, 4>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, 1,
                                                         n_splits, qn, qp, g, final_write);
-    return;
-  }
-  if constexpr (VEC > 1) {  // the scalar path keeps the compiler's choice
-    if (row_blocks_per_sm() == 8) {
-      launch_row_kernel<T, VEC, U, 8>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn,
-                                      qp, g, final_write);
-      return;
-    }
-    if (row_blocks_per_sm() == 6) {
-      launch_row_kernel<T, VEC, U, 6>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn,
-                                      qp, g, final_write);
-      return;
-    }
-  }
-  launch_row_kernel<T, VEC, U, 1>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp,
-                                  g, final_write);
+  else
+    launch_row_kernel<T, VEC, RowTiles<VEC>::U, 1>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I,
+                                                    tiles.tiles_i, n_splits, qn, qp, g, final_write);
 }
 
 template <typename T>
@@ -435,7 +414,7 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   const float* sp = scale.data_ptr<float>();
   T* dxp = dx.data_ptr<T>();
   if (short_rows) {
-    const bool fast = allow_fast(O <= n_splits ? kFastBackwardOneTile : kFastShortRowsLoop);
+    const bool fast = allow_fast(O <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
     lsq_bwd_short_kernel<T><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb, n_splits, qn, qp, g,
                                                            final_write, fast);
   } else if (vec) {
@@ -457,15 +436,12 @@ void set_cuda_division(int64_t mode) {
   g_division_mode = static_cast<int>(mode);
 }
 
-void set_cuda_launch(int64_t forward_blocks_per_sm, int64_t split_blocks_per_sm, int64_t row_blocks_per_sm) {
+void set_cuda_launch(int64_t forward_blocks_per_sm, int64_t split_blocks_per_sm) {
   TORCH_CHECK(forward_blocks_per_sm >= 0 && forward_blocks_per_sm <= (1 << 16),
               "set_cuda_launch: forward_blocks_per_sm must be in [0, 65536] (0 = default), got ", forward_blocks_per_sm);
   TORCH_CHECK(split_blocks_per_sm >= 0 && split_blocks_per_sm <= 64,
               "set_cuda_launch: split_blocks_per_sm must be in [0, 64] (0 = default), got ", split_blocks_per_sm);
-  TORCH_CHECK(row_blocks_per_sm == 0 || row_blocks_per_sm == 1 || row_blocks_per_sm == 6 || row_blocks_per_sm == 8,
-              "set_cuda_launch: row_blocks_per_sm must be 0 (default), 1, 6 or 8, got ", row_blocks_per_sm);
   g_forward_blocks_per_sm = static_cast<int>(forward_blocks_per_sm);
-  g_row_blocks_per_sm = static_cast<int>(row_blocks_per_sm);
   g_split_blocks_per_sm = static_cast<int>(split_blocks_per_sm);
 }
 

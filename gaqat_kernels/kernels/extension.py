@@ -79,24 +79,20 @@ def cuda_division(mode: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0, row_blocks_per_sm: int = 0
-                ) -> Iterator[None]:
+def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0) -> Iterator[None]:
     """Within the block, the CUDA kernels launch at most ``forward_blocks_per_sm`` forward blocks per SM (a
-    grid-stride loop covers the rest), split a channel's backward tiles over up to ``split_blocks_per_sm``
-    blocks per SM when the channels alone do not fill the GPU, and run the backward's row kernel compiled for
-    ``row_blocks_per_sm`` resident blocks per SM (1: the compiler's register choice; 6, 8: at most 40, 32
-    registers); 0 keeps the built-in value. For benchmarks (``benchmarks/tune_cuda.py``): y and dx do not
-    change, the scale gradient's summation order may. Not thread-safe: it sets a process-wide switch."""
-    for name, value, allowed in (("forward_blocks_per_sm", forward_blocks_per_sm, range(0, (1 << 16) + 1)),
-                                 ("split_blocks_per_sm", split_blocks_per_sm, range(0, 65)),
-                                 ("row_blocks_per_sm", row_blocks_per_sm, (0, 1, 6, 8))):
-        if not isinstance(value, int) or value not in allowed:
-            what = f"in [0, {allowed[-1]}]" if isinstance(allowed, range) else f"one of {allowed}"
-            raise ValueError(f"cuda_launch: {name} must be an int {what} (0 = default), got {value!r}")
+    grid-stride loop covers the rest) and split a channel's backward tiles over up to ``split_blocks_per_sm``
+    blocks per SM when the channels alone do not fill the GPU; 0 keeps the built-in value. For benchmarks
+    (``benchmarks/tune_cuda.py``): y and dx do not change, the scale gradient's summation order may. Not
+    thread-safe: it sets a process-wide switch."""
+    for name, value, top in (("forward_blocks_per_sm", forward_blocks_per_sm, 1 << 16),
+                             ("split_blocks_per_sm", split_blocks_per_sm, 64)):
+        if not isinstance(value, int) or not 0 <= value <= top:
+            raise ValueError(f"cuda_launch: {name} must be an int in [0, {top}] (0 = default), got {value!r}")
     if not HAS_CUDA:
         raise RuntimeError("cuda_launch: the extension was built without CUDA")
-    MODULE.set_cuda_launch(forward_blocks_per_sm, split_blocks_per_sm, row_blocks_per_sm)
+    MODULE.set_cuda_launch(forward_blocks_per_sm, split_blocks_per_sm)
     try:
         yield
     finally:
-        MODULE.set_cuda_launch(0, 0, 0)
+        MODULE.set_cuda_launch(0, 0)
