@@ -5,7 +5,9 @@ of the selected model's test-domain accuracy (training-domain validation). The a
 domains within each seed first, then takes mean +- std over seeds (DomainBed's convention). Reads every
 run's ``results.json`` (any ``.json`` with a run's results) below the given directories. EoQ results
 (``eoq.json`` from ``gaqat_kernels.eoq``) found there add a row "<algorithm> + EoQ" per setting: the
-ensemble's test accuracy per domain; its seeds column counts ensembles, its name the members of each.
+ensemble's test accuracy per domain; its seeds column counts ensembles, its name the members of each. A cell
+over fewer seeds than its row's seeds column says how many in brackets (a sweep that has not finished them all;
+the average then covers the seeds that have every domain).
 """
 from __future__ import annotations
 
@@ -86,12 +88,14 @@ def table(rows: List[Dict], key: str = "test_acc", only: List[str] = ()) -> str:
                 "| algorithm | bits | " + " | ".join(domains) + " | avg | seeds |",
                 "|---|---|" + "---|" * (len(domains) + 2)]
         for (alg, bits), seeds in sorted(groups.items(), key=lambda kv: (kv[0][1] != "FP", kv[0][1], kv[0][0])):
-            cells = []
-            for k in picked:
-                vals = [s[k] for s in seeds.values() if k in s]
-                cells.append(_fmt(vals) if vals else "–")
-            complete = [np.mean([s[k] for k in picked]) for s in seeds.values() if all(k in s for k in picked)]
-            cells.append(_fmt(complete) if complete else "–")
+            def cell(vals):
+                if not vals:
+                    return "–"
+                return _fmt(vals) + (f" ({len(vals)})" if len(vals) < len(seeds) else "")
+
+            cells = [cell([s[k] for s in seeds.values() if k in s]) for k in picked]
+            cells.append(cell([np.mean([s[k] for k in picked]) for s in seeds.values()
+                               if all(k in s for k in picked)]))
             out.append(f"| {alg} | {bits} | " + " | ".join(cells) + f" | {len(seeds)} |")
         out.append("")
     return "\n".join(out)

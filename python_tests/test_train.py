@@ -145,6 +145,17 @@ def test_report_and_eoq(tmp_path):
         eoq.ensemble([dirs[0], dirs[1]])  # different test domains
 
 
+def test_report_marks_cells_over_fewer_seeds():
+    """A domain that only some seeds have reached shows its own seed count, and the average covers only the
+    seeds that have every domain."""
+    def row(seed, domain, acc):
+        return {"dataset": "D", "domains": ["a", "b"], "test_domain": domain, "quantized": False, "test_acc": acc,
+                "args": {"seed": seed, "trial_seed": seed, "algorithm": "erm"}}
+    rows = [row(0, 0, 0.90), row(1, 0, 0.92), row(2, 0, 0.94), row(0, 1, 0.80), row(1, 1, 0.82)]
+    line = next(x for x in report.table(rows).splitlines() if x.startswith("| erm |"))
+    assert line == "| erm | FP | 92.0 ± 2.0 | 81.0 ± 1.4 (2) | 86.0 ± 1.4 (2) | 3 |", line
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         train.main(["--w-bits", "9", "--out", str(tmp_path)])
