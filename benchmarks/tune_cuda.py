@@ -11,7 +11,6 @@ A knob left out keeps the built-in value (0 = the built-in launch value).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import os
@@ -23,8 +22,7 @@ import torch
 from gaqat_kernels.kernels.extension import HAS_CUDA, cuda_division, cuda_launch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_kernels import DTYPES  # noqa: E402
-from tune_triton import sweep  # noqa: E402
+from tune_triton import sweep, sweep_parser  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -34,11 +32,7 @@ def applied(division: str, forward_blocks: int, split_blocks: int, size: int) ->
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--cases", nargs="+", default=None, help="only cases whose name contains one of these")
-    ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
-    ap.add_argument("--bits", type=int, default=4)
+    ap = sweep_parser(__doc__.split("\n")[0])
     ap.add_argument("--division", nargs="+", default=["plan"], choices=["plan", "ieee", "fast"])
     ap.add_argument("--forward-blocks", nargs="+", type=int, default=[0], help="forward blocks per SM (0: built-in)")
     ap.add_argument("--split-blocks", nargs="+", type=int, default=[0],

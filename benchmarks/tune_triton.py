@@ -98,12 +98,18 @@ def sweep(out: str, name: str, cases, dtypes, bits: int, settings, backend: str)
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def sweep_parser(description: str) -> argparse.ArgumentParser:
+    """The options every launch-setting sweep takes: where to write, which cases, dtypes and bits."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--cases", nargs="+", default=None, help="only cases whose name contains one of these")
     ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
     ap.add_argument("--bits", type=int, default=4)
+    return ap
+
+
+def main():
+    ap = sweep_parser(__doc__.split("\n")[0])
     for option, attr, _, kind, text in KNOBS:
         ap.add_argument(f"--{option}", nargs="+", type=kind, default=None, help=f"{text} (triton_lsq.{attr})")
     args = ap.parse_args()
