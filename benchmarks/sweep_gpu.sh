@@ -4,7 +4,10 @@
 # Runs share the GPU through CUDA MPS when the box has it (without MPS, processes time-slice the GPU and
 # many small runs barely overlap). Finished runs already under runs/NAME (carried from an earlier call) are
 # skipped. The results without model files go to $OUT/sweep_NAME.tar.gz, the log to $OUT/sweep_NAME.log.
-# SWEEP_MPS=0: no MPS (when other GPU work shares the call).
+# SWEEP_MPS=0: no MPS (when other GPU work shares the call). SWEEP_KEEP_MODELS=1: also the finished runs' selected
+# models (model.pt, not the checkpoints) as $OUT/sweep_NAME_models.tar.part-aa, -ab, ... (15 MiB parts, under the
+# device tool's per-file limit); `cat sweep_NAME_models.tar.part-* | tar xf -` in the repository root puts them
+# back under runs/NAME, so that a later call (carrying runs/NAME) can ensemble seeds run in different calls.
 set -uo pipefail
 name=$1; shift
 out=${OUT:-bench_out}
@@ -22,4 +25,7 @@ python3 benchmarks/sweep_dg.py --out "runs/$name" "$@" 2>&1 | tee -a "$out/sweep
 rc=${PIPESTATUS[0]}
 [[ $mps == 1 ]] && echo quit | nvidia-cuda-mps-control
 tar czf "$out/sweep_$name.tar.gz" --exclude='*.pt' --exclude='*.png' "runs/$name"
+if [[ ${SWEEP_KEEP_MODELS:-0} == 1 ]]; then
+  find "runs/$name" -name model.pt -print0 | tar cf - --null -T - | split -b 15m - "$out/sweep_${name}_models.tar.part-"
+fi
 exit $rc
