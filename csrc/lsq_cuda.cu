@@ -343,13 +343,15 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Tiles of long rows: U vectors per thread, or 1.5 U where that makes the row of a single-row channel (O == 1)
-// one tile: every load of the row is then in flight at once instead of a second, mostly idle round (a conv
-// weight's 4608-element rows). 1.5 U, not 2 U: twice the registers would halve the blocks per SM.
+// Tiles of long rows: U vectors per thread, or a wide tile (kWideU) where that makes the row of a single-row
+// channel (O == 1) one tile: every load of the row is then in flight at once instead of a second, mostly idle
+// round (a conv weight's 4608-element rows). Wide: 1.25 U for 16-byte fp32 vectors (5120 elements; with 1.5 U
+// the kernel spilled under its 64-register cap), 1.5 U otherwise; not 2 U: twice the registers would halve the
+// blocks per SM.
 template <int VEC>
 struct RowTiles {
   static constexpr int U = bwd_unroll(VEC);
-  static constexpr int kWideU = U + U / 2;
+  static constexpr int kWideU = VEC == 4 ? U + U / 4 : U + U / 2;
   static constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
   bool wide;
   int64_t tiles_i;  // tiles per row
