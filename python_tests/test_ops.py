@@ -338,15 +338,6 @@ def test_triton_whole_row_tiles(backend, device, dtype, inner, split, triton_set
     check(x, s, dy, backend, 4, True, 0)
 
 
-@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
-@pytest.mark.parametrize("shapes,axis", [p for p in TRITON_BACKWARD_PATHS if "looped" in p.id])
-def test_triton_pipelined_tile_loop(backend, device, shapes, axis, triton_settings):
-    """``_LOOP_STAGES``: the backward's tile loop under Triton's software pipeliner gives the oracle's results."""
-    triton_settings(_LOOP_STAGES=2)
-    x, s, dy = _near_tie_case(shapes[device == "cuda"], axis, torch.bfloat16, device)
-    check(x, s, dy, backend, 4, True, axis)
-
-
 def test_cuda_division_rejects_unknown_mode():
     from gaqat_kernels.kernels.extension import cuda_division
 
