@@ -2,6 +2,8 @@
 model, data and algorithm, per precision / memory format, on a CUDA GPU (one process, nothing else running).
 
     python benchmarks/profile_dg_run.py --data-root .data/mnist --algorithm gaqat --precision fp32 bf16
+    python benchmarks/profile_dg_run.py --dataset PACS --data-root .data/pacs128 --precision fp32 \
+        --extra --image-size 128 --pretrained .data/weights/efficientnet-lite0-57934424.pth
 
 For each setting: the CUDA-graph step time (what a sweep run replays 5001 times), the eager step time, and
 the eager step's GPU time by kernel (torch.profiler), so that the GPU time per step, the quantity that bounds
@@ -99,6 +101,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", default=None)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more training-script arguments "
+                   "(e.g. --image-size 128 --pretrained PATH for PACS)")
     args = p.parse_args()
     results = []
     for algorithm in args.algorithm:
@@ -108,7 +112,7 @@ def main() -> None:
                     torch.backends.cudnn.benchmark = bool(bench)
                     argv = ["--dataset", args.dataset, "--data-root", args.data_root, "--test-domain", "0",
                             "--algorithm", algorithm, "--precision", precision, "--backend", args.backend,
-                            "--cuda-graph"]
+                            "--cuda-graph", *args.extra]
                     name = f"{algorithm} {precision} channels_last={channels_last} cudnn.benchmark={bench}"
                     graph = step_ms(build_step(argv, channels_last, "graph"), args.steps, 10)
                     eager_step = build_step(argv, channels_last, "eager")
