@@ -4,7 +4,7 @@
 # step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
-# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the Triton settings not yet measured, fp32 and bf16).
+# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the Triton settings decided at cd6db74, rechecked).
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -42,9 +42,9 @@ fi
 if [[ $mode == tune ]]; then
   if [[ -n ${TUNE_ARGS:-} ]]; then
     python3 benchmarks/tune_triton.py --out "$out" $TUNE_ARGS 2>&1 | grep -v Warn | tee "$out/tune.log"
-  else  # the settings not yet measured: where the backward divides fast, loop pipelining; conv rows in two blocks
+  else  # the settings decided at cd6db74 (RESULTS.md): where the backward divides fast; conv rows in two blocks
     python3 benchmarks/tune_triton.py --out "$out/tune_all" --dtypes fp32 bf16 --backward-fast-div rows one-tile all \
-      --loop-stages 0 2 2>&1 | grep -v Warn | tee "$out/tune_all.log"
+      2>&1 | grep -v Warn | tee "$out/tune_all.log"
     python3 benchmarks/tune_triton.py --out "$out/tune_conv" --cases conv --dtypes fp32 bf16 --row-split 0 1 \
       --row-warps 8 16 2>&1 | grep -v Warn | tee "$out/tune_conv.log"
   fi

@@ -6,7 +6,7 @@ settings are module globals of ``triton_lsq`` (see KNOBS); this script only sets
 
     python benchmarks/tune_triton.py --out bench_out [--cases conv] [--dtypes bf16] [--tiles 8192 16384]
         [--warps 4 8] [--splits 4 8] [--row-warps 8 16] [--backward-fast-div rows one-tile all]
-        [--row-split 0 1] [--loop-stages 0 2 3]
+        [--row-split 0 1]
 
 A knob left out keeps the package's value for the dtype.
 """
@@ -38,7 +38,6 @@ KNOBS = [
     ("backward-fast-div", "_FAST_DIV_BACKWARD", False, str, "where the backward uses the fast division: rows, "
                                                               "one-tile or all"),
     ("row-split", "_ROW_TILE_SPLIT", False, lambda v: bool(int(v)), "whole-row tiles as two blocks (0/1)"),
-    ("loop-stages", "_LOOP_STAGES", False, int, "pipeline stages of the backward's tile loop (0: default)"),
 ]
 
 

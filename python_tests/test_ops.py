@@ -223,9 +223,14 @@ CUDA_KERNEL_PATHS = [  # (shape, axis): which CUDA backward kernel, and how its 
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in gk.available_backends()),
-                    reason="needs the CUDA extension and a GPU")
+def needs_cuda_extension(test):
+    """GPU test of the CUDA backend: skipped without a GPU or without the extension built with CUDA."""
+    skip = pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in gk.available_backends()),
+                              reason="needs the CUDA extension and a GPU")
+    return pytest.mark.gpu(skip(test))
+
+
+@needs_cuda_extension
 @pytest.mark.parametrize("mode", ["plan", "ieee", "fast"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,axis", CUDA_KERNEL_PATHS)
@@ -239,9 +244,7 @@ def test_cuda_division_modes_divide_as_ieee(mode, dtype, shape, axis):
         check(x, s, dy, "cuda", 4, True, axis)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in gk.available_backends()),
-                    reason="needs the CUDA extension and a GPU")
+@needs_cuda_extension
 @pytest.mark.parametrize("launch", [(1, 1), (3, 5), (1 << 16, 64)], ids=lambda v: f"fwd{v[0]}-split{v[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,axis", CUDA_KERNEL_PATHS)
@@ -336,15 +339,6 @@ def test_triton_whole_row_tiles(backend, device, dtype, inner, split, triton_set
     triton_settings(_ROW_TILE_SPLIT=split)
     x, s, dy = _near_tie_case((12 if device == "cpu" else 300, inner), 0, dtype, device)
     check(x, s, dy, backend, 4, True, 0)
-
-
-@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
-@pytest.mark.parametrize("shapes,axis", [p for p in TRITON_BACKWARD_PATHS if "looped" in p.id])
-def test_triton_pipelined_tile_loop(backend, device, shapes, axis, triton_settings):
-    """``_LOOP_STAGES``: the backward's tile loop under Triton's software pipeliner gives the oracle's results."""
-    triton_settings(_LOOP_STAGES=2)
-    x, s, dy = _near_tie_case(shapes[device == "cuda"], axis, torch.bfloat16, device)
-    check(x, s, dy, backend, 4, True, axis)
 
 
 def test_cuda_division_rejects_unknown_mode():

@@ -148,14 +148,13 @@ def _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constex
 @triton.jit
 def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
                BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
-               TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr, LOOP_STAGES: tl.constexpr):
+               TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr):
     """dx of this program's tiles and their per-row sums of the scale-gradient terms.
 
     TAIL_I > 0: the program's one row (BLOCK_C == 1, one row per channel) as two power-of-two blocks, BLOCK_I
     (<= I, unmasked) and TAIL_I, instead of one block of next_power_of_2(I) lanes (a conv weight's 4608 =
     4096 + 512, not 8192 with 44% of the lanes masked). The division variant is fixed for the whole loop: a
-    branch inside it would stop Triton pipelining its loads. LOOP_STAGES > 0 asks Triton's software pipeliner for
-    that many stages of the tile loop; 0 leaves the loop to the compiler's default.
+    branch inside it would stop Triton pipelining its loads.
     """
     r = s  # read only when FAST
     if FAST:
@@ -166,11 +165,6 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
         acc = _bwd_block(x_ptr, dy_ptr, dx_ptr, base + i, i < I, s, r, qn, qp, True, FAST)
         j = BLOCK_I + tl.arange(0, TAIL_I)[None, :]
         acc += _bwd_block(x_ptr, dy_ptr, dx_ptr, base + j, j < I, s, r, qn, qp, TAIL_EVEN, FAST)
-    elif LOOP_STAGES > 0:
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for t in tl.range(sp, tiles_per_cb, n_splits, num_stages=LOOP_STAGES):
-            _, offs, mask = _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
-            acc += _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
     else:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for t in range(sp, tiles_per_cb, n_splits):
@@ -183,7 +177,7 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
 def _lsq_bwd_kernel(
     x_ptr, dy_ptr, s_ptr, dx_ptr, out_ptr, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp, g,
     BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, FINAL: tl.constexpr, EVEN: tl.constexpr,
-    FAST_DIV: tl.constexpr, TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    FAST_DIV: tl.constexpr, TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr,
 ):
     cb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -191,10 +185,10 @@ def _lsq_bwd_kernel(
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)
     if _fast_div_ok(s, c < C, FAST_DIV):
         acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-                         BLOCK_C, BLOCK_I, EVEN, True, TAIL_I, TAIL_EVEN, LOOP_STAGES)
+                         BLOCK_C, BLOCK_I, EVEN, True, TAIL_I, TAIL_EVEN)
     else:
         acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-                         BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN, LOOP_STAGES)
+                         BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN)
     if FINAL:
         tl.store(out_ptr + c, acc * g, mask=c < C)
     else:
@@ -235,9 +229,6 @@ _ROW_TILE_WARPS = {4: 8, 2: 8}
 # Whole-row tiles as two power-of-two blocks (no masked lanes in the first; see _bwd_tiles) instead of one
 # next_power_of_2(I) block: measured on H100, 512x512x3x3 fwd+bwd fp32 1.195 -> 1.145x floor, bf16 1.685 -> 1.423.
 _ROW_TILE_SPLIT = True
-# Software-pipeline stages of the backward's tile loop (0: Triton's default). Measured on H100: 2 stages made
-# the per-tensor backward 0-30% slower (fp32 and bf16), so the default stays.
-_LOOP_STAGES = 0
 
 
 def _for_size(table: dict, x: Tensor) -> int:
@@ -364,7 +355,7 @@ def backward(
     _lsq_bwd_kernel[(num_cb, n_splits)](
         x, dy, scale, dx, out, C, I, tiles_i, O * tiles_i, n_splits, float(qn), float(qp), float(g),
         BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=_even(C, I, bc, bi), FAST_DIV=fast_div,
-        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, LOOP_STAGES=_LOOP_STAGES, num_warps=num_warps,
+        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, num_warps=num_warps,
     )
     if not final:
         block_c = min(triton.next_power_of_2(C), 256)
