@@ -21,7 +21,6 @@ import statistics
 import subprocess
 
 import torch
-import torchvision
 from torch import nn
 
 from gaqat_kernels.algorithms import build_algorithm
@@ -30,6 +29,8 @@ from gaqat_kernels.nn import quantize_model
 
 def quantized_resnet(name: str, batch: int):
     torch.manual_seed(0)
+    import torchvision  # here: scripts sharing this module's helpers need not have torchvision
+
     model = getattr(torchvision.models, name)(num_classes=1000).cuda()
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")

@@ -32,7 +32,6 @@ import time
 import types
 
 import torch
-import torchvision
 from torch import nn
 
 from bench_conflict import commit_id, timed  # benchmarks/ is on the path when this runs as a script
@@ -67,6 +66,8 @@ def _eager_lsq_forward(self, x):
 
 def build(model_name: str, impl: str, batch: int):
     torch.manual_seed(0)
+    import torchvision  # here: scripts sharing this module's helpers need not have torchvision
+
     model = getattr(torchvision.models, model_name)(num_classes=1000).cuda()
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
@@ -92,6 +93,11 @@ def make_step(model, x, y, algorithm: str, precision: str, mode: str):
         with autocast():
             return nn.functional.cross_entropy(net(inputs), labels)
 
+    return as_step(alg, loss_fn, x, y, mode)
+
+
+def as_step(alg, loss_fn, x, y, mode: str):
+    """One step of ``alg`` on ``(x, y)`` as a zero-argument callable: replayed from a CUDA graph ("graph") or eager."""
     if mode == "graph":
         graphed = CUDAGraphStep(alg, loss_fn)
         return lambda: graphed(x, y)

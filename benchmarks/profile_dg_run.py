@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from gaqat_kernels.algorithms import CUDAGraphStep
 from gaqat_kernels.data import DomainBatches
 from gaqat_kernels.models import build_model
 from gaqat_kernels.nn import find_unsigned_inputs
 from gaqat_kernels.train import ALGORITHMS, _algorithm, _quantize, load_data, parse_args
+
+from bench_train_step import as_step  # benchmarks/ is on the path when this runs as a script
 
 
 def build_step(argv, channels_last: bool, mode: str):
@@ -52,15 +53,7 @@ def build_step(argv, channels_last: bool, mode: str):
             logits = model(inputs)
         return nn.functional.cross_entropy(logits.float(), labels)
 
-    if mode == "graph":
-        graphed = CUDAGraphStep(alg, loss_fn)
-        return lambda: graphed(x, y)
-
-    def closure():
-        loss = loss_fn(x, y)
-        loss.backward()
-        return loss
-    return lambda: alg.step(closure)
+    return as_step(alg, loss_fn, x, y, mode)
 
 
 def step_ms(step, steps: int, warmup: int) -> float:
