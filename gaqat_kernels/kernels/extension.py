@@ -6,7 +6,7 @@ decided once, at import, into plain constants, so that ``torch.compile`` never t
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional
+from typing import ContextManager, Iterator, List, Optional
 
 import torch
 
@@ -43,7 +43,16 @@ CPU_ISA_LEVELS: List[str] = list(MODULE.cpu_isa_levels()) if MODULE is not None 
 
 
 @contextlib.contextmanager
-def cpu_isa(level: str) -> Iterator[None]:
+def _switched(setter, value: tuple, default: tuple) -> Iterator[None]:
+    """``setter(*value)`` (a process-wide switch of the extension) for the block, ``setter(*default)`` after it."""
+    setter(*value)
+    try:
+        yield
+    finally:
+        setter(*default)
+
+
+def cpu_isa(level: str) -> ContextManager[None]:
     """Within the block, the cpu backend runs its loops compiled for ``level`` (one of ``CPU_ISA_LEVELS``:
     "baseline", "x86-64-v3" (AVX2), "x86-64-v4" (AVX-512)) instead of the highest this CPU has, so that
     tests cover every level on one machine and benchmarks compare them. y and dx are the same bits at every
@@ -51,18 +60,13 @@ def cpu_isa(level: str) -> Iterator[None]:
     process-wide switch."""
     if level not in CPU_ISA_LEVELS:
         raise ValueError(f"cpu_isa: level must be one of {CPU_ISA_LEVELS} on this machine, got {level!r}")
-    MODULE.set_cpu_isa(level)
-    try:
-        yield
-    finally:
-        MODULE.set_cpu_isa("")
+    return _switched(MODULE.set_cpu_isa, (level,), ("",))
 
 
 _DIVISION_MODES = {"plan": 0, "ieee": 1, "fast": 2}
 
 
-@contextlib.contextmanager
-def cuda_division(mode: str) -> Iterator[None]:
+def cuda_division(mode: str) -> ContextManager[None]:
     """Within the block, the CUDA kernels divide as ``mode`` says: ``"plan"`` (the default choice per launch),
     ``"ieee"`` (IEEE division everywhere) or ``"fast"`` (the exact multiply-and-correct division wherever the
     scale lies in its range). Results are the same bits in every mode; tests check that and the division
@@ -71,15 +75,10 @@ def cuda_division(mode: str) -> Iterator[None]:
         raise ValueError(f"cuda_division: mode must be one of {sorted(_DIVISION_MODES)}, got {mode!r}")
     if not HAS_CUDA:
         raise RuntimeError("cuda_division: the extension was built without CUDA")
-    MODULE.set_cuda_division(_DIVISION_MODES[mode])
-    try:
-        yield
-    finally:
-        MODULE.set_cuda_division(0)
+    return _switched(MODULE.set_cuda_division, (_DIVISION_MODES[mode],), (0,))
 
 
-@contextlib.contextmanager
-def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0) -> Iterator[None]:
+def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0) -> ContextManager[None]:
     """Within the block, the CUDA kernels launch at most ``forward_blocks_per_sm`` forward blocks per SM (a
     grid-stride loop covers the rest) and split a channel's backward tiles over up to ``split_blocks_per_sm``
     blocks per SM when the channels alone do not fill the GPU; 0 keeps the built-in value. For benchmarks
@@ -91,8 +90,4 @@ def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0) ->
             raise ValueError(f"cuda_launch: {name} must be an int in [0, {top}] (0 = default), got {value!r}")
     if not HAS_CUDA:
         raise RuntimeError("cuda_launch: the extension was built without CUDA")
-    MODULE.set_cuda_launch(forward_blocks_per_sm, split_blocks_per_sm)
-    try:
-        yield
-    finally:
-        MODULE.set_cuda_launch(0, 0)
+    return _switched(MODULE.set_cuda_launch, (forward_blocks_per_sm, split_blocks_per_sm), (0, 0))
