@@ -28,11 +28,11 @@ from gaqat_kernels.train import ALGORITHMS, _algorithm, _quantize, load_data, pa
 from bench_train_step import as_step  # benchmarks/ is on the path when this runs as a script
 
 
-def build_step(argv, channels_last: bool, mode: str):
-    """The training script's step for ``argv`` (quantized from step 0), as a zero-argument callable."""
+def build_step(argv, dataset, channels_last: bool, mode: str):
+    """The training script's step for ``argv`` on ``dataset`` (load_data of the same arguments; loaded once for
+    every setting), quantized from step 0, as a zero-argument callable."""
     args = parse_args(argv)
     device = torch.device("cuda")
-    dataset = load_data(args)
     test = dataset.domain_index(args.test_domain)
     splits_in = [dataset.split(k, args.holdout_fraction, args.trial_seed)[0] for k in range(len(dataset))]
     batches = DomainBatches([s for k, s in enumerate(splits_in) if k != test], args.batch_size, device, args.seed, 0)
@@ -97,18 +97,19 @@ def main() -> None:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more training-script arguments "
                    "(e.g. --image-size 128 --pretrained PATH for PACS)")
     args = p.parse_args()
+    common = ["--dataset", args.dataset, "--data-root", args.data_root, "--test-domain", "0", "--backend",
+              args.backend, "--cuda-graph", *args.extra]
+    dataset = load_data(parse_args(common))
     results = []
     for algorithm in args.algorithm:
         for precision in args.precision:
             for channels_last in args.channels_last:
                 for bench in args.cudnn_benchmark:
                     torch.backends.cudnn.benchmark = bool(bench)
-                    argv = ["--dataset", args.dataset, "--data-root", args.data_root, "--test-domain", "0",
-                            "--algorithm", algorithm, "--precision", precision, "--backend", args.backend,
-                            "--cuda-graph", *args.extra]
+                    argv = common + ["--algorithm", algorithm, "--precision", precision]
                     name = f"{algorithm} {precision} channels_last={channels_last} cudnn.benchmark={bench}"
-                    graph = step_ms(build_step(argv, channels_last, "graph"), args.steps, 10)
-                    eager_step = build_step(argv, channels_last, "eager")
+                    graph = step_ms(build_step(argv, dataset, channels_last, "graph"), args.steps, 10)
+                    eager_step = build_step(argv, dataset, channels_last, "eager")
                     eager = step_ms(eager_step, args.steps, 5)
                     gpu, rows = kernel_table(eager_step, 10, args.top)
                     print(f"\n## {name}: graph {graph:.2f} ms/step, eager {eager:.2f} ms/step, "
