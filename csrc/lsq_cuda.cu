@@ -162,43 +162,41 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
 }
 
 // Long rows (and per-tensor): block (c, split) walks tiles of channel c's rows; tile t is row t / tiles_i,
-// chunk t % tiles_i of kThreads * VEC * U elements (< 2^31: in-tile offsets are int). Returns this thread's
-// share of the sum.
-template <bool FAST, typename T, int VEC, int U>
-__device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                                           float sc, float r, int64_t c, int64_t O, int64_t C, int64_t I,
-                                           int64_t tiles_i, int split, int n_splits, float qn, float qp) {
-  constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
-  float acc = 0.f;
-  for (int64_t t = split; t < O * tiles_i; t += n_splits) {
-    const int64_t o = t / tiles_i, chunk = t % tiles_i;
-    const int64_t offset = (o * C + c) * I + chunk * kTile;
-    const T* xt = x + offset;
-    const T* gt = dy + offset;
-    T* dt = dx + offset;
-    const int n = static_cast<int>(::min(I - chunk * kTile, kTile));  // elements of this tile
-    Vec<T, VEC> xv[U], gv[U];
+// chunk t % tiles_i of kThreads * VEC * U elements (< 2^31: in-tile offsets are int).
+template <typename T, int VEC, int U>
+struct RowTile {
+  static constexpr int64_t kSize = static_cast<int64_t>(kThreads) * VEC * U;
+  Vec<T, VEC> x[U], g[U];
+
+  // Reads the tile's n elements at xt and gt (zeros past n).
+  __device__ __forceinline__ void load(const T* __restrict__ xt, const T* __restrict__ gt, int n) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
       if (i + VEC <= n) {
-        xv[u] = *reinterpret_cast<const Vec<T, VEC>*>(xt + i);
-        gv[u] = *reinterpret_cast<const Vec<T, VEC>*>(gt + i);
+        x[u] = *reinterpret_cast<const Vec<T, VEC>*>(xt + i);
+        g[u] = *reinterpret_cast<const Vec<T, VEC>*>(gt + i);
       } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          xv[u].v[j] = i + j < n ? xt[i + j] : static_cast<T>(0.f);
-          gv[u].v[j] = i + j < n ? gt[i + j] : static_cast<T>(0.f);
+          x[u].v[j] = i + j < n ? xt[i + j] : static_cast<T>(0.f);
+          g[u].v[j] = i + j < n ? gt[i + j] : static_cast<T>(0.f);
         }
       }
     }
+  }
+
+  // Writes the tile's dx at dt and adds this thread's terms of the scale-gradient sum to acc.
+  template <bool FAST>
+  __device__ __forceinline__ void apply(T* __restrict__ dt, int n, float sc, float r, float qn, float qp,
+                                        float& acc) const {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
       Vec<T, VEC> d;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float term = lsq_grad<FAST>(xv[u].v[j], gv[u].v[j], sc, r, qn, qp, d.v[j]);
+        const float term = lsq_grad<FAST>(x[u].v[j], g[u].v[j], sc, r, qn, qp, d.v[j]);
         acc += i + j < n ? term : 0.f;
       }
       if (i + VEC <= n) {
@@ -210,11 +208,36 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
       }
     }
   }
+};
+
+// Offset of tile t's first element and its number of elements.
+template <int64_t kTile>
+__device__ __forceinline__ int64_t tile_offset(int64_t t, int64_t c, int64_t C, int64_t I, int64_t tiles_i, int& n) {
+  const int64_t o = t / tiles_i, chunk = t % tiles_i;
+  n = static_cast<int>(::min(I - chunk * kTile, kTile));
+  return (o * C + c) * I + chunk * kTile;
+}
+
+// Every tile of block (c, split), in turn. Returns this thread's share of the sum.
+template <bool FAST, typename T, int VEC, int U>
+__device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                           float sc, float r, int64_t c, int64_t O, int64_t C, int64_t I,
+                                           int64_t tiles_i, int split, int n_splits, float qn, float qp) {
+  using Tile = RowTile<T, VEC, U>;
+  float acc = 0.f;
+  for (int64_t t = split; t < O * tiles_i; t += n_splits) {
+    int n;
+    const int64_t offset = tile_offset<Tile::kSize>(t, c, C, I, tiles_i, n);
+    Tile tile;
+    tile.load(x + offset, dy + offset, n);
+    tile.template apply<FAST>(dx + offset, n, sc, r, qn, qp, acc);
+  }
   return acc;
 }
 
-// MIN_BLOCKS 4 (one-tile rows): at most 64 registers, four blocks per SM, so 4 x 132 row blocks (a 512-channel
-// conv weight) run in one wave. Other rows keep the compiler's choice (~60 registers for 16-bit): capped at 40
+// Blocks that loop over tiles, and one-tile blocks under IEEE division (set_cuda_division; otherwise
+// lsq_bwd_one_tile_kernel below). MIN_BLOCKS 4 (wide tiles): at most 64 registers, four blocks per SM, so 4 x 132
+// row blocks (a 512-channel conv weight) run in one wave. Other rows keep the compiler's choice (~60 registers for 16-bit): capped at 40
 // or 32 registers (6 or 8 blocks per SM) they spill and ran 10-100% slower on H100. MAY_FAST is a template
 // argument so that a kernel launched for IEEE division holds only that variant. The branch on the scale comes
 // before the tile loop: inside it, the loaded tile would stay live across both variants (72 instead of 62
@@ -232,6 +255,41 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lsq_bwd_row_kernel(
   float acc = MAY_FAST && fast_div_ok(sc)
                   ? row_tiles<true, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp)
                   : row_tiles<false, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp);
+  acc = block_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    if (final_write) out[c] = acc * g;
+    else out[static_cast<int64_t>(split) * C + c] = acc;
+  }
+}
+
+// Blocks that visit at most one tile, dividing fast: the tile's loads are issued with the scale's instead of
+// after it has arrived (a second memory round trip per block, which 16-bit tiles of 4096 elements did not hide).
+// A scale outside the fast division's range reads the tile again with IEEE division: keeping the loaded tile
+// live across both division variants would raise the registers per thread (see lsq_bwd_row_kernel). Four
+// blocks per SM: at most 64 registers (fp32 takes 76 uncapped), no spills; five fit 16-bit tiles in 48 registers
+// without spills but ran 1-5% slower on H100.
+template <typename T, int VEC, int U>
+__global__ void __launch_bounds__(kThreads, 4) lsq_bwd_one_tile_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
+    float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn, float qp,
+    float g, bool final_write) {
+  __shared__ float smem[kThreads / 32];
+  const int64_t c = blockIdx.x;
+  const int split = blockIdx.y;
+  float acc = 0.f;
+  if (split < O * tiles_i) {
+    using Tile = RowTile<T, VEC, U>;
+    const float s_loaded = s[c];
+    int n;
+    const int64_t offset = tile_offset<Tile::kSize>(split, c, C, I, tiles_i, n);
+    Tile tile;
+    tile.load(x + offset, dy + offset, n);
+    const float sc = after_loads(s_loaded);
+    if (fast_div_ok(sc))
+      tile.template apply<true>(dx + offset, n, sc, __frcp_rn(sc), qn, qp, acc);
+    else
+      acc = row_tiles<false, T, VEC, U>(dy, x, dx, sc, 0.f, c, O, C, I, tiles_i, split, n_splits, qn, qp);
+  }
   acc = block_sum(acc, smem);
   if (threadIdx.x == 0) {
     if (final_write) out[c] = acc * g;
@@ -360,10 +418,13 @@ struct RowTiles {
 };
 
 template <typename T, int VEC, int U, int MIN_BLOCKS>
-void launch_row_kernel(bool fast, const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp, const float* sp,
-                       T* dxp, float* outp, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn,
-                       float qp, float g, bool final_write) {
-  if (fast)
+void launch_row_kernel(bool fast, bool one_tile, const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp,
+                       const float* sp, T* dxp, float* outp, int64_t O, int64_t C, int64_t I, int64_t tiles_i,
+                       int n_splits, float qn, float qp, float g, bool final_write) {
+  if (fast && one_tile)
+    lsq_bwd_one_tile_kernel<T, VEC, U><<<grid, kThreads, 0, stream>>>(
+        dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
+  else if (fast)
     lsq_bwd_row_kernel<T, VEC, U, MIN_BLOCKS, true><<<grid, kThreads, 0, stream>>>(
         dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
   else
@@ -375,12 +436,13 @@ template <typename T, int VEC>
 void launch_rows(const RowTiles<VEC>& tiles, const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp,
                  const float* sp, T* dxp, float* outp, int64_t O, int64_t C, int64_t I, int n_splits, float qn,
                  float qp, float g, bool final_write) {
-  const bool fast = allow_fast(O * tiles.tiles_i <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
+  const bool one_tile = O * tiles.tiles_i <= n_splits;
+  const bool fast = allow_fast(one_tile ? kFastBackwardOneTile : kFastBackwardLoop);
   if (tiles.wide)
-    launch_row_kernel<T, VEC, RowTiles<VEC>::kWideU, 4>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, 1,
-                                                        n_splits, qn, qp, g, final_write);
+    launch_row_kernel<T, VEC, RowTiles<VEC>::kWideU, 4>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C,
+                                                        I, 1, n_splits, qn, qp, g, final_write);
   else
-    launch_row_kernel<T, VEC, RowTiles<VEC>::U, 1>(fast, grid, stream, dyp, xp, sp, dxp, outp, O, C, I,
+    launch_row_kernel<T, VEC, RowTiles<VEC>::U, 1>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C, I,
                                                     tiles.tiles_i, n_splits, qn, qp, g, final_write);
 }
 

@@ -258,6 +258,23 @@ def test_cuda_launch_shapes_match_the_oracle(launch, dtype, shape, axis):
         check(x, s, dy, "cuda", 4, True, axis)
 
 
+@needs_cuda_extension
+@pytest.mark.parametrize("scale", [1e-39, 1e35], ids=lambda s: f"s{s:g}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(10, 4096), (10, 4608), (10, 2000), (5, 20000)],
+                         ids=["one-tile", "one-wide-tile", "one-partial-tile", "one-tile-per-split"])
+def test_cuda_one_tile_rows_with_extreme_scales(scale, dtype, shape):
+    """Row blocks that visit one tile divide fast and load the tile before the scale has arrived; a scale
+    outside the fast division's range must take the IEEE path (which reads the tile again) in the same block,
+    beside channels with ordinary scales."""
+    x = torch.tensor([3e38, -3e38, 1e-38, -1e-44, 0.0, 1.0, -2.5, 7e30, 1e-30], dtype=torch.float32)
+    x = x.to(dtype).float().repeat(shape[1] // x.numel() + 1)[: shape[1]]
+    dy = torch.linspace(-1, 1, shape[1])
+    scales = torch.tensor([scale, 0.3] * shape[0])[: shape[0]]
+    check(torch.stack([x] * shape[0]).to(dtype).cuda(), scales.cuda(), torch.stack([dy] * shape[0]).to(dtype).cuda(),
+          "cuda", 4, True, 0)
+
+
 @pytest.mark.parametrize("kwargs", [dict(forward_blocks_per_sm=-1), dict(split_blocks_per_sm=65),
                                     dict(forward_blocks_per_sm=2.0)], ids=str)
 def test_cuda_launch_rejects_bad_shapes(kwargs):
