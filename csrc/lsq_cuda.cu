@@ -161,6 +161,17 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return v;
 }
 
+// Thread 0 writes the block's sum: g times it as channel c's gradient (one split), or the raw sum as split
+// `split`'s partial of channel c.
+__device__ __forceinline__ void write_block_sum(float acc, float* smem, float* __restrict__ out, int64_t c, int split,
+                                                int64_t C, float g, bool final_write) {
+  acc = block_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    if (final_write) out[c] = acc * g;
+    else out[static_cast<int64_t>(split) * C + c] = acc;
+  }
+}
+
 // Long rows (and per-tensor): block (c, split) walks tiles of channel c's rows; tile t is row t / tiles_i,
 // chunk t % tiles_i of kThreads * VEC * U elements (< 2^31: in-tile offsets are int).
 template <typename T, int VEC, int U>
@@ -255,11 +266,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lsq_bwd_row_kernel(
   float acc = MAY_FAST && fast_div_ok(sc)
                   ? row_tiles<true, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp)
                   : row_tiles<false, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp);
-  acc = block_sum(acc, smem);
-  if (threadIdx.x == 0) {
-    if (final_write) out[c] = acc * g;
-    else out[static_cast<int64_t>(split) * C + c] = acc;
-  }
+  write_block_sum(acc, smem, out, c, split, C, g, final_write);
 }
 
 // Blocks that visit at most one tile, dividing fast: the tile's loads are issued with the scale's instead of
@@ -290,11 +297,7 @@ __global__ void __launch_bounds__(kThreads, 4) lsq_bwd_one_tile_kernel(
     else
       acc = row_tiles<false, T, VEC, U>(dy, x, dx, sc, 0.f, c, O, C, I, tiles_i, split, n_splits, qn, qp);
   }
-  acc = block_sum(acc, smem);
-  if (threadIdx.x == 0) {
-    if (final_write) out[c] = acc * g;
-    else out[static_cast<int64_t>(split) * C + c] = acc;
-  }
+  write_block_sum(acc, smem, out, c, split, C, g, final_write);
 }
 
 // Short rows (I <= kSmallRow): a block owns `cb` channels whose rows are contiguous for each o, so thread k
