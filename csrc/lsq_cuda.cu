@@ -248,11 +248,11 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
 
 // Blocks that loop over tiles, and one-tile blocks under IEEE division (set_cuda_division; otherwise
 // lsq_bwd_one_tile_kernel below). MIN_BLOCKS 4 (wide tiles): at most 64 registers, four blocks per SM, so 4 x 132
-// row blocks (a 512-channel conv weight) run in one wave. Other rows keep the compiler's choice (~60 registers for 16-bit): capped at 40
-// or 32 registers (6 or 8 blocks per SM) they spill and ran 10-100% slower on H100. MAY_FAST is a template
-// argument so that a kernel launched for IEEE division holds only that variant. The branch on the scale comes
-// before the tile loop: inside it, the loaded tile would stay live across both variants (72 instead of 62
-// registers for bf16, one-tile rows 4-5% slower on H100).
+// row blocks (a 512-channel conv weight) run in one wave. Other rows keep the compiler's choice (~60 registers for
+// 16-bit): capped at 40 or 32 registers (6 or 8 blocks per SM) they spill and ran 10-100% slower on H100. MAY_FAST
+// is a template argument so that a kernel launched for IEEE division holds only that variant. The branch on the
+// scale comes before the tile loop: inside it, the loaded tile would stay live across both variants (72 instead of
+// 62 registers for bf16, one-tile rows 4-5% slower on H100).
 template <typename T, int VEC, int U, int MIN_BLOCKS, bool MAY_FAST>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lsq_bwd_row_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
