@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 from torch import nn
@@ -25,7 +24,8 @@ from gaqat_kernels.models import build_model
 from gaqat_kernels.nn import find_unsigned_inputs
 from gaqat_kernels.train import ALGORITHMS, _algorithm, _quantize, load_data, parse_args
 
-from bench_train_step import as_step  # benchmarks/ is on the path when this runs as a script
+from bench_conflict import timed  # benchmarks/ is on the path when this runs as a script
+from bench_train_step import as_step
 
 
 def build_step(argv, dataset, channels_last: bool, mode: str):
@@ -59,12 +59,7 @@ def build_step(argv, dataset, channels_last: bool, mode: str):
 def step_ms(step, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps * 1e3
+    return timed(step, steps)
 
 
 def kernel_table(step, steps: int, top: int):

@@ -26,7 +26,8 @@ from tune_triton import sweep, sweep_parser  # noqa: E402
 
 
 @contextlib.contextmanager
-def applied(division: str, forward_blocks: int, split_blocks: int, size: int) -> Iterator[None]:
+def applied(division: str, forward_blocks: int, split_blocks: int) -> Iterator[None]:
+    """The CUDA backend's division and launch shape for the block (the same for every element size)."""
     with cuda_division(division), cuda_launch(forward_blocks, split_blocks):
         yield
 
@@ -39,7 +40,7 @@ def main():
                     help="backward split blocks per SM (0: built-in)")
     args = ap.parse_args()
     settings = [(f"division={d}, forward_blocks={f}, split_blocks={b}",
-                 lambda size, d=d, f=f, b=b: applied(d, f, b, size))
+                 lambda size, d=d, f=f, b=b: applied(d, f, b))
                 for d, f, b in itertools.product(args.division, args.forward_blocks, args.split_blocks)]
     sweep(args.out, "tune_cuda", args.cases, args.dtypes, args.bits, settings, "cuda")
 

@@ -268,7 +268,7 @@ def test_cuda_one_tile_rows_with_extreme_scales(scale, dtype, shape):
     outside the fast division's range must take the IEEE path (which reads the tile again) in the same block,
     beside channels with ordinary scales."""
     x = torch.tensor([3e38, -3e38, 1e-38, -1e-44, 0.0, 1.0, -2.5, 7e30, 1e-30], dtype=torch.float32)
-    x = x.to(dtype).float().repeat(shape[1] // x.numel() + 1)[: shape[1]]
+    x = x.repeat(shape[1] // x.numel() + 1)[: shape[1]]
     dy = torch.linspace(-1, 1, shape[1])
     scales = torch.tensor([scale, 0.3] * shape[0])[: shape[0]]
     check(torch.stack([x] * shape[0]).to(dtype).cuda(), scales.cuda(), torch.stack([dy] * shape[0]).to(dtype).cuda(),
