@@ -21,9 +21,12 @@ constexpr int kUnroll = 4;            // vectors per thread in flight (forward)
 constexpr int bwd_unroll(int vec) { return vec >= 4 ? 16 / vec : 4; }
 constexpr int64_t kSmallRow = 1024;   // rows up to this length use the channel-block kernel
 
+// round_clamp_host's rounding (lsq.h), with _rn intrinsics so that nvcc cannot fold the two additions: two
+// full-rate adds instead of rintf's conversion-pipe instruction.
 __device__ __forceinline__ float round_clamp(float v, float qn, float qp) {
+  constexpr float kRoundMagic = 12582912.0f;         // 1.5 * 2^23
   const float c = v < qn ? qn : (v > qp ? qp : v);  // NaN stays NaN
-  return rintf(c);                                   // round half to even
+  return __fsub_rn(__fadd_rn(c, kRoundMagic), kRoundMagic);
 }
 
 // Scales whose reciprocal and quotients stay in float32's normal range (NaN is not among them): there the
@@ -81,6 +84,20 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
+// One 16-byte store of v where it fills 16 bytes. In PTX: storing the Vec itself (or a uint4), nvcc wrote the
+// backward's dx in 4- or 2-byte pieces (four to eight store instructions per vector).
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const Vec<T, VEC>& v) {
+  if constexpr (sizeof(Vec<T, VEC>) == sizeof(uint4)) {
+    uint4 w;
+    memcpy(&w, &v, sizeof(w));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+                 : "memory");
+  } else {
+    *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+  }
+}
+
 int num_sms() {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -99,21 +116,53 @@ __device__ __forceinline__ Vec<T, VEC> quantize_vec(const Vec<T, VEC>& in, float
   return out;
 }
 
-// Element p of the dense storage has channel (p / I) % C. The vector path needs I % VEC == 0, so every
-// vector lies in one channel and one division per vector suffices (32-bit when the index fits).
+// n / d for n < 2^31 as a multiply-high, an add and a shift (Granlund and Montgomery; PyTorch's IntDivider): the
+// GPU has no integer divider, and its emulation costs two conversions and a reciprocal per division.
+struct Divider32 {
+  uint32_t m, shift;
+  explicit Divider32(int64_t d) : m(0), shift(0) {
+    if (d < 1 || d >= (int64_t(1) << 31)) return;  // unused: the launcher takes the 64-bit path
+    while ((int64_t(1) << shift) < d) ++shift;
+    const uint64_t one = 1;
+    m = static_cast<uint32_t>(((one << 32) * ((one << shift) - static_cast<uint64_t>(d))) / static_cast<uint64_t>(d) + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> shift; }
+};
+
+// Channel (p / I) % C of element p of the dense storage; 32-bit through the dividers when index32 (n < 2^31).
+struct ChannelOf {
+  int64_t C, I;
+  Divider32 by_i, by_c;
+  bool index32;
+  __device__ __forceinline__ int64_t operator()(int64_t p) const {
+    if (index32) {
+      const uint32_t q = by_i.div(static_cast<uint32_t>(p));
+      return q - by_c.div(q) * static_cast<uint32_t>(C);
+    }
+    return (p / I) % C;
+  }
+};
+
+// The vector path needs I % VEC == 0, so every vector lies in one channel and one scale per vector suffices.
+// Per-channel scales are loaded with the vectors (not one at a time as each vector is computed, which put a
+// cache round trip per vector on the warp's critical path).
 template <typename T, int VEC, bool PER_TENSOR>
 __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__ x, const float* __restrict__ s,
-                                                           T* __restrict__ y, int64_t n_vec, int64_t C, int64_t I,
-                                                           float qn, float qp, bool index32, bool allow_fast) {
+                                                           T* __restrict__ y, int64_t n_vec, ChannelOf channel,
+                                                           float qn, float qp, bool allow_fast) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const float s0 = PER_TENSOR ? s[0] : 0.f;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < n_vec;
        base += stride * kUnroll) {
     Vec<T, VEC> in[kUnroll];
+    float su[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kThreads;
-      if (k < n_vec) in[u] = reinterpret_cast<const Vec<T, VEC>*>(x)[k];
+      if (k < n_vec) {
+        in[u] = reinterpret_cast<const Vec<T, VEC>*>(x)[k];
+        if (!PER_TENSOR) su[u] = s[channel(k * VEC)];
+      }
     }
     const float st = PER_TENSOR ? after_loads(s0) : 0.f;
     const float rt = PER_TENSOR ? __frcp_rn(st) : 0.f;
@@ -125,8 +174,7 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__
       float sc = st, r = rt;
       bool fast = fast_t;
       if (!PER_TENSOR) {
-        const int64_t p = k * VEC;
-        sc = s[index32 ? (static_cast<uint32_t>(p) / static_cast<uint32_t>(I)) % static_cast<uint32_t>(C) : (p / I) % C];
+        sc = su[u];
         r = __frcp_rn(sc);
         fast = allow_fast && fast_div_ok(sc);
       }
@@ -173,26 +221,25 @@ __device__ __forceinline__ void write_block_sum(float acc, float* smem, float* _
 }
 
 // Long rows (and per-tensor): block (c, split) walks tiles of channel c's rows; tile t is row t / tiles_i,
-// chunk t % tiles_i of kThreads * VEC * U elements (< 2^31: in-tile offsets are int).
+// chunk t % tiles_i of kThreads * VEC * U elements (< 2^31: in-tile offsets are int). A tile's element count n is
+// a multiple of VEC (the vector kernels need I % VEC == 0), so a thread's vector is either whole or absent: no
+// element-wise tail. That also keeps 16-bit vectors packed: where a vector path joined an element-wise one, nvcc
+// unpacked each vector into 16-bit registers as soon as its load returned, and the warp waited for it before
+// issuing the next vector's loads.
 template <typename T, int VEC, int U>
 struct RowTile {
   static constexpr int64_t kSize = static_cast<int64_t>(kThreads) * VEC * U;
   Vec<T, VEC> x[U], g[U];
 
-  // Reads the tile's n elements at xt and gt (zeros past n).
+  __device__ __forceinline__ static int first(int u) { return (u * kThreads + static_cast<int>(threadIdx.x)) * VEC; }
+
+  // Reads the tile's n elements at xt and gt.
   __device__ __forceinline__ void load(const T* __restrict__ xt, const T* __restrict__ gt, int n) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
-      if (i + VEC <= n) {
-        x[u] = *reinterpret_cast<const Vec<T, VEC>*>(xt + i);
-        g[u] = *reinterpret_cast<const Vec<T, VEC>*>(gt + i);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          x[u].v[j] = i + j < n ? xt[i + j] : static_cast<T>(0.f);
-          g[u].v[j] = i + j < n ? gt[i + j] : static_cast<T>(0.f);
-        }
+      if (first(u) < n) {
+        x[u] = *reinterpret_cast<const Vec<T, VEC>*>(xt + first(u));
+        g[u] = *reinterpret_cast<const Vec<T, VEC>*>(gt + first(u));
       }
     }
   }
@@ -203,19 +250,11 @@ struct RowTile {
                                         float& acc) const {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
-      Vec<T, VEC> d;
+      if (first(u) < n) {
+        Vec<T, VEC> d;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float term = lsq_grad<FAST>(x[u].v[j], g[u].v[j], sc, r, qn, qp, d.v[j]);
-        acc += i + j < n ? term : 0.f;
-      }
-      if (i + VEC <= n) {
-        *reinterpret_cast<Vec<T, VEC>*>(dt + i) = d;
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          if (i + j < n) dt[i + j] = d.v[j];
+        for (int j = 0; j < VEC; ++j) acc += lsq_grad<FAST>(x[u].v[j], g[u].v[j], sc, r, qn, qp, d.v[j]);
+        store_vec(dt + first(u), d);
       }
     }
   }
@@ -391,16 +430,16 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   const T* xp = x.data_ptr<T>();
   const float* sp = scale.data_ptr<float>();
   T* yp = y.data_ptr<T>();
-  const bool i32 = n < (int64_t(1) << 32);
+  const ChannelOf channel{C, I, Divider32(I), Divider32(C), n < (int64_t(1) << 31)};
   const bool fast = allow_fast(kFastForward);
   if (vec && per_tensor)
-    lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32, fast);
+    lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else if (vec)
-    lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32, fast);
+    lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else if (per_tensor)
-    lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32, fast);
+    lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else
-    lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, C, I, qn, qp, i32, fast);
+    lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -445,7 +484,7 @@ void launch_rows(const RowTiles<VEC>& tiles, const dim3& grid, cudaStream_t stre
     launch_row_kernel<T, VEC, RowTiles<VEC>::kWideU, 4>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C,
                                                         I, 1, n_splits, qn, qp, g, final_write);
   else
-    launch_row_kernel<T, VEC, RowTiles<VEC>::U, 1>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C, I,
+    launch_row_kernel<T, VEC, RowTiles<VEC>::U, 4>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C, I,
                                                     tiles.tiles_i, n_splits, qn, qp, g, final_write);
 }
 
