@@ -184,6 +184,39 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__
   }
 }
 
+// Per-channel rows of at least one vector per thread: block b quantizes tile b (chunk b % tiles_i of row
+// b / tiles_i, rows in storage order, row r of channel r % C) with one scale, loaded alongside the tile, instead of
+// a channel index and a scale per vector. Tiles hold n (a multiple of VEC) elements, as the backward's RowTile.
+template <typename T, int VEC, int U>
+__global__ void __launch_bounds__(kThreads) lsq_fwd_row_kernel(const T* __restrict__ x, const float* __restrict__ s,
+                                                               T* __restrict__ y, int64_t C, int64_t I,
+                                                               int64_t tiles_i, Divider32 by_tiles, Divider32 by_c,
+                                                               float qn, float qp, bool allow_fast) {
+  constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
+  const uint32_t b = blockIdx.x;
+  const uint32_t row = by_tiles.div(b);
+  const uint32_t chunk = b - row * static_cast<uint32_t>(tiles_i);
+  const uint32_t c = row - by_c.div(row) * static_cast<uint32_t>(C);
+  const int64_t offset = static_cast<int64_t>(row) * I + chunk * kTile;
+  const int n = static_cast<int>(::min(I - chunk * kTile, kTile));
+  const float s_loaded = s[c];
+  Vec<T, VEC> in[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+    if (i < n) in[u] = *reinterpret_cast<const Vec<T, VEC>*>(x + offset + i);
+  }
+  const float sc = after_loads(s_loaded);
+  const float r = __frcp_rn(sc);
+  const bool fast = allow_fast && fast_div_ok(sc);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+    if (i < n)
+      store_vec(y + offset + i, fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp));
+  }
+}
+
 // --------------------------------------------------------------------------------------------- backward
 template <bool FAST, typename T>
 __device__ __forceinline__ float lsq_grad(T xv, T dyv, float sc, float r, float qn, float qp, T& dxv) {
@@ -286,14 +319,13 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
 }
 
 // Blocks that loop over tiles, and one-tile blocks under IEEE division (set_cuda_division; otherwise
-// lsq_bwd_one_tile_kernel below). MIN_BLOCKS 4 (wide tiles): at most 64 registers, four blocks per SM, so 4 x 132
-// row blocks (a 512-channel conv weight) run in one wave. Other rows keep the compiler's choice (~60 registers for
-// 16-bit): capped at 40 or 32 registers (6 or 8 blocks per SM) they spill and ran 10-100% slower on H100. MAY_FAST
-// is a template argument so that a kernel launched for IEEE division holds only that variant. The branch on the
-// scale comes before the tile loop: inside it, the loaded tile would stay live across both variants (72 instead of
-// 62 registers for bf16, one-tile rows 4-5% slower on H100).
-template <typename T, int VEC, int U, int MIN_BLOCKS, bool MAY_FAST>
-__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) lsq_bwd_row_kernel(
+// lsq_bwd_one_tile_kernel below). Four blocks per SM (at most 64 registers, no spills): 4 x 132 row blocks (a
+// 512-channel conv weight) run in one wave; capped at 40 or 32 registers (6 or 8 blocks per SM) the kernels spill and
+// ran 10-100% slower on H100. MAY_FAST is a template argument so that a kernel launched for IEEE division holds only
+// that variant. The branch on the scale comes before the tile loop: inside it, the loaded tile would stay live
+// across both variants (72 instead of 62 registers for bf16, one-tile rows 4-5% slower on H100).
+template <typename T, int VEC, int U, bool MAY_FAST>
+__global__ void __launch_bounds__(kThreads, 4) lsq_bwd_row_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
     float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn, float qp,
     float g, bool final_write) {
@@ -415,34 +447,6 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 // Division per launch: fast (Markstein) where g_division_mode or, by default, the plan allows it.
 bool allow_fast(bool plan) { return g_division_mode == 2 || (g_division_mode == 0 && plan); }
 
-template <typename T>
-void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y, int64_t C, int64_t I, float qn,
-                    float qp) {
-  constexpr int VEC = 16 / sizeof(T);
-  const int64_t n = x.numel();
-  const bool per_tensor = C == 1;
-  const bool vec = aligned16(x) && aligned16(y) && n % VEC == 0 && (per_tensor || I % VEC == 0);
-  const int64_t n_vec = vec ? n / VEC : n;
-  const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n_vec + per_block - 1) / per_block,
-                                                                 num_sms() * int64_t(forward_blocks_per_sm())));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const T* xp = x.data_ptr<T>();
-  const float* sp = scale.data_ptr<float>();
-  T* yp = y.data_ptr<T>();
-  const ChannelOf channel{C, I, Divider32(I), Divider32(C), n < (int64_t(1) << 31)};
-  const bool fast = allow_fast(kFastForward);
-  if (vec && per_tensor)
-    lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
-  else if (vec)
-    lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
-  else if (per_tensor)
-    lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
-  else
-    lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Tiles of long rows: U vectors per thread, or a wide tile (kWideU) where that makes the row of a single-row
 // channel (O == 1) one tile: every load of the row is then in flight at once instead of a second, mostly idle
 // round (a conv weight's 4608-element rows). Wide: 1.25 U for 16-byte fp32 vectors (5120 elements; with 1.5 U
@@ -459,7 +463,50 @@ struct RowTiles {
       : wide(O == 1 && I > kTile && I <= kTile * kWideU / U), tiles_i(wide ? 1 : (I + kTile - 1) / kTile) {}
 };
 
-template <typename T, int VEC, int U, int MIN_BLOCKS>
+template <typename T>
+void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y, int64_t O, int64_t C, int64_t I,
+                    float qn, float qp) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int64_t n = x.numel();
+  const bool per_tensor = C == 1;
+  const bool vec = aligned16(x) && aligned16(y) && n % VEC == 0 && (per_tensor || I % VEC == 0);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool fast = allow_fast(kFastForward);
+  const RowTiles<VEC> tiles(O, I);
+  const int64_t row_blocks = O * C * tiles.tiles_i;
+  if (vec && !per_tensor && I >= static_cast<int64_t>(kThreads) * VEC && row_blocks < (int64_t(1) << 31)) {
+    const Divider32 by_tiles(tiles.tiles_i), by_c(C);
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    if (tiles.wide)
+      lsq_fwd_row_kernel<T, VEC, RowTiles<VEC>::kWideU><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
+          xp, scale.data_ptr<float>(), yp, C, I, tiles.tiles_i, by_tiles, by_c, qn, qp, fast);
+    else
+      lsq_fwd_row_kernel<T, VEC, RowTiles<VEC>::U><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
+          xp, scale.data_ptr<float>(), yp, C, I, tiles.tiles_i, by_tiles, by_c, qn, qp, fast);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t n_vec = vec ? n / VEC : n;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n_vec + per_block - 1) / per_block,
+                                                                 num_sms() * int64_t(forward_blocks_per_sm())));
+  const T* xp = x.data_ptr<T>();
+  const float* sp = scale.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
+  const ChannelOf channel{C, I, Divider32(I), Divider32(C), n < (int64_t(1) << 31)};
+  if (vec && per_tensor)
+    lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+  else if (vec)
+    lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+  else if (per_tensor)
+    lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+  else
+    lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int VEC, int U>
 void launch_row_kernel(bool fast, bool one_tile, const dim3& grid, cudaStream_t stream, const T* dyp, const T* xp,
                        const float* sp, T* dxp, float* outp, int64_t O, int64_t C, int64_t I, int64_t tiles_i,
                        int n_splits, float qn, float qp, float g, bool final_write) {
@@ -467,10 +514,10 @@ void launch_row_kernel(bool fast, bool one_tile, const dim3& grid, cudaStream_t 
     lsq_bwd_one_tile_kernel<T, VEC, U><<<grid, kThreads, 0, stream>>>(
         dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
   else if (fast)
-    lsq_bwd_row_kernel<T, VEC, U, MIN_BLOCKS, true><<<grid, kThreads, 0, stream>>>(
+    lsq_bwd_row_kernel<T, VEC, U, true><<<grid, kThreads, 0, stream>>>(
         dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
   else
-    lsq_bwd_row_kernel<T, VEC, U, MIN_BLOCKS, false><<<grid, kThreads, 0, stream>>>(
+    lsq_bwd_row_kernel<T, VEC, U, false><<<grid, kThreads, 0, stream>>>(
         dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
 }
 
@@ -481,10 +528,10 @@ void launch_rows(const RowTiles<VEC>& tiles, const dim3& grid, cudaStream_t stre
   const bool one_tile = O * tiles.tiles_i <= n_splits;
   const bool fast = allow_fast(one_tile ? kFastBackwardOneTile : kFastBackwardLoop);
   if (tiles.wide)
-    launch_row_kernel<T, VEC, RowTiles<VEC>::kWideU, 4>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C,
+    launch_row_kernel<T, VEC, RowTiles<VEC>::kWideU>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C,
                                                         I, 1, n_splits, qn, qp, g, final_write);
   else
-    launch_row_kernel<T, VEC, RowTiles<VEC>::U, 4>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C, I,
+    launch_row_kernel<T, VEC, RowTiles<VEC>::U>(fast, one_tile, grid, stream, dyp, xp, sp, dxp, outp, O, C, I,
                                                     tiles.tiles_i, n_splits, qn, qp, g, final_write);
 }
 
@@ -555,7 +602,7 @@ void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& 
                       int64_t O, int64_t C, int64_t I, double qn, double qp) {
   const c10::cuda::CUDAGuard guard(x.device());
   GAQAT_DISPATCH_INPUT_TYPES(x.scalar_type(), "lsq_forward_cuda", [&] {
-    launch_forward<scalar_t>(x, scale, y, C, I, static_cast<float>(qn), static_cast<float>(qp));
+    launch_forward<scalar_t>(x, scale, y, O, C, I, static_cast<float>(qn), static_cast<float>(qp));
   });
 }
 

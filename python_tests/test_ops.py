@@ -209,7 +209,9 @@ def test_cpu_isa_rejects_unknown_level():
             pass
 
 
-CUDA_KERNEL_PATHS = [  # (shape, axis): which CUDA backward kernel, and how its blocks walk the rows
+# (shape, axis): which CUDA kernels run (forward rows from 1024 fp32 / 2048 16-bit elements per row, backward as
+# named), and how their blocks walk the rows.
+CUDA_KERNEL_PATHS = [
     pytest.param((40, 700), 0, id="short-rows"),
     pytest.param((40, 600, 100), 1, id="short-rows-looped"),
     pytest.param((20, 4608), 0, id="conv-rows-one-wide-tile"),
