@@ -84,8 +84,8 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
-// One 16-byte store of v where it fills 16 bytes. In PTX: storing the Vec itself (or a uint4), nvcc wrote the
-// backward's dx in 4- or 2-byte pieces (four to eight store instructions per vector).
+// One 16-byte store of v where it fills 16 bytes, written in PTX: storing the Vec itself (or a uint4), nvcc wrote
+// the backward's dx in 4- or 2-byte pieces (four to eight store instructions per vector).
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const Vec<T, VEC>& v) {
   if constexpr (sizeof(Vec<T, VEC>) == sizeof(uint4)) {
@@ -124,7 +124,8 @@ struct Divider32 {
     if (d < 1 || d >= (int64_t(1) << 31)) return;  // unused: the launcher takes the 64-bit path
     while ((int64_t(1) << shift) < d) ++shift;
     const uint64_t one = 1;
-    m = static_cast<uint32_t>(((one << 32) * ((one << shift) - static_cast<uint64_t>(d))) / static_cast<uint64_t>(d) + 1);
+    const uint64_t ud = static_cast<uint64_t>(d);
+    m = static_cast<uint32_t>(((one << 32) * ((one << shift) - ud)) / ud + 1);
   }
   __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> shift; }
 };
@@ -213,7 +214,8 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_row_kernel(const T* __restri
   for (int u = 0; u < U; ++u) {
     const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
     if (i < n)
-      store_vec(y + offset + i, fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp));
+      store_vec(y + offset + i,
+                fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp));
   }
 }
 
