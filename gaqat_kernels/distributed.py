@@ -99,7 +99,14 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
                               device=dev)
 
 
-def shutdown() -> None:
-    """Destroy the default process group if this process created one."""
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Destroy the default process group if this process created one.
+
+    ``wait_for_peers``: a barrier first, so that no rank tears the group down (rank 0 also its TCP store) while a
+    peer still uses it; without it a gloo rank aborted at exit in about 1 of 25 two-rank runs on CPU. Pass False on
+    an error path, where a peer may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()

@@ -274,10 +274,14 @@ def run(args: argparse.Namespace) -> Dict:
     created_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx = init_from_env(args.device, args.dist_backend)
     try:
-        return _run(args, ctx)
-    finally:
+        result = _run(args, ctx)
+    except BaseException:
         if created_group and ctx.enabled:
-            shutdown()
+            shutdown(wait_for_peers=False)
+        raise
+    if created_group and ctx.enabled:
+        shutdown()
+    return result
 
 
 def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
