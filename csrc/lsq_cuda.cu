@@ -98,6 +98,11 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const Vec<T, VEC>& 
   }
 }
 
+// First element of this thread's vector u in a tile of kThreads * VEC * U elements (vector u of every thread,
+// then vector u + 1: each vector step is one coalesced 16-byte access per thread).
+template <int VEC>
+__device__ __forceinline__ int vector_first(int u) { return (u * kThreads + static_cast<int>(threadIdx.x)) * VEC; }
+
 int num_sms() {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -204,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_row_kernel(const T* __restri
   Vec<T, VEC> in[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+    const int i = vector_first<VEC>(u);
     if (i < n) in[u] = *reinterpret_cast<const Vec<T, VEC>*>(x + offset + i);
   }
   const float sc = after_loads(s_loaded);
@@ -212,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_row_kernel(const T* __restri
   const bool fast = allow_fast && fast_div_ok(sc);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const int i = (u * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+    const int i = vector_first<VEC>(u);
     if (i < n)
       store_vec(y + offset + i,
                 fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp));
@@ -266,15 +271,14 @@ struct RowTile {
   static constexpr int64_t kSize = static_cast<int64_t>(kThreads) * VEC * U;
   Vec<T, VEC> x[U], g[U];
 
-  __device__ __forceinline__ static int first(int u) { return (u * kThreads + static_cast<int>(threadIdx.x)) * VEC; }
-
   // Reads the tile's n elements at xt and gt.
   __device__ __forceinline__ void load(const T* __restrict__ xt, const T* __restrict__ gt, int n) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (first(u) < n) {
-        x[u] = *reinterpret_cast<const Vec<T, VEC>*>(xt + first(u));
-        g[u] = *reinterpret_cast<const Vec<T, VEC>*>(gt + first(u));
+      const int i = vector_first<VEC>(u);
+      if (i < n) {
+        x[u] = *reinterpret_cast<const Vec<T, VEC>*>(xt + i);
+        g[u] = *reinterpret_cast<const Vec<T, VEC>*>(gt + i);
       }
     }
   }
@@ -285,11 +289,12 @@ struct RowTile {
                                         float& acc) const {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (first(u) < n) {
+      const int i = vector_first<VEC>(u);
+      if (i < n) {
         Vec<T, VEC> d;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) acc += lsq_grad<FAST>(x[u].v[j], g[u].v[j], sc, r, qn, qp, d.v[j]);
-        store_vec(dt + first(u), d);
+        store_vec(dt + i, d);
       }
     }
   }
