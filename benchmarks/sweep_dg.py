@@ -5,15 +5,17 @@
 Suites (every test domain; ``--seeds`` sets both --seed and --trial-seed, as DomainBed's trials):
   rmnist_erm, cmnist_erm   FP ERM with DomainBed's CNN and recipe (5001 steps, Adam 1e-3, batch 64/domain)
   rmnist_w4, rmnist_w3     {FP SAM, LSQ, LSQ+SAM, GAQAT, FQAT} at W4A4 / W3A3 on RotatedMNIST
-  pacs_w4, pacs_w3         the same on PACS (128 px) with EfficientNet-Lite0 ImageNet weights
-                           (images decoded once and augmented on the device: --augment-on-device)
-A run whose results.json exists is skipped, and unfinished runs continue from their checkpoint, so a sweep
-cut off by a time limit resumes where it stopped. ``--budget-s`` starts a run only if it is expected to end
-within that many seconds of the sweep's start (expected duration: ``--run-estimate-s`` or the longest
-finished run if longer), for time-limited machines; ``--deadline-s`` stops what is
-still running then. Then EoQ (``gaqat_kernels.eoq``)
-for every quantized setting with at least two finished seeds, into ``--out/<suite>/eoq/<setting>/eoq.json``,
-and the report table with the EoQ rows (``gaqat_kernels.report``) written to ``--out/table.md``.
+  pacs_w4, pacs_w3         the same (and FP ERM) on PACS (128 px) with EfficientNet-Lite0 ImageNet weights
+                           (images decoded once and augmented on the device: --augment-on-device; NHWC
+                           weights and batches: --channels-last)
+``--algorithms`` and ``--test-domains`` pick a part of the suites. A run whose results.json exists is
+skipped, and unfinished runs continue from their checkpoint, so a sweep cut off by a time limit resumes where
+it stopped. ``--budget-s`` starts a run only if it is expected to end within that many seconds of the sweep's
+start (expected duration: ``--run-estimate-s`` or the longest finished run if longer), for time-limited
+machines; ``--deadline-s`` stops what is still running then. Then EoQ (``gaqat_kernels.eoq``, from each run's
+saved test predictions, so seeds finished in different calls ensemble too) for every quantized setting with at
+least two finished seeds, into ``--out/<suite>/eoq/<setting>/eoq.json``, and the report table with the EoQ rows
+(``gaqat_kernels.report``) written to ``--out/table.md``.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def commands(suite: str, args) -> list:
     dataset, n_domains, algorithms = SUITES[suite]
     out = []
     tests = range(n_domains) if args.test_domains is None else [t for t in args.test_domains if t < n_domains]
+    if args.algorithms:
+        algorithms = [a for a in algorithms if a[0] in args.algorithms]
     for (algorithm, bits), test, seed in itertools.product(algorithms, tests, args.seeds):
         tag = f"{dataset}_{algorithm}_{'fp' if bits is None else f'w{bits}a{bits}'}_t{test}_s{seed}"
         cmd = [sys.executable, "-m", "gaqat_kernels.train", "--dataset", dataset, "--data-root", args.data_root,
@@ -47,8 +51,9 @@ def commands(suite: str, args) -> list:
         if bits is not None:
             cmd += ["--w-bits", str(bits), "--a-bits", str(bits)]
         if dataset == "PACS":
+            # the JPEG pipeline would starve runs that share a machine; NHWC: cuDNN's BN and depthwise kernels
             cmd += ["--arch", "efficientnet_lite0", "--pretrained", args.pretrained, "--image-size", "128",
-                    "--augment-on-device"]  # the JPEG pipeline would starve runs that share a machine
+                    "--augment-on-device", "--channels-last"]
         cmd += args.extra
         out.append((tag, os.path.join(args.out, suite, tag), cmd, tag.rsplit("_s", 1)[0]))
     return out
@@ -72,10 +77,10 @@ def ensembles(dirs: list, rows: list) -> None:
         path = os.path.join(out, "eoq.json")
         if len(runs) < 2 or (os.path.exists(path) and len(json.load(open(path))["members"]) == len(runs)):
             continue
-        if not all(os.path.exists(os.path.join(r, "model.pt")) for r in runs):
-            print(f"sweep: no EoQ for {key}: model.pt of an earlier call's run is not here", flush=True)
-            continue
-        eoq.main(sorted(runs) + ["--out", out])
+        try:
+            eoq.main(sorted(runs) + ["--out", out])
+        except FileNotFoundError as e:  # an earlier call's run without its predictions or model here
+            print(f"sweep: no EoQ for {key}: {e}", flush=True)
 
 
 def main():
@@ -87,6 +92,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=5001)
     p.add_argument("--test-domains", type=int, nargs="+", default=None, help="only these test domains")
+    p.add_argument("--algorithms", nargs="+", default=None, help="only these algorithms of the suites")
     p.add_argument("--parallel", type=int, default=6)
     p.add_argument("--budget-s", type=float, default=None, help="start no run expected to end after this")
     p.add_argument("--run-estimate-s", type=float, default=120.0, help="expected run time (at least)")

@@ -3,11 +3,12 @@
 #   bash benchmarks/sweep_gpu.sh NAME [sweep_dg.py arguments...]
 # Runs share the GPU through CUDA MPS when the box has it (without MPS, processes time-slice the GPU and
 # many small runs barely overlap). Finished runs already under runs/NAME (carried from an earlier call) are
-# skipped. The results without model files go to $OUT/sweep_NAME.tar.gz, the log to $OUT/sweep_NAME.log.
+# skipped. The results without model files and checkpoints (with each run's test_probs.pt, what EoQ needs) go to
+# $OUT/sweep_NAME.tar.gz, the log to $OUT/sweep_NAME.log.
 # SWEEP_MPS=0: no MPS (when other GPU work shares the call). SWEEP_KEEP_MODELS=1: also the finished runs' selected
 # models (model.pt, not the checkpoints) as $OUT/sweep_NAME_models.tar.part-aa, -ab, ... (15 MiB parts, under the
 # device tool's per-file limit); `cat sweep_NAME_models.tar.part-* | tar xf -` in the repository root puts them
-# back under runs/NAME, so that a later call (carrying runs/NAME) can ensemble seeds run in different calls.
+# back under runs/NAME (EoQ itself needs only test_probs.pt).
 set -uo pipefail
 name=$1; shift
 out=${OUT:-bench_out}
@@ -24,7 +25,8 @@ echo "MPS: $mps; commit ${GAQAT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null
 python3 benchmarks/sweep_dg.py --out "runs/$name" "$@" 2>&1 | tee -a "$out/sweep_$name.log"
 rc=${PIPESTATUS[0]}
 [[ $mps == 1 ]] && echo quit | nvidia-cuda-mps-control
-tar czf "$out/sweep_$name.tar.gz" --exclude='*.pt' --exclude='*.png' "runs/$name"
+tar czf "$out/sweep_$name.tar.gz" --exclude=model.pt --exclude=checkpoint.pt --exclude='*.tmp' --exclude='*.png' \
+  "runs/$name"
 if [[ ${SWEEP_KEEP_MODELS:-0} == 1 ]]; then
   find "runs/$name" -name model.pt -print0 | tar cf - --null -T - | split -b 15m - "$out/sweep_${name}_models.tar.part-"
 fi

@@ -2,10 +2,13 @@
 
 The runs must share dataset, algorithm, test domain and quantization, and differ in ``--seed`` (and may
 differ in ``--trial-seed``: no member trained on any part of the test domain, so every split of it is unseen
-by all). Each run's selected model (``model.pt``) predicts the test domain; the ensemble averages their
-softmax probabilities. Reports each model's and the ensemble's accuracy on the test domain's 80% split under
-the first run's ``--trial-seed`` (DomainBed's test accuracy) and on all of it, and writes ``eoq.json`` into
-the first run's directory (or ``--out``).
+by all). The ensemble averages the members' softmax probabilities on the first run's test domain: each
+run's ``test_probs.pt`` (the selected model's predictions, written by the training script), or the
+predictions of its selected model (``model.pt``, evaluated here on the data) for runs without one and for
+MNIST-like runs of another ``--trial-seed`` (whose domains hold other images). Reports each model's
+and the ensemble's accuracy on the test domain's 80% split under the first run's ``--trial-seed``
+(DomainBed's test accuracy) and on all of it, and writes ``eoq.json`` into the first run's directory (or
+``--out``).
 """
 from __future__ import annotations
 
@@ -14,55 +17,79 @@ import json
 import os
 import sys
 from types import SimpleNamespace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
+from .data import split_indices
 from .models import build_model
-from .train import accuracy, labels_of, load_data, predict, _quantize
+from .train import TEST_PROBS, TRIAL_SEEDED_DATASETS, accuracy, load_data, test_predictions, _quantize
 
 _SAME = ("dataset", "algorithm", "test_domain", "arch", "w_bits", "a_bits", "max_per_domain", "image_size",
          "holdout_fraction")
 
 
-def ensemble(run_dirs: List[str], device=None) -> Dict:
-    """Evaluate every run's selected model and their probability-averaged ensemble on the test domain."""
+def _saved_args(run_dir: str) -> Dict:
+    """The training arguments of a finished run (results.json), else of its selected model (model.pt)."""
+    results = os.path.join(run_dir, "results.json")
+    if os.path.exists(results):
+        with open(results) as f:
+            saved = json.load(f)
+        return dict(saved["args"], _quantized=saved["quantized"])
+    model = os.path.join(run_dir, "model.pt")
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"run dirs: {run_dir} has no results.json or model.pt (did the run finish?)")
+    saved = torch.load(model, map_location="cpu", weights_only=False)
+    return dict(saved["args"], _quantized=saved["unsigned"] is not None)
+
+
+def _model_predictions(run_dir: str, dataset, test: int, device) -> Dict:
+    """``test_predictions`` of a run's selected model, for runs that saved no predictions."""
+    path = os.path.join(run_dir, "model.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"run dirs: {run_dir} has neither {TEST_PROBS} nor model.pt")
+    saved = torch.load(path, map_location=device, weights_only=False)
+    model = build_model(saved["args"]["arch"], dataset.input_shape, dataset.num_classes).to(device)
+    if saved["unsigned"] is not None:
+        _quantize(model, SimpleNamespace(**saved["args"]), unsigned=saved["unsigned"])
+    model.load_state_dict(saved["model"])
+    return test_predictions(model, dataset, test, device)
+
+
+def ensemble(run_dirs: List[str], device: Optional[str] = None) -> Dict:
+    """Every run's selected model and their probability-averaged ensemble on the test domain."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    saved = []
-    for d in run_dirs:
-        path = os.path.join(d, "model.pt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"run dirs: {d} has no model.pt (did the run finish?)")
-        saved.append(torch.load(path, map_location=device, weights_only=False))
-    first = saved[0]["args"]
-    for d, s in zip(run_dirs, saved):
-        diff = [k for k in _SAME if s["args"].get(k) != first.get(k)]
+    settings = [_saved_args(d) for d in run_dirs]
+    first = settings[0]
+    for d, s in zip(run_dirs, settings):
+        diff = [k for k in _SAME if s.get(k) != first.get(k)]
         if diff:
             raise ValueError(f"run dirs: {d} differs from {run_dirs[0]} in {diff}; EoQ needs the same setting")
+    # a run's saved predictions cover the first run's test examples unless the trial seed built other domains
+    saved = [os.path.exists(os.path.join(d, TEST_PROBS)) and
+             (s["dataset"] not in TRIAL_SEEDED_DATASETS or s["trial_seed"] == first["trial_seed"])
+             for d, s in zip(run_dirs, settings)]
     args = SimpleNamespace(**first)
     args.demo = False
+    if all(saved):
+        args.augment_on_device = False  # labels only: no image is decoded
     dataset = load_data(args)
     test = dataset.domain_index(args.test_domain)
-    split_in, split_out = dataset.split(test, args.holdout_fraction, args.trial_seed)
-    y_in, y_out = labels_of(split_in), labels_of(split_out)
-    members, p_in, p_out = [], [], []
-    for d, s in zip(run_dirs, saved):
-        model = build_model(args.arch, dataset.input_shape, dataset.num_classes).to(device)
-        if s["unsigned"] is not None:
-            _quantize(model, SimpleNamespace(**s["args"]), unsigned=s["unsigned"])
-        model.load_state_dict(s["model"])
-        a, b = predict(model, split_in, device), predict(model, split_out, device)
-        p_in.append(a)
-        p_out.append(b)
-        members.append({"run": d, "seed": s["args"]["seed"], "test_acc": accuracy(a, y_in),
-                        "test_acc_all": accuracy(torch.cat([a, b]), torch.cat([y_in, y_out]))})
-    mean_in, mean_out = torch.stack(p_in).mean(0), torch.stack(p_out).mean(0)
+    predictions = [torch.load(os.path.join(d, TEST_PROBS), map_location="cpu") if use
+                   else _model_predictions(d, dataset, test, device) for d, use in zip(run_dirs, saved)]
+    labels = predictions[0]["labels"]
+    for d, p in zip(run_dirs, predictions):
+        if not torch.equal(p["labels"], labels):
+            raise ValueError(f"run dirs: {d} predicted another test domain than {run_dirs[0]} (labels differ)")
+    in_idx, _ = split_indices(len(labels), test, args.holdout_fraction, args.trial_seed)
+    members = [{"run": d, "seed": s["seed"], "test_acc": accuracy(p["probs"][in_idx], labels[in_idx]),
+                "test_acc_all": accuracy(p["probs"], labels)} for d, s, p in zip(run_dirs, settings, predictions)]
+    mean = torch.stack([p["probs"] for p in predictions]).mean(0)
     setting = {k: first.get(k) for k in _SAME + ("trial_seed",)}
     return {"dataset": dataset.name, "domains": dataset.domain_names, "test_domain": test,
-            "test_domain_name": dataset.domain_names[test], "quantized": saved[0]["unsigned"] is not None,
+            "test_domain_name": dataset.domain_names[test], "quantized": first["_quantized"],
             "setting": setting, "members": members,
-            "ensemble": {"test_acc": accuracy(mean_in, y_in),
-                         "test_acc_all": accuracy(torch.cat([mean_in, mean_out]), torch.cat([y_in, y_out]))}}
+            "ensemble": {"test_acc": accuracy(mean[in_idx], labels[in_idx]), "test_acc_all": accuracy(mean, labels)}}
 
 
 def main(argv=None) -> Dict:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .algorithms import CUDAGraphStep, build_algorithm
-from .data import DATASETS, DomainBatches, MultiDomainDataset, TensorDomain, get_dataset, seed_hash
+from .data import DATASETS, DomainBatches, FileDomain, MultiDomainDataset, TensorDomain, get_dataset, seed_hash
 from .data.device_augment import decode_domains
 from .distributed import DistributedContext, init_from_env, shutdown
 from .models import ARCHS, build_model
@@ -39,6 +39,7 @@ from .nn import find_unsigned_inputs, initialize_quantizers, quantize_model
 ALGORITHMS = {"erm": ("erm", False), "sam": ("sam", False), "sagm": ("sagm", False), "lsq": ("erm", True),
               "lsq_sam": ("sam", True), "gaqat": ("gaqat", True), "fqat": ("fqat", True)}
 MNIST_LIKE = ("RotatedMNIST", "ColoredMNIST", "digits")
+TRIAL_SEEDED_DATASETS = MNIST_LIKE  # --trial-seed shuffles which images form each domain (DomainBed's MNIST recipe)
 DEMO_ARGS = ["--dataset", "RotatedMNIST", "--test-domain", "0", "--algorithm", "gaqat", "--w-bits", "4",
              "--a-bits", "4", "--quant-start-step", "100", "--steps", "250", "--checkpoint-freq", "50",
              "--batch-size", "16",
@@ -87,6 +88,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    "cuda:LOCAL_RANK)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: training forward passes under "
                    "bfloat16 autocast (weights, optimizer and LSQ scales stay float32); DomainBed: fp32")
+    p.add_argument("--channels-last", action="store_true", help="image models: weights and training batches in "
+                   "channels_last (NHWC) memory format, where cuDNN runs convolutions and batch norm without layout "
+                   "transposes (same math; faster for EfficientNet-Lite0 on GPUs, see benchmarks/RESULTS.md)")
     p.add_argument("--cuda-graph", action="store_true", help="capture each training step in a CUDA graph and "
                    "replay it (less host overhead; Adam is built with capturable=True; not with torchrun)")
     p.add_argument("--store-quantized-inputs", action="store_true", help="quantized layers store their quantized "
@@ -151,13 +155,31 @@ def predict(model: nn.Module, split, device, batch: int = 1024, workers: int = 0
 
 
 def labels_of(split) -> torch.Tensor:
+    """int64 labels of a split or a whole domain, on the CPU."""
     if isinstance(split, TensorDomain):
         return split.y.cpu()
-    return torch.tensor([split.domain.labels[int(j)] for j in split.indices])
+    if isinstance(split, FileDomain):
+        return torch.tensor(split.labels, dtype=torch.int64)
+    return torch.tensor([split.domain.labels[int(j)] for j in split.indices], dtype=torch.int64)
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+TEST_PROBS = "test_probs.pt"
+
+
+def test_predictions(model: nn.Module, dataset: MultiDomainDataset, test: int, device, workers: int = 0,
+                     step: Optional[int] = None) -> Dict:
+    """The model's softmax probabilities on every example of the test domain, in domain order, with the labels:
+    ``{"probs": float32 (N, classes), "labels": int64 (N,), "step": step}``, on the CPU.
+
+    Written beside ``model.pt`` for the selected model, so that EoQ can ensemble runs from their predictions
+    alone (no model files, no data, no GPU): any split of the domain is a set of rows (``split_indices``).
+    """
+    domain = dataset.domains[test]
+    return {"probs": predict(model, domain, device, workers=workers), "labels": labels_of(domain), "step": step}
 
 
 def _quantize(model, args, unsigned):
@@ -273,15 +295,14 @@ def run(args: argparse.Namespace) -> Dict:
     """
     created_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx = init_from_env(args.device, args.dist_backend)
+    finished = False
     try:
         result = _run(args, ctx)
-    except BaseException:
+        finished = True
+        return result
+    finally:
         if created_group and ctx.enabled:
-            shutdown(wait_for_peers=False)
-        raise
-    if created_group and ctx.enabled:
-        shutdown()
-    return result
+            shutdown(wait_for_peers=finished)  # after an error a peer may never reach the barrier
 
 
 def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
@@ -297,7 +318,9 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
     train_envs = [k for k in range(len(dataset)) if k != test]
     batches = DomainBatches([splits_in[k] for k in train_envs], args.batch_size, device, args.seed, args.workers,
                             ctx.rank, ctx.world_size)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args.arch, dataset.input_shape, dataset.num_classes, args.pretrained).to(device)
+    model = model.to(memory_format=memory_format)  # quantized modules reuse these weights, so they keep the format
     if ctx.rank:  # rank 0 keeps the single-process random stream; DDP broadcasts rank 0's initial weights
         torch.manual_seed(seed_hash(args.seed, ctx.rank))
     quantized_alg = ALGORITHMS[args.algorithm][1]
@@ -320,6 +343,8 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
     net = ctx.wrap(model)
 
     def loss_fn(inputs, labels):
+        if inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=memory_format)
         # no autocast weight-cast cache: a CUDA graph must cast the weights of every replayed step anew
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16", cache_enabled=False):
             logits = net(inputs)
@@ -382,6 +407,8 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
                 if improved:
                     _atomic_save({"model": model.state_dict(), "unsigned": state["unsigned"], "args": vars(args)},
                                  os.path.join(args.out, "model.pt"))
+                    _atomic_save(test_predictions(model, dataset, test, device, args.workers, step),
+                                 os.path.join(args.out, TEST_PROBS))
                 if hasattr(alg, "log"):
                     alg.log.write_jsonl(conflict_path)
                 _atomic_save({"model": model.state_dict(), "algorithm": alg.state_dict(), "state": state,

@@ -118,3 +118,19 @@ def test_missing_or_malformed_roots(tmp_path):
     data = rotated_digits()
     with pytest.raises(ValueError, match="test domain"):
         data.domain_index("90")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_device_copies_without_aliasing_the_source():
+    """The non-blocking GPU copy goes through its own pinned buffer: changing the source right after the call
+    (as the next step's draws do) cannot change what arrives, even behind queued GPU work."""
+    from gaqat_kernels.data import to_device
+
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy / 4096  # keep the stream busy so that the copy is still queued below
+    source = torch.randint(0, 1000, (4096,))
+    expected = source.clone()
+    copied = to_device(source, "cuda")
+    source.zero_()
+    assert copied.is_cuda and torch.equal(copied.cpu(), expected)

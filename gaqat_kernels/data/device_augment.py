@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FileDomain, MultiDomainDataset, TensorDomain
+from .base import FileDomain, MultiDomainDataset, TensorDomain, to_device
 from .transforms import EvalTransform, normalize, to_uint8_tensor
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -133,7 +133,7 @@ def apply_augment(x: Tensor, params: Dict[str, Tensor], size: int) -> Tensor:
     (B, 3, size, size) on x's device."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"x: expected uint8 images of shape (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-    p = {k: v.to(x.device) for k, v in params.items()}
+    p = {k: to_device(v, x.device) for k, v in params.items()}
     x = x.float().div_(255)
     _, _, height, width = x.shape
     # the crop box [x0, x0 + cw) x [y0, y0 + ch) onto [-1, 1]^2 (align_corners=False: pixel centres)
@@ -151,7 +151,7 @@ def apply_augment(x: Tensor, params: Dict[str, Tensor], size: int) -> Tensor:
         for k, (op, name) in enumerate(jitter):
             rows = torch.nonzero(params["order"][:, position] == k).flatten()
             if rows.numel():
-                rows = rows.to(x.device)
+                rows = to_device(rows, x.device)
                 x = x.index_copy(0, rows, op(x.index_select(0, rows), p[name].index_select(0, rows)))
     x = torch.where(_per_image(p["gray"]), _gray(x).expand_as(x), x)
     return normalize(x)

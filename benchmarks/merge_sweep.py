@@ -1,0 +1,83 @@
+"""Put the runs a device call finished (``sweep_gpu.sh``'s ``$OUT/sweep_NAME.tar.gz``) where the next call and the
+tables need them, so that no finished run is lost or run twice.
+
+    python benchmarks/merge_sweep.py /work/.device/3/sweep_pacs.tar.gz --results benchmarks/results/dg_h100_pacs \
+        --carry runs/pacs [--full runs/pacs_all]
+
+For every run of the tar with a ``results.json``:
+  --results DIR/<tag>/   results.json, log.jsonl, test_probs.pt (what the report and EoQ read; committed)
+  --carry DIR/<suite>/<tag>/results.json   what a later call carries so that its sweep skips the run
+  --full DIR/<suite>/<tag>/                everything the tar holds for the run (conflict.jsonl, stdout.txt)
+A run already under --results is a repeat (the same setting and seed run again): it is kept as
+``<results>_repeats/<tag>.json`` (the first result stays the one in the tables) and reported. Runs the call
+did not finish (stopped at its deadline) are listed; a later call starts them anew unless --carry has them.
+Run directories holding only results.json are what the call carried in, and are passed over.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tarfile
+import tempfile
+
+KEPT = ("results.json", "log.jsonl", "test_probs.pt")
+
+
+def runs_of_the_call(root: str):
+    """``(suite, tag, path, finished)`` of every run that the call ran below ``root`` (``runs/NAME/<suite>/<tag>``):
+    directories with a ``log.jsonl`` (the results.json-only directories are what the call carried in)."""
+    for dirpath, _, files in os.walk(root):
+        if "log.jsonl" in files:
+            suite_dir, tag = os.path.split(dirpath)
+            yield os.path.basename(suite_dir), tag, dirpath, "results.json" in files
+
+
+def merge(tar_path: str, results: str, carry: str, full: str = None) -> dict:
+    """Merge one call's tar; returns ``{"new": [...], "repeats": [...], "unfinished": [...]}`` (run tags)."""
+    summary = {"new": [], "repeats": [], "unfinished": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(tmp, filter="data")
+        for suite, tag, path, done in sorted(runs_of_the_call(tmp)):
+            if not done:
+                summary["unfinished"].append(tag)
+                continue
+            if os.path.exists(os.path.join(results, tag, "results.json")):
+                repeats = results.rstrip("/") + "_repeats"
+                os.makedirs(repeats, exist_ok=True)
+                shutil.copy(os.path.join(path, "results.json"), os.path.join(repeats, f"{tag}.json"))
+                summary["repeats"].append(tag)
+                continue
+            os.makedirs(os.path.join(results, tag), exist_ok=True)
+            for name in KEPT:
+                if os.path.exists(os.path.join(path, name)):
+                    shutil.copy(os.path.join(path, name), os.path.join(results, tag, name))
+            os.makedirs(os.path.join(carry, suite, tag), exist_ok=True)
+            shutil.copy(os.path.join(path, "results.json"), os.path.join(carry, suite, tag, "results.json"))
+            if full:
+                shutil.copytree(path, os.path.join(full, suite, tag), dirs_exist_ok=True)
+            summary["new"].append(tag)
+    return summary
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("tars", nargs="+", help="sweep_NAME.tar.gz of one or more calls, oldest first")
+    p.add_argument("--results", required=True, help="per-run results for the tables (committed)")
+    p.add_argument("--carry", required=True, help="the runs/NAME folder a later call carries")
+    p.add_argument("--full", default=None, help="also keep every file of each run here")
+    args = p.parse_args(argv)
+    total = {"new": [], "repeats": [], "unfinished": []}
+    for tar_path in args.tars:
+        summary = merge(tar_path, args.results, args.carry, args.full)
+        for key, tags in summary.items():
+            total[key] += tags
+            if tags:
+                print(f"{tar_path}: {key}: {' '.join(tags)}")
+    print(f"{len(total['new'])} new, {len(total['repeats'])} repeats, {len(total['unfinished'])} unfinished")
+    return total
+
+
+if __name__ == "__main__":
+    main()
