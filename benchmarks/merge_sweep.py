@@ -12,14 +12,22 @@ A run already under --results is a repeat (the same setting and seed run again):
 ``<results>_repeats/<tag>.json`` (the first result stays the one in the tables) and reported. Runs the call
 did not finish (stopped at its deadline) are listed; a later call starts them anew unless --carry has them.
 Run directories holding only results.json are what the call carried in, and are passed over.
+
+With no tars, ``--carry`` is rebuilt from ``--results`` (on a fresh checkout, where the git-ignored carry folder
+is missing): each run's results.json goes under the suite of ``sweep_dg.py`` that runs its setting.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import sys
 import tarfile
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep_dg import SUITES  # noqa: E402
 
 KEPT = ("results.json", "log.jsonl", "test_probs.pt")
 
@@ -61,13 +69,38 @@ def merge(tar_path: str, results: str, carry: str, full: str = None) -> dict:
     return summary
 
 
+def suite_of(tag: str) -> str:
+    """The ``sweep_dg.py`` suite whose runs carry ``tag`` (``<dataset>_<algorithm>_<fp|wNaN>_t<k>_s<seed>``)."""
+    m = re.fullmatch(r"([A-Za-z]+)_(\w+?)_(fp|w(\d+)a\d+)_t\d+_s\d+", tag)
+    if m:
+        dataset, algorithm, bits = m.group(1), m.group(2), None if m.group(3) == "fp" else int(m.group(4))
+        for suite, (suite_dataset, _, settings) in SUITES.items():
+            if suite_dataset == dataset and (algorithm, bits) in settings:
+                return suite
+    raise ValueError(f"run {tag!r}: no sweep_dg.py suite runs this setting")
+
+
+def rebuild_carry(results: str, carry: str) -> list:
+    """Copy every ``results/<tag>/results.json`` to ``carry/<suite>/<tag>/``; returns the tags."""
+    tags = sorted(t for t in os.listdir(results) if os.path.exists(os.path.join(results, t, "results.json")))
+    for tag in tags:
+        os.makedirs(os.path.join(carry, suite_of(tag), tag), exist_ok=True)
+        shutil.copy(os.path.join(results, tag, "results.json"), os.path.join(carry, suite_of(tag), tag))
+    return tags
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("tars", nargs="+", help="sweep_NAME.tar.gz of one or more calls, oldest first")
+    p.add_argument("tars", nargs="*", help="sweep_NAME.tar.gz of one or more calls, oldest first (none: rebuild "
+                   "--carry from --results)")
     p.add_argument("--results", required=True, help="per-run results for the tables (committed)")
     p.add_argument("--carry", required=True, help="the runs/NAME folder a later call carries")
     p.add_argument("--full", default=None, help="also keep every file of each run here")
     args = p.parse_args(argv)
+    if not args.tars:
+        tags = rebuild_carry(args.results, args.carry)
+        print(f"{args.carry}: results.json of {len(tags)} runs")
+        return {"carried": tags}
     total = {"new": [], "repeats": [], "unfinished": []}
     for tar_path in args.tars:
         summary = merge(tar_path, args.results, args.carry, args.full)
