@@ -9,6 +9,8 @@ process takes with batch N * B (up to floating-point summation order).
 """
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -94,6 +96,11 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        # torch._dynamo, imported while a group exists (DDP's constructor imports it), keeps 10 references to the
+        # default group (torch 2.13): destroy_process_group could then not free it, and the group's gloo threads
+        # were torn down at interpreter exit, where a rank sometimes aborted ("terminate called without an
+        # active exception"). Imported first, it holds none.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
     return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                               device=dev)
@@ -102,11 +109,12 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
 def shutdown(wait_for_peers: bool = True) -> None:
     """Destroy the default process group if this process created one.
 
-    ``wait_for_peers``: a barrier first, so that no rank tears the group down (rank 0 also its TCP store) while a
-    peer still uses it; without it a gloo rank aborted at exit in about 1 of 25 two-rank runs on CPU. Pass False on
-    an error path, where a peer may never arrive.
+    ``wait_for_peers``: a barrier first, so that no rank tears the group down while a peer still uses it. Pass
+    False on an error path, where a peer may never arrive. The group is freed here only if nothing else holds it
+    (see ``init_from_env``); a group freed at interpreter exit instead can abort the process there.
     """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # unreachable cycles (a DDP module, an optimizer) may still hold the group
         if wait_for_peers:
             dist.barrier()
         dist.destroy_process_group()

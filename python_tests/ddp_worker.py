@@ -7,6 +7,8 @@ Alone (one process) with an N-times larger batch it takes the same steps, which 
     python ddp_worker.py OUT_DIR ALGORITHM BATCH_PER_RANK STEPS DEVICE THRESHOLD
     (ALGORITHM "tracker": only a ConflictTracker fed different gradients on each rank)
 """
+import json
+import os
 import sys
 
 import torch
@@ -14,13 +16,34 @@ from torch import nn
 
 from gaqat_kernels.algorithms import ConflictTracker, build_algorithm
 from gaqat_kernels.data import DomainBatches, rotated_digits
-from gaqat_kernels.distributed import init_from_env, shutdown
+from gaqat_kernels.distributed import DistributedContext, init_from_env, shutdown
 from gaqat_kernels.nn import initialize_quantizers, quantize_model
 
 
-def tracker_only(out: str, device: str, steps: int) -> None:
+def comm_threads() -> list:
+    """Names of this process's native gloo threads (Linux), which live as long as a gloo process group does."""
+    if not os.path.isdir("/proc/self/task"):
+        return []
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return sorted(n for n in names if "gloo" in n)
+
+
+def shutdown_and_record(out: str, rank: int) -> None:
+    """Destroy the group, then record the gloo threads left: none, or the group was not freed and its threads
+    would be torn down at interpreter exit."""
+    shutdown()
+    with open(f"{out}/rank{rank}_threads.json", "w") as f:
+        json.dump(comm_threads(), f)
+
+
+def tracker_only(ctx: DistributedContext, out: str, steps: int) -> None:
     """Each rank feeds its *own* gradients: the tracker must still end with one mask on every rank."""
-    ctx = init_from_env(device)
     gen = torch.Generator().manual_seed(100 + ctx.rank)
     shared, local = (ConflictTracker([3, 5, 4, 6], device=ctx.device, threshold=0.3, decay=0.5, sync_ranks=sync)
                      for sync in (None, False))
@@ -37,11 +60,9 @@ def tracker_only(out: str, device: str, steps: int) -> None:
         local_masks.append(local.update(task, smooth).cpu().clone())
     torch.save({"masks": torch.stack(masks), "stats": torch.stack(stats), "local_masks": torch.stack(local_masks)},
                f"{out}/rank{ctx.rank}.pt")
-    shutdown()
 
 
-def main(out: str, algorithm: str, batch: int, steps: int, device: str, threshold: float) -> None:
-    ctx = init_from_env(device)
+def train(ctx: DistributedContext, out: str, algorithm: str, batch: int, steps: int, threshold: float) -> None:
     torch.backends.cudnn.allow_tf32 = False  # the 1-process comparison needs fp32 convolutions
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
@@ -74,12 +95,13 @@ def main(out: str, algorithm: str, batch: int, steps: int, device: str, threshol
     torch.save({"masks": torch.stack(masks), "stats": torch.stack(stats),
                 "state": {k: v.cpu() for k, v in model.state_dict().items()}, "world_size": ctx.world_size},
                f"{out}/rank{ctx.rank}.pt")
-    shutdown()
 
 
 if __name__ == "__main__":
     out, algorithm, batch, steps, device, threshold = sys.argv[1:7]
+    context = init_from_env(device)
     if algorithm == "tracker":
-        tracker_only(out, device, int(steps))
-        sys.exit()
-    main(out, algorithm, int(batch), int(steps), device, float(threshold))
+        tracker_only(context, out, int(steps))
+    else:
+        train(context, out, algorithm, int(batch), int(steps), float(threshold))
+    shutdown_and_record(out, context.rank)  # after the DDP model and the algorithm are gone, as in train.run

@@ -36,6 +36,9 @@ def run_worker(tmp_path, nproc, algorithm, batch, device, threshold, steps=8):
     out.mkdir()
     launch(nproc, [os.path.join(HERE, "ddp_worker.py"), str(out), algorithm, str(batch), str(steps), device,
                    str(threshold)], tmp_path)
+    if nproc > 1:  # shutdown freed the group: no gloo threads left to tear down at interpreter exit
+        for r in range(nproc):
+            assert json.loads((out / f"rank{r}_threads.json").read_text()) == [], f"rank {r}"
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
 
