@@ -96,10 +96,10 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        # torch._dynamo, imported while a group exists (DDP's constructor imports it), keeps 10 references to the
-        # default group (torch 2.13): destroy_process_group could then not free it, and the group's gloo threads
-        # were torn down at interpreter exit, where a rank sometimes aborted ("terminate called without an
-        # active exception"). Imported first, it holds none.
+        # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when imported: imported
+        # while a group exists (torch._dynamo imports it, and DDP's constructor imports torch._dynamo), its ten
+        # functions keep the group, destroy_process_group cannot free it, and its gloo threads are torn down at
+        # interpreter exit instead, where a rank can abort ("terminate called without an active exception").
         importlib.import_module("torch._dynamo")
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
     return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
