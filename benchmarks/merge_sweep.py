@@ -70,7 +70,7 @@ def merge(tar_path: str, results: str, carry: str, full: str = None) -> dict:
 
 
 def suite_of(tag: str) -> str:
-    """The ``sweep_dg.py`` suite whose runs carry ``tag`` (``<dataset>_<algorithm>_<fp|wNaN>_t<k>_s<seed>``)."""
+    """The ``sweep_dg.py`` suite whose runs carry ``tag`` (``<dataset>_<algorithm>_<fp|wNaN>_t<k>_s<seed>``, N bits)."""
     m = re.fullmatch(r"([A-Za-z]+)_(\w+?)_(fp|w(\d+)a\d+)_t\d+_s\d+", tag)
     if m:
         dataset, algorithm, bits = m.group(1), m.group(2), None if m.group(3) == "fp" else int(m.group(4))
@@ -84,8 +84,9 @@ def rebuild_carry(results: str, carry: str) -> list:
     """Copy every ``results/<tag>/results.json`` to ``carry/<suite>/<tag>/``; returns the tags."""
     tags = sorted(t for t in os.listdir(results) if os.path.exists(os.path.join(results, t, "results.json")))
     for tag in tags:
-        os.makedirs(os.path.join(carry, suite_of(tag), tag), exist_ok=True)
-        shutil.copy(os.path.join(results, tag, "results.json"), os.path.join(carry, suite_of(tag), tag))
+        target = os.path.join(carry, suite_of(tag), tag)
+        os.makedirs(target, exist_ok=True)
+        shutil.copy(os.path.join(results, tag, "results.json"), target)
     return tags
 
 
