@@ -9,7 +9,6 @@ process takes with batch N * B (up to floating-point summation order).
 """
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 from dataclasses import dataclass
@@ -114,7 +113,6 @@ def shutdown(wait_for_peers: bool = True) -> None:
     (see ``init_from_env``); a group freed at interpreter exit instead can abort the process there.
     """
     if dist.is_available() and dist.is_initialized():
-        gc.collect()  # unreachable cycles (a DDP module, an optimizer) may still hold the group
         if wait_for_peers:
             dist.barrier()
         dist.destroy_process_group()
