@@ -22,12 +22,10 @@ import argparse
 import os
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep_dg import SUITES  # noqa: E402
+from sweep_dg import SUITES  # the script's folder is on sys.path when it runs
 
 KEPT = ("results.json", "log.jsonl", "test_probs.pt")
 
