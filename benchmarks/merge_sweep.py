@@ -8,10 +8,16 @@ For every run of the tar with a ``results.json``:
   --results DIR/<tag>/   results.json, log.jsonl, test_probs.pt (what the report and EoQ read; committed)
   --carry DIR/<suite>/<tag>/results.json   what a later call carries so that its sweep skips the run
   --full DIR/<suite>/<tag>/                everything the tar holds for the run (conflict.jsonl, stdout.txt)
-A run already under --results is a repeat (the same setting and seed run again): it is kept as
-``<results>_repeats/<tag>.json`` (the first result stays the one in the tables) and reported. Runs the call
+A run already under --results with the same results.json is one an earlier call of the same machine finished (a
+warm machine keeps its runs between calls): it is passed over. With a different results.json it is a repeat (the
+same setting and seed run again): it is kept as ``<results>_repeats/<tag>.json`` (the first result stays the one
+in the tables) and reported. Runs the call
 did not finish (stopped at its deadline) are listed; a later call starts them anew unless --carry has them.
 Run directories holding only results.json are what the call carried in, and are passed over.
+
+After merging, EoQ (``sweep_dg.ensembles``) for every quantized setting of --results with at least two finished
+seeds, into ``<results>/eoq/<setting>/eoq.json``: the members' saved test predictions suffice, so a machine
+without a GPU does it, and seeds finished in different calls ensemble together.
 
 With no tars, ``--carry`` is rebuilt from ``--results`` (on a fresh checkout, where the git-ignored carry folder
 is missing): each run's results.json goes under the suite of ``sweep_dg.py`` that runs its setting.
@@ -19,13 +25,14 @@ is missing): each run's results.json goes under the suite of ``sweep_dg.py`` tha
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import re
 import shutil
 import tarfile
 import tempfile
 
-from sweep_dg import SUITES  # the script's folder is on sys.path when it runs
+from sweep_dg import SUITES, ensembles  # the script's folder is on sys.path when it runs
 
 KEPT = ("results.json", "log.jsonl", "test_probs.pt")
 
@@ -40,8 +47,8 @@ def runs_of_the_call(root: str):
 
 
 def merge(tar_path: str, results: str, carry: str, full: str = None) -> dict:
-    """Merge one call's tar; returns ``{"new": [...], "repeats": [...], "unfinished": [...]}`` (run tags)."""
-    summary = {"new": [], "repeats": [], "unfinished": []}
+    """Merge one call's tar; returns ``{"new", "merged", "repeats", "unfinished"}``: lists of run tags."""
+    summary = {"new": [], "merged": [], "repeats": [], "unfinished": []}
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(tar_path) as tar:
             tar.extractall(tmp, filter="data")
@@ -49,7 +56,11 @@ def merge(tar_path: str, results: str, carry: str, full: str = None) -> dict:
             if not done:
                 summary["unfinished"].append(tag)
                 continue
-            if os.path.exists(os.path.join(results, tag, "results.json")):
+            merged = os.path.join(results, tag, "results.json")
+            if os.path.exists(merged) and filecmp.cmp(merged, os.path.join(path, "results.json"), shallow=False):
+                summary["merged"].append(tag)
+                continue
+            if os.path.exists(merged):
                 repeats = results.rstrip("/") + "_repeats"
                 os.makedirs(repeats, exist_ok=True)
                 shutil.copy(os.path.join(path, "results.json"), os.path.join(repeats, f"{tag}.json"))
@@ -100,14 +111,19 @@ def main(argv=None) -> dict:
         tags = rebuild_carry(args.results, args.carry)
         print(f"{args.carry}: results.json of {len(tags)} runs")
         return {"carried": tags}
-    total = {"new": [], "repeats": [], "unfinished": []}
+    total = {"new": [], "merged": [], "repeats": [], "unfinished": []}
     for tar_path in args.tars:
         summary = merge(tar_path, args.results, args.carry, args.full)
         for key, tags in summary.items():
             total[key] += tags
-            if tags:
+            if tags and key != "merged":
                 print(f"{tar_path}: {key}: {' '.join(tags)}")
-    print(f"{len(total['new'])} new, {len(total['repeats'])} repeats, {len(total['unfinished'])} unfinished")
+    print(f"{len(total['new'])} new, {len(total['merged'])} merged before, {len(total['repeats'])} repeats, "
+          f"{len(total['unfinished'])} unfinished")
+    if total["new"]:
+        from gaqat_kernels import report
+
+        ensembles([args.results], report.find_results([args.results]))
     return total
 
 

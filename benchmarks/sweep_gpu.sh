@@ -5,6 +5,8 @@
 # many small runs barely overlap). Finished runs already under runs/NAME (carried from an earlier call) are
 # skipped. The results without model files and checkpoints (with each run's test_probs.pt, what EoQ needs) go to
 # $OUT/sweep_NAME.tar.gz, the log to $OUT/sweep_NAME.log.
+# Runs stopped at --deadline-s keep their checkpoints under runs/NAME on the device: a later call on the same warm
+# machine continues them if it does not carry runs/NAME (a carried folder replaces the machine's copy).
 # SWEEP_MPS=0: no MPS (when other GPU work shares the call). SWEEP_KEEP_MODELS=1: also the finished runs' selected
 # models (model.pt, not the checkpoints) as $OUT/sweep_NAME_models.tar.part-aa, -ab, ... (15 MiB parts, under the
 # device tool's per-file limit); `cat sweep_NAME_models.tar.part-* | tar xf -` in the repository root puts them

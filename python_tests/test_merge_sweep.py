@@ -11,18 +11,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import merge_sweep  # noqa: E402
 
 
-def make_run(root, suite, tag, files):
+def make_run(root, suite, tag, files, acc=0.5):
     path = root / "runs" / "pacs" / suite / tag
     path.mkdir(parents=True)
     for name in files:
-        (path / name).write_text(json.dumps({"tag": tag, "file": name}))
+        (path / name).write_text(json.dumps({"tag": tag, "file": name, "acc": acc}))
 
 
-def call_tar(tmp_path, name, runs):
+def call_tar(tmp_path, name, runs, acc=0.5):
     """A tar as sweep_gpu.sh writes it: ``runs/pacs/<suite>/<tag>/...``."""
     root = tmp_path / name
     for suite, tag, files in runs:
-        make_run(root, suite, tag, files)
+        make_run(root, suite, tag, files, acc)
     tar_path = tmp_path / f"{name}.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
         tar.add(root / "runs", arcname="runs")
@@ -38,15 +38,22 @@ def test_merge_places_new_runs_repeats_and_unfinished(tmp_path):
                                          ("pacs_w3", "PACS_lsq_w3a3_t1_s0", ["log.jsonl"]),  # cut at the deadline
                                          ("pacs_w4", "PACS_erm_fp_t0_s0", ["results.json"])])  # carried in
     summary = merge_sweep.main([first, "--results", str(results), "--carry", str(carry), "--full", str(full)])
-    assert summary == {"new": ["PACS_gaqat_w4a4_t0_s0"], "repeats": [], "unfinished": ["PACS_lsq_w3a3_t1_s0"]}
+    assert summary == {"new": ["PACS_gaqat_w4a4_t0_s0"], "merged": [], "repeats": [],
+                       "unfinished": ["PACS_lsq_w3a3_t1_s0"]}
     assert sorted(os.listdir(results / "PACS_gaqat_w4a4_t0_s0")) == sorted(merge_sweep.KEPT)
     assert os.listdir(carry / "pacs_w4" / "PACS_gaqat_w4a4_t0_s0") == ["results.json"]
     assert sorted(os.listdir(full / "pacs_w4" / "PACS_gaqat_w4a4_t0_s0")) == sorted(FINISHED)
     assert not (results / "PACS_lsq_w3a3_t1_s0").exists() and not (results / "PACS_erm_fp_t0_s0").exists()
 
     kept = (results / "PACS_gaqat_w4a4_t0_s0" / "results.json").read_text()
+    # a later call of the same warm machine returns the finished run unchanged: nothing to merge
     second = call_tar(tmp_path, "call2", [("pacs_w4", "PACS_gaqat_w4a4_t0_s0", FINISHED)])
     summary = merge_sweep.main([second, "--results", str(results), "--carry", str(carry)])
+    assert summary["merged"] == ["PACS_gaqat_w4a4_t0_s0"] and not summary["repeats"] and not summary["new"]
+    assert not (tmp_path / "results_repeats").exists()
+
+    third = call_tar(tmp_path, "call3", [("pacs_w4", "PACS_gaqat_w4a4_t0_s0", FINISHED)], acc=0.6)  # run again
+    summary = merge_sweep.main([third, "--results", str(results), "--carry", str(carry)])
     assert summary["repeats"] == ["PACS_gaqat_w4a4_t0_s0"] and not summary["new"]
     assert (results / "PACS_gaqat_w4a4_t0_s0" / "results.json").read_text() == kept  # the first result stays
     assert (tmp_path / "results_repeats" / "PACS_gaqat_w4a4_t0_s0.json").exists()
@@ -77,3 +84,26 @@ def test_suite_of(tag, suite):
 def test_suite_of_rejects_settings_no_suite_runs(tag):
     with pytest.raises(ValueError, match="no sweep_dg.py suite"):
         merge_sweep.suite_of(tag)
+
+
+def test_merge_ensembles_the_seeds_of_new_runs(tmp_path):
+    """Two seeds of a quantized setting, finished in different calls, are ensembled (EoQ) from their saved
+    predictions once both are merged."""
+    from gaqat_kernels import train
+
+    results, carry = tmp_path / "results", tmp_path / "carry"
+    tars = []
+    for seed in (0, 1):
+        root = tmp_path / f"call{seed}"
+        out = root / "runs" / "pacs" / "pacs_w4" / f"digits_lsq_w4a4_t1_s{seed}"
+        train.main(["--dataset", "digits", "--algorithm", "lsq", "--steps", "2", "--checkpoint-freq", "2",
+                    "--batch-size", "8", "--seed", str(seed), "--test-domain", "1", "--no-progress", "--device",
+                    "cpu", "--out", str(out)])
+        tars.append(str(tmp_path / f"call{seed}.tar.gz"))
+        with tarfile.open(tars[-1], "w:gz") as tar:
+            tar.add(root / "runs", arcname="runs")
+    merge_sweep.main([tars[0], "--results", str(results), "--carry", str(carry)])
+    assert not (results / "eoq").exists()  # one seed: nothing to ensemble
+    merge_sweep.main([tars[1], "--results", str(results), "--carry", str(carry)])
+    ensemble = json.loads((results / "eoq" / "digits_lsq_4_4_1" / "eoq.json").read_text())
+    assert [m["seed"] for m in ensemble["members"]] == [0, 1] and 0 <= ensemble["ensemble"]["test_acc"] <= 1
