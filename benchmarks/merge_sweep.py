@@ -11,9 +11,9 @@ For every run of the tar with a ``results.json``:
 A run already under --results with the same results.json is one an earlier call of the same machine finished (a
 warm machine keeps its runs between calls): it is passed over. With a different results.json it is a repeat (the
 same setting and seed run again): it is kept as ``<results>_repeats/<tag>.json`` (the first result stays the one
-in the tables) and reported. Runs the call
-did not finish (stopped at its deadline) are listed; a later call starts them anew unless --carry has them.
-Run directories holding only results.json are what the call carried in, and are passed over.
+in the tables) and reported. Runs the call did not finish (stopped at its deadline) are listed: a later call on
+the same warm machine continues them from their checkpoints if it carries no runs folder, any other call starts
+them anew. Run directories holding only results.json are what the call carried in, and are passed over.
 
 After merging, EoQ (``sweep_dg.ensembles``) for every quantized setting of --results with at least two finished
 seeds, into ``<results>/eoq/<setting>/eoq.json``: the members' saved test predictions suffice, so a machine
