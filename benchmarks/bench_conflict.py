@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 
 import torch
 from torch import nn
 
 from gaqat_kernels.algorithms import build_algorithm
 from gaqat_kernels.nn import quantize_model
+from gaqat_kernels.provenance import commit_id
 
 
 def quantized_resnet(name: str, batch: int):
@@ -44,12 +44,6 @@ def step_fn(alg, model, x, y):
         loss.backward()
         return loss
     return lambda: alg.step(closure)
-
-
-def commit_id() -> str:
-    """GAQAT_COMMIT if set (a copied working tree may carry a stale .git), else git's short HEAD."""
-    return os.environ.get("GAQAT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def timed(fn, steps: int) -> float:

@@ -23,7 +23,6 @@ import contextlib
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,7 @@ import triton.testing
 import gaqat_kernels as gk
 from gaqat_kernels.kernels.extension import cuda_division
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager, quant_bounds
+from gaqat_kernels.provenance import commit_id
 
 CASES = [  # name, shape, axis (None = per-tensor)
     ("weight 4096x4096 per-channel", (4096, 4096), 0),
@@ -201,8 +201,7 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bw = copy_bandwidth()
-    commit = os.environ.get("GAQAT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "copy_bandwidth_GBps": bw / 1e9, "commit": commit or "unknown", "time": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(meta), flush=True)

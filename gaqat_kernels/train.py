@@ -8,7 +8,8 @@ One domain is held out for testing; 20% of every domain is held out for validati
 by the mean validation accuracy of the training domains (DomainBed's "training-domain validation"), and its
 test-domain accuracy is reported on the test domain's 80% split (DomainBed's convention) and on all of it.
 Writes ``log.jsonl`` (one line per evaluation), ``conflict.jsonl`` (GAQAT/FQAT per-layer statistics),
-``results.json``, ``model.pt`` (the selected model), ``checkpoint.pt`` and PNG plots into ``--out``.
+``results.json`` (with ``provenance.environment``: commit, versions, device), ``model.pt`` (the selected
+model), ``checkpoint.pt`` and PNG plots into ``--out``.
 
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N -m gaqat_kernels.train ...`` trains with
 DistributedDataParallel; ``--batch-size`` stays per domain *per rank* (the global batch is N times larger),
@@ -34,6 +35,7 @@ from .data.device_augment import decode_domains
 from .distributed import DistributedContext, init_from_env, shutdown
 from .models import ARCHS, build_model
 from .nn import find_unsigned_inputs, initialize_quantizers, quantize_model
+from .provenance import environment
 
 # algorithm name -> (training algorithm, quantized?)
 ALGORITHMS = {"erm": ("erm", False), "sam": ("sam", False), "sagm": ("sagm", False), "lsq": ("erm", True),
@@ -430,7 +432,7 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
                "test_domain_name": dataset.domain_names[test], "selected_step": best["step"],
                "val_acc": best["val_acc"], "test_acc": best["test_acc"], "test_acc_all": best["test_acc_all"],
                "final": state["history"][-1], "quantized": state["unsigned"] is not None,
-               "world_size": ctx.world_size}
+               "world_size": ctx.world_size, "environment": environment(device)}
     if main_rank:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

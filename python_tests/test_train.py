@@ -27,6 +27,7 @@ def test_every_algorithm_runs(tmp_path, algorithm):
     out, results = run(tmp_path, algorithm, "--algorithm", algorithm, "--steps", "6", "--test-domain", "1")
     assert results["test_domain_name"] == "30" and 0 <= results["test_acc"] <= 1
     assert results["quantized"] == train.ALGORITHMS[algorithm][1]
+    assert results["environment"]["torch"] == torch.__version__  # which code and machine made the run
     for name in ("results.json", "log.jsonl", "model.pt", "checkpoint.pt", "accuracy.png"):
         assert os.path.exists(os.path.join(out, name)), name
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
