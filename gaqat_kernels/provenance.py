@@ -15,12 +15,17 @@ from . import __version__
 
 def commit_id() -> Optional[str]:
     """``GAQAT_COMMIT`` if set (a working tree copied to another machine may carry a stale ``.git`` or none), else
-    the short git commit of the checkout holding this package, else None (an installed copy, or no git)."""
+    the short git commit of this project's checkout holding the package, else None (an installed copy, or no git).
+    An installed copy inside some other repository (a virtual environment in a user's project) is not a checkout
+    of this project: only a ``.git`` right beside the package counts."""
     if os.environ.get("GAQAT_COMMIT"):
         return os.environ["GAQAT_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+                             cwd=root)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:

@@ -37,3 +37,15 @@ def test_environment_names_versions_and_device():
     env = provenance.environment("cpu")
     assert env["gaqat_kernels"] == gaqat_kernels.__version__ and env["torch"] == torch.__version__
     assert env["cuda"] == torch.version.cuda and env["python"].count(".") == 2 and env["device"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_commit_id_ignores_a_repository_around_an_installed_copy(monkeypatch, tmp_path):
+    monkeypatch.delenv("GAQAT_COMMIT", raising=False)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # a user's project, venv inside it
+    subprocess.run(["git", "-c", "user.name=u", "-c", "user.email=u@example.com", "commit", "-q", "--allow-empty",
+                    "-m", "user's project"], cwd=tmp_path, check=True)
+    package = tmp_path / "venv" / "site-packages" / "gaqat_kernels"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(provenance, "__file__", str(package / "provenance.py"))
+    assert provenance.commit_id() is None
