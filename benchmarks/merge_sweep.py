@@ -57,14 +57,14 @@ def merge(tar_path: str, results: str, carry: str, full: str = None) -> dict:
                 summary["unfinished"].append(tag)
                 continue
             merged = os.path.join(results, tag, "results.json")
-            if os.path.exists(merged) and filecmp.cmp(merged, os.path.join(path, "results.json"), shallow=False):
-                summary["merged"].append(tag)
-                continue
             if os.path.exists(merged):
-                repeats = results.rstrip("/") + "_repeats"
-                os.makedirs(repeats, exist_ok=True)
-                shutil.copy(os.path.join(path, "results.json"), os.path.join(repeats, f"{tag}.json"))
-                summary["repeats"].append(tag)
+                if filecmp.cmp(merged, os.path.join(path, "results.json"), shallow=False):
+                    summary["merged"].append(tag)
+                else:
+                    repeats = results.rstrip("/") + "_repeats"
+                    os.makedirs(repeats, exist_ok=True)
+                    shutil.copy(os.path.join(path, "results.json"), os.path.join(repeats, f"{tag}.json"))
+                    summary["repeats"].append(tag)
                 continue
             os.makedirs(os.path.join(results, tag), exist_ok=True)
             for name in KEPT:
