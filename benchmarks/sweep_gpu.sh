@@ -7,6 +7,9 @@
 # $OUT/sweep_NAME.tar.gz, the log to $OUT/sweep_NAME.log.
 # Runs stopped at --deadline-s keep their checkpoints under runs/NAME on the device: a later call on the same warm
 # machine continues them if it does not carry runs/NAME (a carried folder replaces the machine's copy).
+# Leave a 600 s call ~60 s after --deadline-s: stopping the runs, the sweep's EoQ and the packing took 35-57 s
+# (a call with --deadline-s 560 hit its limit and its tar did not come back; the next call's tar had its runs).
+# --no-eoq skips the sweep's EoQ, which merge_sweep.py redoes locally from the tar anyway.
 # SWEEP_MPS=0: no MPS (when other GPU work shares the call). SWEEP_KEEP_MODELS=1: also the finished runs' selected
 # models (model.pt, not the checkpoints) as $OUT/sweep_NAME_models.tar.part-aa, -ab, ... (15 MiB parts, under the
 # device tool's per-file limit); `cat sweep_NAME_models.tar.part-* | tar xf -` in the repository root puts them
@@ -21,7 +24,10 @@ mps=0
 if [[ ${SWEEP_MPS:-1} == 1 ]] && command -v nvidia-cuda-mps-control >/dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d && mps=1
+  # a daemon left running by an earlier call on this machine (one killed at its time limit) serves this one too
+  if nvidia-cuda-mps-control -d 2>/dev/null || echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1; then
+    mps=1
+  fi
 fi
 echo "MPS: $mps; commit ${GAQAT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee -a "$out/sweep_$name.log"
 python3 benchmarks/sweep_dg.py --out "runs/$name" "$@" 2>&1 | tee -a "$out/sweep_$name.log"
