@@ -1,0 +1,51 @@
+"""benchmarks/conflict_summary.py reads what ConflictLog writes and counts frozen layers as stated."""
+import os
+import sys
+
+import pytest
+import torch
+
+from gaqat_kernels.algorithms.conflict import STAT_NAMES
+from gaqat_kernels.algorithms.stats_log import ConflictLog
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import conflict_summary  # noqa: E402
+
+
+def write_log(run_dir, frozen_per_step, disorder_per_step):
+    """Synthetic statistics (not from training), written by the training script's own ConflictLog."""
+    log = ConflictLog(["a", "b", "c"], every=10)
+    for k, (frozen, disorder) in enumerate(zip(frozen_per_step, disorder_per_step)):
+        stats = torch.zeros(3, len(STAT_NAMES))
+        stats[:, STAT_NAMES.index("conflict")] = torch.tensor([0.2, 0.4, 0.6])
+        stats[:, STAT_NAMES.index("cosine")] = -0.5
+        stats[:, STAT_NAMES.index("task_flips")] = 0.25
+        stats[:, STAT_NAMES.index("smooth_flips")] = 0.75
+        stats[:, STAT_NAMES.index("disorder")] = torch.tensor(disorder)
+        log.record(10 * k, stats, torch.tensor(frozen))
+    log.write_jsonl(os.path.join(run_dir, "conflict.jsonl"))
+
+
+def test_counts_frozen_layers_from_the_first_freeze(tmp_path):
+    write_log(tmp_path, [[False, False, False], [True, False, True], [True, True, True], [False, True, False]],
+              [[0.1, 0.2, 0.3]] * 3 + [[0.45, 0.55, 0.65]])
+    s = conflict_summary.summarize(str(tmp_path))
+    assert (s["layers"], s["records"], s["first_freeze_step"], s["frozen_at_end"]) == (3, 4, 10, 1)
+    assert s["mean_frozen_after_first"] == pytest.approx((2 + 3 + 1) / 3)
+    assert s["disorder_end"] == pytest.approx((0.45, 0.65))
+    assert s["conflict"] == pytest.approx(0.4)
+    assert (s["cosine"], s["task_flips"], s["smooth_flips"]) == pytest.approx((-0.5, 0.25, 0.75))
+    row = conflict_summary.table([s]).splitlines()[-1]
+    assert "| 10 | 1 / 3 | 2.0 | 0.45-0.65 |" in row
+
+
+def test_never_frozen(tmp_path):
+    write_log(tmp_path, [[False] * 3] * 2, [[0.1, 0.2, 0.3]] * 2)
+    s = conflict_summary.summarize(str(tmp_path))
+    assert s["first_freeze_step"] is None and s["mean_frozen_after_first"] == 0.0
+    assert "| never | 0 / 3 |" in conflict_summary.table([s])
+
+
+def test_missing_log_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="conflict.jsonl"):
+        conflict_summary.summarize(str(tmp_path))
