@@ -1,7 +1,7 @@
 """Put the runs a device call finished (``sweep_gpu.sh``'s ``$OUT/sweep_NAME.tar.gz``) where the next call and the
 tables need them, so that no finished run is lost or run twice.
 
-    python benchmarks/merge_sweep.py /work/.device/3/sweep_pacs.tar.gz --results benchmarks/results/dg_h100_pacs \
+    python benchmarks/merge_sweep.py /work/.device/3/sweep_pacs.tar.gz --results benchmarks/results/dg_pacs \
         --carry runs/pacs [--full runs/pacs_all]
 
 For every run of the tar with a ``results.json``:
