@@ -75,7 +75,7 @@ def train(ctx: DistributedContext, out: str, algorithm: str, batch: int, steps: 
     first = batches.next()
     initialize_quantizers(model, torch.cat([x for x, _ in first]), combine=ctx.average_)
     alg = build_algorithm(algorithm, model, base_optimizer=torch.optim.SGD, lr=0.05, rho=0.05, threshold=threshold,
-                          decay=0.5, max_frozen_fraction=0.5)
+                          decay=0.5, max_frozen_fraction=0.5 if algorithm == "fqat" else None)
     net = ctx.wrap(model)
     masks, stats = [], []
     minibatches = first

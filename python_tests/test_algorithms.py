@@ -59,12 +59,23 @@ def test_conflicting_layer_is_frozen_agreeing_ones_are_not(cls):
         assert torch.all(module.weight.grad == expected_weight), (cls.name, k)
 
 
-def test_fqat_limits_the_number_of_frozen_layers():
+@pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
+def test_max_frozen_fraction_limits_the_number_of_frozen_layers(cls):
     model = small_model()
-    alg = FQAT(model, lr=0.1, threshold=0.4, max_frozen_fraction=0.34)
+    alg = cls(model, lr=0.1, threshold=0.4, max_frozen_fraction=0.34)
     set_constructed_gradients(alg, conflicting={0, 1, 2})
     alg.between_passes()
-    assert int(alg.tracker.state.frozen.sum()) == 1
+    assert alg.tracker.state.frozen.tolist() == [True, False, False]  # equal disorder: the earliest layer
+    for k, (_, module) in enumerate(quantized_layers(model)):
+        for s in layer_scales(module):
+            assert torch.all(s.grad == (0.0 if k == 0 else -1.0))
+
+
+def test_gaqat_freezes_every_conflicting_layer_by_default():
+    alg = GAQAT(small_model(), lr=0.1, threshold=0.4)
+    set_constructed_gradients(alg, conflicting={0, 1, 2})
+    alg.between_passes()
+    assert alg.tracker.state.frozen.tolist() == [True, True, True]
 
 
 def test_never_freezing_gaqat_is_sam():
@@ -109,6 +120,8 @@ def test_build_algorithm_by_name_and_errors():
         GAQAT(nn.Linear(3, 2), lr=0.1)
     with pytest.raises(ValueError, match="max_frozen_fraction"):
         FQAT(small_model(), lr=0.1, max_frozen_fraction=2)
+    with pytest.raises(ValueError, match="max_frozen_fraction"):
+        GAQAT(small_model(), lr=0.1, max_frozen_fraction=-0.5)
 
 
 def test_statistics_are_logged_every_n_steps(tmp_path):

@@ -119,6 +119,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, algorithm, extra):
     assert [json.loads(x)["test_acc"] for x in logs[0]] == [json.loads(x)["test_acc"] for x in logs[1]]
 
 
+@pytest.mark.parametrize("algorithm, flag, limit", [("gaqat", [], 3), ("gaqat", ["--max-frozen-fraction", "0.34"], 1),
+                                                     ("fqat", [], 1), ("fqat", ["--max-frozen-fraction", "1"], 3)])
+def test_max_frozen_fraction_flag(algorithm, flag, limit):
+    args = train.parse_args(["--dataset", "digits", "--algorithm", algorithm] + flag)
+    model = build_model("mnist_cnn", (1, 8, 8), 10)
+    train._quantize(model, args, unsigned=find_unsigned_inputs(model, torch.rand(4, 1, 8, 8)))
+    alg = train._algorithm(model, args, quant_steps=10, quantized=True)
+    assert len(quantized_layers(model)) == 3  # the limits above assume 3 quantized layers
+    assert alg.tracker.top_k == limit
+
+
 def test_optimizer_updates_the_swapped_in_parameters():
     args = train.parse_args(["--dataset", "digits", "--algorithm", "lsq_sam", "--lr", "0.01"])
     torch.manual_seed(0)

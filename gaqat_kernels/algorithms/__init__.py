@@ -14,7 +14,7 @@ from .graphed import CUDAGraphStep
 from .sam import SAM
 from .stats_log import ConflictLog
 
-FREEZING_ARGUMENTS = ("decay", "flip_weight", "threshold", "warmup_steps", "log_every", "backend", "max_frozen",
+FREEZING_ARGUMENTS = ("decay", "flip_weight", "threshold", "warmup_steps", "log_every", "backend",
                      "max_frozen_fraction")
 ALGORITHMS: Dict[str, type] = {"erm": ERM, "sam": SAMTraining, "sagm": SAMTraining, "gaqat": GAQAT, "fqat": FQAT}
 
@@ -32,8 +32,6 @@ def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
     if name == "erm":
         for key in ("rho", "adaptive", "alpha"):
             kwargs.pop(key, None)
-    if name == "gaqat":
-        kwargs.pop("max_frozen_fraction", None)
     if name not in ("gaqat", "fqat"):
         for key in FREEZING_ARGUMENTS:
             kwargs.pop(key, None)

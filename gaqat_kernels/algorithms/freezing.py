@@ -5,7 +5,8 @@ scale gradients to a ``ConflictTracker`` (one launch, no host sync) and zero the
 it marks frozen, so this step's update leaves them alone:
 
 * GAQAT (arXiv 2412.05551): freezes the *scale* gradients of every layer whose disorder D exceeds
-  ``threshold`` (after ``warmup_steps``); a layer thaws as soon as D falls back to or below it.
+  ``threshold`` (after ``warmup_steps``); a layer thaws as soon as D falls back to or below it. Optionally
+  (``max_frozen_fraction``) only the most disordered of them, for when every layer's D exceeds the threshold.
 * FQAT (arXiv 2509.00859): freezes *whole layers* (weight, bias and scales), at most the
   ``max_frozen_fraction`` most disordered quantized layers with D above ``threshold``, re-chosen every step.
 
@@ -36,6 +37,8 @@ class GAQAT(SAMTraining):
         rho, adaptive, alpha: SAM's radius, ASAM, SAGM (see ``SAMTraining``).
         decay, flip_weight, threshold, warmup_steps: the tracker's disorder EMA and freezing rule
             (``ConflictTracker``); warm-up defaults to 0 here, the training script uses 10% of the steps.
+        max_frozen_fraction: None (no limit) or a number in [0, 1]: each step at most
+            ``max(1, floor(fraction * layers))`` layers (0: none), the most disordered above ``threshold``.
         log_every: record per-layer statistics every this many steps (0: never); see ``log``.
         backend: the tracker's kernel backend.
     """
@@ -46,11 +49,18 @@ class GAQAT(SAMTraining):
     def __init__(self, model: nn.Module, base_optimizer: type = torch.optim.SGD, *, rho: float = 0.05,
                  adaptive: bool = False, alpha: Optional[float] = None, decay: float = 0.9,
                  flip_weight: float = 0.5, threshold: float = 0.5, warmup_steps: int = 0, log_every: int = 0,
-                 backend: str = "auto", max_frozen: Optional[int] = None, **optimizer_kwargs):
+                 backend: str = "auto", max_frozen_fraction: Optional[float] = None, **optimizer_kwargs):
+        if max_frozen_fraction is not None and not (isinstance(max_frozen_fraction, (int, float))
+                                                    and 0 <= max_frozen_fraction <= 1):
+            raise ValueError(f"max_frozen_fraction: expected None or a number in [0, 1], got {max_frozen_fraction!r}")
         super().__init__(model, base_optimizer, rho=rho, adaptive=adaptive, alpha=alpha, **optimizer_kwargs)
         layers = quantized_layers(model)
         if not layers:
             raise ValueError(f"model: {self.name} needs quantized layers; run gaqat_kernels.nn.quantize_model first")
+        if max_frozen_fraction is None:
+            max_frozen = None
+        else:
+            max_frozen = 0 if max_frozen_fraction == 0 else max(1, math.floor(max_frozen_fraction * len(layers)))
         self.layer_names = [name for name, _ in layers]
         self.scales = [s for _, m in layers for s in layer_scales(m)]
         sizes = [sum(s.numel() for s in layer_scales(m)) for _, m in layers]
@@ -106,7 +116,7 @@ class GAQAT(SAMTraining):
 class FQAT(GAQAT):
     """SAM + LSQ QAT with disorder-guided adaptive freezing of whole layers (FQAT).
 
-    Same arguments as ``GAQAT`` plus ``max_frozen_fraction``: each step at most
+    Same arguments as ``GAQAT``; ``max_frozen_fraction`` defaults to 0.25 here: each step at most
     ``max(1, floor(fraction * layers))`` layers, the most disordered ones above ``threshold``, are frozen.
     """
 
@@ -114,9 +124,5 @@ class FQAT(GAQAT):
     freezes_whole_layers = True
 
     def __init__(self, model: nn.Module, base_optimizer: type = torch.optim.SGD, *,
-                 max_frozen_fraction: float = 0.25, **kwargs):
-        if not (isinstance(max_frozen_fraction, (int, float)) and 0 <= max_frozen_fraction <= 1):
-            raise ValueError(f"max_frozen_fraction: expected a number in [0, 1], got {max_frozen_fraction!r}")
-        n_layers = len(quantized_layers(model))
-        limit = 0 if max_frozen_fraction == 0 else max(1, math.floor(max_frozen_fraction * n_layers))
-        super().__init__(model, base_optimizer, max_frozen=limit, **kwargs)
+                 max_frozen_fraction: Optional[float] = 0.25, **kwargs):
+        super().__init__(model, base_optimizer, max_frozen_fraction=max_frozen_fraction, **kwargs)
