@@ -8,7 +8,9 @@ Suites (every test domain; ``--seeds`` sets both --seed and --trial-seed, as Dom
   pacs_w4, pacs_w3         the same (and FP ERM) on PACS (128 px) with EfficientNet-Lite0 ImageNet weights
                            (images decoded once and augmented on the device: --augment-on-device; NHWC
                            weights and batches: --channels-last)
-``--algorithms`` and ``--test-domains`` pick a part of the suites. A run whose results.json exists is
+``--algorithms`` and ``--test-domains`` pick a part of the suites. ``--extra`` arguments are not part of a run's
+tag, so a variant (``--extra --threshold 0.57 ...``) needs its own ``--out``; its tables and EoQ keep it apart
+(``report.algorithm_label``). A run whose results.json exists is
 skipped, and unfinished runs continue from their checkpoint, so a sweep cut off by a time limit resumes where
 it stopped. ``--budget-s`` starts a run only if it is expected to end within that many seconds of the sweep's
 start (expected duration: ``--run-estimate-s`` or the longest finished run if longer), for time-limited
@@ -23,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,16 +67,19 @@ def ensembles(dirs: list, rows: list) -> None:
     from collections import defaultdict
 
     from gaqat_kernels import eoq
+    from gaqat_kernels.report import algorithm_label
 
     groups = defaultdict(list)
     for r in rows:
         a = r["args"]
         if r.get("quantized"):
-            key = (a["dataset"], a["algorithm"], a["w_bits"], a["a_bits"], r["test_domain"])
+            key = (a["dataset"], algorithm_label(a), a["w_bits"], a["a_bits"], r["test_domain"])
             groups[key].append(os.path.dirname(r["_path"]))
     for key, runs in sorted(groups.items()):
         suite_dir = next(d for d in dirs if os.path.commonpath([d, runs[0]]) == d)
-        out = os.path.join(suite_dir, "eoq", "_".join(str(k) for k in key))
+        # one folder name per setting, e.g. PACS_gaqat_threshold=0.57_4_4_0
+        folder = "_".join(re.sub(r"[^\w.=-]+", "_", str(k)).strip("_") for k in key)
+        out = os.path.join(suite_dir, "eoq", folder)
         path = os.path.join(out, "eoq.json")
         if len(runs) < 2 or (os.path.exists(path) and len(json.load(open(path))["members"]) == len(runs)):
             continue

@@ -1,6 +1,7 @@
 """``python -m gaqat_kernels.eoq RUN_DIR...``: EoQ (QT-DoG, ICML 2025), the ensemble of quantized models.
 
-The runs must share dataset, algorithm, test domain and quantization, and differ in ``--seed`` (and may
+The runs must share dataset, algorithm (and its method arguments: ``report.algorithm_label``), test domain and
+quantization, and differ in ``--seed`` (and may
 differ in ``--trial-seed``: no member trained on any part of the test domain, so every split of it is unseen
 by all). The ensemble averages the members' softmax probabilities on the first run's test domain: each
 run's ``test_probs.pt`` (the selected model's predictions, written by the training script), or the
@@ -23,6 +24,7 @@ import torch
 
 from .data import split_indices
 from .models import build_model
+from .report import algorithm_label
 from .train import TEST_PROBS, TRIAL_SEEDED_DATASETS, accuracy, load_data, test_predictions, _quantize
 
 _SAME = ("dataset", "algorithm", "test_domain", "arch", "w_bits", "a_bits", "max_per_domain", "image_size",
@@ -63,6 +65,8 @@ def ensemble(run_dirs: List[str], device: Optional[str] = None) -> Dict:
     first = settings[0]
     for d, s in zip(run_dirs, settings):
         diff = [k for k in _SAME if s.get(k) != first.get(k)]
+        if algorithm_label(s) != algorithm_label(first):
+            diff.append(f"the algorithm's arguments ({algorithm_label(s)} vs {algorithm_label(first)})")
         if diff:
             raise ValueError(f"run dirs: {d} differs from {run_dirs[0]} in {diff}; EoQ needs the same setting")
     # a run's saved predictions cover the first run's test examples unless the trial seed built other domains
@@ -86,6 +90,7 @@ def ensemble(run_dirs: List[str], device: Optional[str] = None) -> Dict:
                 "test_acc_all": accuracy(p["probs"], labels)} for d, s, p in zip(run_dirs, settings, predictions)]
     mean = torch.stack([p["probs"] for p in predictions]).mean(0)
     setting = {k: first.get(k) for k in _SAME + ("trial_seed",)}
+    setting["label"] = algorithm_label(first)
     return {"dataset": dataset.name, "domains": dataset.domain_names, "test_domain": test,
             "test_domain_name": dataset.domain_names[test], "quantized": first["_quantized"],
             "setting": setting, "members": members,

@@ -7,11 +7,13 @@ run's ``results.json`` (any ``.json`` with a run's results) below the given dire
 (``eoq.json`` from ``gaqat_kernels.eoq``) found there add a row "<algorithm> + EoQ" per setting: the
 ensemble's test accuracy per domain; its seeds column counts ensembles, its name the members of each. A cell
 over fewer seeds than its row's seeds column says how many in brackets (a sweep that has not finished them all;
-the average then covers the seeds that have every domain).
+the average then covers the seeds that have every domain). Runs of one algorithm with other method arguments
+(``--threshold``, ``--max-frozen-fraction``, ``--rho``, ...; see ``algorithm_label``) get rows of their own.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -20,6 +22,33 @@ from collections import defaultdict
 from typing import Dict, List
 
 import numpy as np
+
+# The training-script arguments that make another method of the same algorithm name.
+VARIANT_ARGS = {"sam": ("rho",), "lsq_sam": ("rho",), "sagm": ("rho", "sagm_alpha"),
+                "gaqat": ("rho", "threshold", "decay", "warmup_fraction", "gaqat_max_frozen_fraction"),
+                "fqat": ("rho", "threshold", "decay", "warmup_fraction", "max_frozen_fraction")}
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults() -> Dict:
+    from .train import parse_args
+
+    return vars(parse_args([]))
+
+
+def algorithm_label(args: Dict) -> str:
+    """``args["algorithm"]``, followed by ``(key=value, ...)`` for every ``VARIANT_ARGS`` argument of that
+    algorithm that differs from the training script's default, so that variants never share a row or an EoQ.
+    Arguments a run's ``args`` lacks (older runs) count as the default."""
+    name = args["algorithm"]
+    defaults = _defaults()
+    changed = []
+    for key in VARIANT_ARGS.get(name, ()):
+        default = defaults[key]
+        value = args.get(key, default)
+        if value != default:
+            changed.append(f"{key}={value}")
+    return f"{name} ({', '.join(changed)})" if changed else name
 
 
 def _json_files(dirs: List[str]):
@@ -46,7 +75,7 @@ def find_ensembles(dirs: List[str]) -> List[Dict]:
     rows = []
     for r in _json_files(dirs):
         if "ensemble" in r and "setting" in r:
-            name = f"{r['setting']['algorithm']} + EoQ({len(r['members'])})"
+            name = f"{r['setting'].get('label', r['setting']['algorithm'])} + EoQ({len(r['members'])})"
             args = dict(r["setting"], algorithm=name, seed=None)
             rows.append({"dataset": r["dataset"], "domains": r["domains"], "test_domain": r["test_domain"],
                          "quantized": r["quantized"], "args": args, "test_acc": r["ensemble"]["test_acc"],
@@ -80,10 +109,10 @@ def table(rows: List[Dict], key: str = "test_acc", only: List[str] = ()) -> str:
             raise ValueError(f"only: {unknown} are not test domains of {dataset} ({names})")
         picked = [k for k, d in enumerate(names) if not only or d in only]
         domains = [names[k] for k in picked]
-        groups = defaultdict(lambda: defaultdict(dict))  # (algorithm, bits) -> seed -> domain -> acc
+        groups = defaultdict(lambda: defaultdict(dict))  # (algorithm label, bits) -> seed -> domain -> acc
         for r in rs:
             seed = (r["args"]["seed"], r["args"]["trial_seed"])
-            groups[(r["args"]["algorithm"], _bits(r))][seed][r["test_domain"]] = r[key]
+            groups[(algorithm_label(r["args"]), _bits(r))][seed][r["test_domain"]] = r[key]
         out += [f"**{dataset}** (test-domain accuracy %, training-domain validation; mean ± std over seeds)", "",
                 "| algorithm | bits | " + " | ".join(domains) + " | avg | seeds |",
                 "|---|---|" + "---|" * (len(domains) + 2)]

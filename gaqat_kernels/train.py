@@ -77,8 +77,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--decay", type=float, default=0.9, help="GAQAT/FQAT disorder EMA decay")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="GAQAT/FQAT: no freezing during this "
                    "fraction of the quantized steps")
-    p.add_argument("--max-frozen-fraction", type=float, default=None, help="GAQAT/FQAT: at most this fraction of "
-                   "the quantized layers frozen per step, the most disordered (default: FQAT 0.25, GAQAT no limit)")
+    p.add_argument("--max-frozen-fraction", type=float, default=0.25, help="FQAT: at most this fraction of layers")
+    p.add_argument("--gaqat-max-frozen-fraction", type=float, default=None, help="GAQAT: freeze the scales of at "
+                   "most this fraction of the quantized layers per step, the most disordered (default: no limit)")
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="validation share of each domain (DomainBed)")
     p.add_argument("--checkpoint-freq", type=int, default=None, help="evaluate and checkpoint every N steps "
                    "(DomainBed: 100 MNIST, 300 images)")
@@ -208,8 +209,8 @@ def _algorithm(model, args, quant_steps: int, quantized: bool):
     if name in ("gaqat", "fqat"):
         kwargs.update(threshold=args.threshold, decay=args.decay, backend=args.backend, log_every=args.log_every,
                       warmup_steps=int(args.warmup_fraction * quant_steps))
-    if name in ("gaqat", "fqat") and args.max_frozen_fraction is not None:
-        kwargs["max_frozen_fraction"] = args.max_frozen_fraction
+    if name in ("gaqat", "fqat"):
+        kwargs["max_frozen_fraction"] = args.max_frozen_fraction if name == "fqat" else args.gaqat_max_frozen_fraction
     return build_algorithm(name, model, base_optimizer=base, **kwargs)
 
 

@@ -119,8 +119,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, algorithm, extra):
     assert [json.loads(x)["test_acc"] for x in logs[0]] == [json.loads(x)["test_acc"] for x in logs[1]]
 
 
-@pytest.mark.parametrize("algorithm, flag, limit", [("gaqat", [], 3), ("gaqat", ["--max-frozen-fraction", "0.34"], 1),
-                                                     ("fqat", [], 1), ("fqat", ["--max-frozen-fraction", "1"], 3)])
+@pytest.mark.parametrize("algorithm, flag, limit", [
+    ("gaqat", [], 3), ("gaqat", ["--gaqat-max-frozen-fraction", "0.34"], 1),
+    ("gaqat", ["--max-frozen-fraction", "0.34"], 3),
+    ("fqat", [], 1), ("fqat", ["--max-frozen-fraction", "1"], 3), ("fqat", ["--gaqat-max-frozen-fraction", "1"], 1)])
 def test_max_frozen_fraction_flag(algorithm, flag, limit):
     args = train.parse_args(["--dataset", "digits", "--algorithm", algorithm] + flag)
     model = build_model("mnist_cnn", (1, 8, 8), 10)
