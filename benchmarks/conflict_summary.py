@@ -18,7 +18,7 @@ from statistics import mean
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gaqat_kernels.plots import _read_jsonl  # noqa: E402
+from gaqat_kernels.plots import read_jsonl  # noqa: E402
 
 COLUMNS = ("run", "layers", "records", "first freeze step", "frozen at end", "mean frozen after first freeze",
            "D at end (min-max)", "conflict", "cosine", "task flips", "smooth flips")
@@ -27,7 +27,7 @@ COLUMNS = ("run", "layers", "records", "first freeze step", "frozen at end", "me
 def summarize(run_dir: str) -> Dict:
     """Statistics of one run's ``conflict.jsonl``; raises FileNotFoundError naming the file if it is missing."""
     path = os.path.join(run_dir, "conflict.jsonl")
-    records = _read_jsonl(path)
+    records = read_jsonl(path)
     if not records:
         raise FileNotFoundError(f"run_dir: no records in {path} (a GAQAT/FQAT run with --log-every > 0 writes it)")
     by_step: Dict[int, List[dict]] = defaultdict(list)

@@ -63,10 +63,11 @@ def ensemble(run_dirs: List[str], device: Optional[str] = None) -> Dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = [_saved_args(d) for d in run_dirs]
     first = settings[0]
+    label = algorithm_label(first)
     for d, s in zip(run_dirs, settings):
         diff = [k for k in _SAME if s.get(k) != first.get(k)]
-        if algorithm_label(s) != algorithm_label(first):
-            diff.append(f"the algorithm's arguments ({algorithm_label(s)} vs {algorithm_label(first)})")
+        if algorithm_label(s) != label:
+            diff.append(f"the algorithm's arguments ({algorithm_label(s)} vs {label})")
         if diff:
             raise ValueError(f"run dirs: {d} differs from {run_dirs[0]} in {diff}; EoQ needs the same setting")
     # a run's saved predictions cover the first run's test examples unless the trial seed built other domains
@@ -90,7 +91,7 @@ def ensemble(run_dirs: List[str], device: Optional[str] = None) -> Dict:
                 "test_acc_all": accuracy(p["probs"], labels)} for d, s, p in zip(run_dirs, settings, predictions)]
     mean = torch.stack([p["probs"] for p in predictions]).mean(0)
     setting = {k: first.get(k) for k in _SAME + ("trial_seed",)}
-    setting["label"] = algorithm_label(first)
+    setting["label"] = label
     return {"dataset": dataset.name, "domains": dataset.domain_names, "test_domain": test,
             "test_domain_name": dataset.domain_names[test], "quantized": first["_quantized"],
             "setting": setting, "members": members,

@@ -7,7 +7,8 @@ import os
 from typing import List
 
 
-def _read_jsonl(path: str) -> List[dict]:
+def read_jsonl(path: str) -> List[dict]:
+    """The records of a JSON-lines file the training script wrote (``log.jsonl``, ``conflict.jsonl``); [] if absent."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -22,7 +23,7 @@ def plot_run(out: str) -> List[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    log = _read_jsonl(os.path.join(out, "log.jsonl"))
+    log = read_jsonl(os.path.join(out, "log.jsonl"))
     if log:
         fig, ax = plt.subplots(figsize=(6, 4))
         steps = [r["step"] for r in log]
@@ -37,7 +38,7 @@ def plot_run(out: str) -> List[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    stats = _read_jsonl(os.path.join(out, "conflict.jsonl"))
+    stats = read_jsonl(os.path.join(out, "conflict.jsonl"))
     if stats:
         layers = list(dict.fromkeys(r["layer"] for r in stats))
         steps = sorted({r["step"] for r in stats})

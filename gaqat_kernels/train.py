@@ -207,10 +207,9 @@ def _algorithm(model, args, quant_steps: int, quantized: bool):
     if name == "sagm":
         kwargs["alpha"] = args.sagm_alpha
     if name in ("gaqat", "fqat"):
+        cap = args.gaqat_max_frozen_fraction if name == "gaqat" else args.max_frozen_fraction
         kwargs.update(threshold=args.threshold, decay=args.decay, backend=args.backend, log_every=args.log_every,
-                      warmup_steps=int(args.warmup_fraction * quant_steps))
-    if name in ("gaqat", "fqat"):
-        kwargs["max_frozen_fraction"] = args.max_frozen_fraction if name == "fqat" else args.gaqat_max_frozen_fraction
+                      warmup_steps=int(args.warmup_fraction * quant_steps), max_frozen_fraction=cap)
     return build_algorithm(name, model, base_optimizer=base, **kwargs)
 
 
