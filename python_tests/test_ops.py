@@ -337,7 +337,7 @@ def triton_settings(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)
-@pytest.mark.parametrize("where", ["rows", "one-tile", "all"])
+@pytest.mark.parametrize("where", ["rows", "one-tile", "loops", "all"])
 @pytest.mark.parametrize("shapes,axis", TRITON_BACKWARD_PATHS)
 def test_triton_backward_division_settings_divide_as_ieee(backend, device, where, shapes, axis, triton_settings):
     """Wherever the Triton backward is set to use the exact fast division (``_FAST_DIV_BACKWARD``), its
@@ -345,6 +345,26 @@ def test_triton_backward_division_settings_divide_as_ieee(backend, device, where
     triton_settings(_FAST_DIV_BACKWARD=where)
     x, s, dy = _near_tie_case(shapes[device == "cuda"], axis, torch.float32, device)
     check(x, s, dy, backend, 4, True, axis)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
+@pytest.mark.parametrize("where", ["rows", "one-tile", "loops", "all"])
+@pytest.mark.parametrize("scale", [1e-39, 1e35], ids=lambda s: f"s{s:g}")
+@pytest.mark.parametrize("shapes,axis", TRITON_BACKWARD_PATHS)
+def test_triton_fast_division_redone_for_extreme_scales(backend, device, where, scale, shapes, axis,
+                                                        triton_settings):
+    """Programs that divide fast do so before they know their scale; one whose scale lies outside the fast
+    division's range does its tiles again with IEEE division (forward and backward, every kind of backward
+    program), beside channels with ordinary scales, on inputs whose quotients overflow and underflow."""
+    triton_settings(_FAST_DIV_BACKWARD=where)
+    shape = shapes[device == "cuda"]
+    specials = torch.tensor([3e38, -3e38, 1e-38, -1e-44, 0.0, 1.0, -2.5, 7e30, 1e-30], dtype=torch.float32)
+    n = math.prod(shape)
+    x = specials.repeat(n // specials.numel() + 1)[:n].reshape(shape)
+    dy = torch.linspace(-1, 1, n).reshape(shape)
+    channels = 1 if axis is None else shape[axis]
+    s = torch.tensor([scale, 0.3] * channels)[:channels]
+    check(x.to(device), s.to(device), dy.to(device), backend, 4, True, axis)
 
 
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)

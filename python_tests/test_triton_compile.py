@@ -21,13 +21,13 @@ FWD = ["x_ptr", "s_ptr", "y_ptr", "C", "I", "tiles_i", "tiles_per_cb", "qn", "qp
 BWD = ["x_ptr", "dy_ptr", "s_ptr", "dx_ptr", "out_ptr", "C", "I", "tiles_i", "tiles_per_cb", "n_splits", "qn", "qp",
        "g"]
 
-def compile_one(fn, names, dtype, constexprs):
+def compile_one(fn, names, dtype, constexprs, **options):
     sig = {n: ("*fp32" if n in ("s_ptr", "out_ptr") else f"*{dtype}") if n.endswith("_ptr")
            else ("fp32" if n in ("qn", "qp", "g") else "i32") for n in names}
     sig.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in constexprs.items()})
     try:
-        assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, **options}).asm["ptx"]
     except FileNotFoundError as e:  # no ptxas: Triton's wheel ships one, so this is unusual
         print("SKIP", e)
         sys.exit(0)
@@ -36,10 +36,12 @@ for dtype, even, fast_div in itertools.product(["fp32", "bf16", "fp16"], [True, 
     common = dict(BLOCK_C=2, BLOCK_I=1024, EVEN=even, FAST_DIV=fast_div)
     compile_one(triton_lsq._lsq_fwd_kernel, FWD, dtype, dict(common, INTERPRETED_BF16=False))
     for final in (True, False):
-        compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, FINAL=final, TAIL_I=0, TAIL_EVEN=False))
+        compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, FINAL=final, TAIL_I=0, TAIL_EVEN=False),
+                    maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
     for tail_even in (True, False):  # whole rows in two blocks (_ROW_TILE_SPLIT)
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, BLOCK_C=1, BLOCK_I=4096, FINAL=True,
-                                                                  TAIL_I=512, TAIL_EVEN=tail_even))
+                                                                  TAIL_I=512, TAIL_EVEN=tail_even),
+                    maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
 print("compiled", triton.__version__)
 '''
 

@@ -2,9 +2,10 @@
 
 Every tensor is walked in storage order as ``(O, C, I)`` tiles of ``[BLOCK_C, BLOCK_I]`` (see ``layout.py``),
 so the channel of a tile row is known without per-element division, and any channel axis reads memory
-linearly. The backward reduces the scale gradient per channel in registers; each program writes its own
-fp32 partial (or the final value when one program owns a channel block), and a second tiny kernel sums the
-partials in a fixed order. No atomics: the scale gradient has the same bits on every run.
+linearly. The backward keeps each thread's scale-gradient terms in registers, element by element, and reduces
+them per channel once, after its last tile; each program writes its own fp32 partial (or the final value when
+one program owns a channel block), and a second tiny kernel sums the partials in a fixed order. No atomics: the
+scale gradient has the same bits on every run.
 """
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _round_clamp(v, qn, qp):
-    # where() instead of minimum/maximum: NaN must stay NaN.
-    c = tl.where(v < qn, qn, tl.where(v > qp, qp, v))
+def _clamp(v, qn, qp):
+    # NaN-propagating min/max (min.NaN/max.NaN, one instruction each): NaN must stay NaN.
+    return tl.minimum(tl.maximum(v, qn, propagate_nan=tl.PropagateNan.ALL), qp, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _round(c):
     return (c + _ROUND_MAGIC) - _ROUND_MAGIC
 
 
@@ -97,7 +102,7 @@ def _fwd_tile(x_ptr, y_ptr, offs, mask, s, qn, qp, INTERPRETED_BF16: tl.constexp
     r = s  # read only when FAST
     if FAST:
         r = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    y = _round_clamp(_divide(x, s, r, FAST), qn, qp) * s
+    y = _round(_clamp(_divide(x, s, r, FAST), qn, qp)) * s
     if INTERPRETED_BF16:
         y = _round_to_bf16_grid(y)
     if EVEN:
@@ -116,15 +121,18 @@ def _lsq_fwd_kernel(
     cb = pid // tiles_per_cb
     c, offs, mask = _tile_offsets(pid % tiles_per_cb, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)
-    if _fast_div_ok(s, c < C, FAST_DIV):
-        _fwd_tile(x_ptr, y_ptr, offs, mask, s[:, None], qn, qp, INTERPRETED_BF16, EVEN, True)
-    else:
-        _fwd_tile(x_ptr, y_ptr, offs, mask, s[:, None], qn, qp, INTERPRETED_BF16, EVEN, False)
+    # Fast division first and unconditionally, so that the tile's loads need not wait for the scale; a scale
+    # outside its range (never in practice) writes the tile again with IEEE division.
+    _fwd_tile(x_ptr, y_ptr, offs, mask, s[:, None], qn, qp, INTERPRETED_BF16, EVEN, FAST_DIV)
+    if FAST_DIV:
+        if not _fast_div_ok(s, c < C, FAST_DIV):
+            tl.debug_barrier()  # every thread's fast-division stores land before the rewrite
+            _fwd_tile(x_ptr, y_ptr, offs, mask, s[:, None], qn, qp, INTERPRETED_BF16, EVEN, False)
 
 
 @triton.jit
 def _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constexpr, FAST: tl.constexpr):
-    """dx of one tile, and its per-row sums of the scale-gradient terms."""
+    """dx of one tile, and its scale-gradient terms element by element (0 where masked)."""
     if EVEN:
         x = tl.load(x_ptr + offs).to(tl.float32)
         dy = tl.load(dy_ptr + offs)
@@ -132,17 +140,16 @@ def _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constex
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
     v = _divide(x, s, r, FAST)
-    inside = (v >= qn) & (v <= qp)
-    q = _round_clamp(v, qn, qp)
+    c = _clamp(v, qn, qp)
+    inside = c == v  # qn <= v <= qp; false for NaN
+    term = dy.to(tl.float32) * (_round(c) - tl.where(inside, v, 0.0))
     dx = tl.where(inside, dy, 0.0).to(dx_ptr.dtype.element_ty)
-    term = dy.to(tl.float32) * (q - tl.where(inside, v, 0.0))
     if EVEN:
         tl.store(dx_ptr + offs, dx)
-        part = tl.sum(term, axis=1)
     else:
         tl.store(dx_ptr + offs, dx, mask=mask)
-        part = tl.sum(tl.where(mask, term, 0.0), axis=1)
-    return part
+        term = tl.where(mask, term, 0.0)
+    return term
 
 
 @triton.jit
@@ -151,10 +158,10 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
                TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr):
     """dx of this program's tiles and their per-row sums of the scale-gradient terms.
 
-    TAIL_I > 0: the program's one row (BLOCK_C == 1, one row per channel) as two power-of-two blocks, BLOCK_I
-    (<= I, unmasked) and TAIL_I, instead of one block of next_power_of_2(I) lanes (a conv weight's 4608 =
-    4096 + 512, not 8192 with 44% of the lanes masked). The division variant is fixed for the whole loop: a
-    branch inside it would stop Triton pipelining its loads.
+    The loop adds the terms element by element and reduces once at the end: a reduction per tile would put a
+    block-wide barrier into every iteration. TAIL_I > 0: the program's one row (BLOCK_C == 1, one row per
+    channel) as two power-of-two blocks, BLOCK_I (<= I, unmasked) and TAIL_I, instead of one block of
+    next_power_of_2(I) lanes (a conv weight's 4608 = 4096 + 512, not 8192 with 44% of the lanes masked).
     """
     r = s  # read only when FAST
     if FAST:
@@ -162,14 +169,15 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
     if TAIL_I > 0:
         base = cb.to(tl.int64) * I
         i = tl.arange(0, BLOCK_I)[None, :]
-        acc = _bwd_block(x_ptr, dy_ptr, dx_ptr, base + i, i < I, s, r, qn, qp, True, FAST)
+        acc = tl.sum(_bwd_block(x_ptr, dy_ptr, dx_ptr, base + i, i < I, s, r, qn, qp, True, FAST), axis=1)
         j = BLOCK_I + tl.arange(0, TAIL_I)[None, :]
-        acc += _bwd_block(x_ptr, dy_ptr, dx_ptr, base + j, j < I, s, r, qn, qp, TAIL_EVEN, FAST)
+        acc += tl.sum(_bwd_block(x_ptr, dy_ptr, dx_ptr, base + j, j < I, s, r, qn, qp, TAIL_EVEN, FAST), axis=1)
     else:
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        terms = tl.zeros([BLOCK_C, BLOCK_I], dtype=tl.float32)
         for t in range(sp, tiles_per_cb, n_splits):
             _, offs, mask = _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
-            acc += _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
+            terms += _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
+        acc = tl.sum(terms, axis=1)
     return acc
 
 
@@ -183,12 +191,15 @@ def _lsq_bwd_kernel(
     sp = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)
-    if _fast_div_ok(s, c < C, FAST_DIV):
-        acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-                         BLOCK_C, BLOCK_I, EVEN, True, TAIL_I, TAIL_EVEN)
-    else:
-        acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-                         BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN)
+    # As in the forward: fast division first, its loads not held back by a branch on the scale; a scale outside
+    # its range does the program's tiles again with IEEE division, rewriting dx.
+    acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
+                     BLOCK_C, BLOCK_I, EVEN, FAST_DIV, TAIL_I, TAIL_EVEN)
+    if FAST_DIV:
+        if not _fast_div_ok(s, c < C, FAST_DIV):
+            tl.debug_barrier()
+            acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn,
+                             qp, BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN)
     if FINAL:
         tl.store(out_ptr + c, acc * g, mask=c < C)
     else:
@@ -206,15 +217,16 @@ def _sum_partials_kernel(part_ptr, ds_ptr, C, n_splits, g, BLOCK_C: tl.constexpr
     tl.store(ds_ptr + c, acc * g, mask=c < C)
 
 
-# Division by multiplication + one exact correction (see _divide), measured on H100 (probe runs in RESULTS.md):
-# the forward gains 0-4%; the backward gains 17% on whole-row conv-weight tiles but loses 1-7% where its loop
-# runs over several tiles (measured with 16 KB tiles), so the backward plan decides (``_plan``).
+# Division by multiplication + one exact correction (see _divide): 5 instructions per element against IEEE
+# division's ~10 (with its slow-path branch). A program that may divide fast does so first, without waiting
+# for its scale, and does its tiles again with IEEE division if the scale is outside the fast range.
 _FAST_DIV_FORWARD = True
-# Backward programs other than whole-row tiles: "rows" (fast division only in whole-row tiles), "one-tile" (also
-# in programs that visit a single tile), "all" (also in looping programs). Measured on H100: "rows"; "one-tile"
-# made the one-tile weight rows' backward 1-9% slower, "all" the looping per-tensor backward 0-20% slower (the
-# per-program branch on the scale waits for it before the loads are issued).
-_FAST_DIV_BACKWARD = "rows"
+# Where the backward divides fast: "rows" (whole-row tiles only), "one-tile" (also programs that visit a single
+# tile), "loops" (whole-row tiles and programs that loop over several tiles), "all". Measured on H200 at 4 bits
+# (RESULTS.md, side by side in one run, fwd+bwd x floor, bf16): "loops" and "all" take the per-tensor
+# 64x256x56x56 from 1.189 ("rows", IEEE) to 1.161 and 8x4096x4096 from 1.114 to 1.089; fast division in
+# one-tile programs costs 4096x4096 1.188 -> 1.201 and 11008x4096 1.122 -> 1.141.
+_FAST_DIV_BACKWARD = "loops"
 # Launch constants by element size, measured on H100 (``benchmarks/tune_triton.py``, RESULTS.md). Tile bytes
 # per tensor: fp32 16 KB (64 bytes per thread at 8 warps); 16-bit 8 KB, whose backward ran 6-9% faster than
 # with 16 KB (fewer registers per thread, more programs resident). Split programs per SM, for channel blocks
@@ -223,6 +235,14 @@ _FAST_DIV_BACKWARD = "rows"
 _TILE_BYTES = {4: 16384, 2: 8192}
 _SPLIT_PROGRAMS_PER_SM = {4: 4, 2: 4}
 _NUM_WARPS = 8  # measured on H100: 4 warps made every backward slower, by up to 3x with large tiles
+# Registers per thread of backward programs, except those that visit one tile with IEEE division: 64 keeps four
+# 8-warp programs resident per SM (64K registers), the split count above. Left to itself, Triton 3.6 gives the
+# backward 77-80 registers (sm_90; terms kept element by element, the fast tile loop beside the IEEE one): three
+# programs per SM, so the 4-per-SM split grid ran in two waves (per-tensor bf16 64x256x56x56 on H200, fwd+bwd x
+# floor: fast division 1.265 -> 1.161 with the cap, IEEE 1.312 -> 1.189). One-tile IEEE programs ran faster
+# uncapped (4096x4096 bf16 1.224 -> 1.188). At 64: no spills in 16-bit, a few bytes of stack in fp32 outside the
+# tile loop. None: Triton's choice everywhere.
+_BACKWARD_MAX_REGISTERS = 64
 # Warps of the backward's whole-row tiles (conv weights), measured on H100 on 512x512x3x3 with the rows split
 # (below): 8 for both sizes (16 warps: fp32 1.145 -> 1.151x floor, bf16 1.423 -> 1.429).
 _ROW_TILE_WARPS = {4: 8, 2: 8}
@@ -273,8 +293,9 @@ def _tile_shape(C: int, I: int, tile: int) -> Tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int, row_tile_warps: int
-          ) -> Tuple[int, int, int, int, int, bool, int, int]:
-    """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div, num_warps, TAIL_I)``.
+          ) -> Tuple[int, int, int, int, int, bool, Optional[int], int, int]:
+    """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div, max_registers,
+    num_warps, TAIL_I)``.
 
     One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
     otherwise each channel block's tiles are split over ``n_splits`` programs and summed by a second kernel.
@@ -293,17 +314,20 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int, row_t
             if _ROW_TILE_SPLIT:
                 main = 1 << (I.bit_length() - 1)  # the largest power of two <= I
                 tail = triton.next_power_of_2(I - main) if I > main else 0
-                return bc, main, 1, num_cb, 1, True, row_tile_warps, tail
-            return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, row_tile_warps, 0
-        return bc, bi, tiles_i, num_cb, 1, _backward_fast_div(O * tiles_i == 1), _NUM_WARPS, 0
+                return bc, main, 1, num_cb, 1, True, _BACKWARD_MAX_REGISTERS, row_tile_warps, tail
+            return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, _BACKWARD_MAX_REGISTERS, row_tile_warps, 0
+        return (bc, bi, tiles_i, num_cb, 1) + _backward_division(O * tiles_i == 1) + (_NUM_WARPS, 0)
     bc = max_bc
     num_cb = triton.cdiv(C, bc)
     n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
-    return bc, bi, tiles_i, num_cb, n_splits, _backward_fast_div(tiles <= n_splits), _NUM_WARPS, 0
+    return (bc, bi, tiles_i, num_cb, n_splits) + _backward_division(tiles <= n_splits) + (_NUM_WARPS, 0)
 
 
-def _backward_fast_div(one_tile: bool) -> bool:
-    return _FAST_DIV_BACKWARD == "all" or (_FAST_DIV_BACKWARD == "one-tile" and one_tile)
+def _backward_division(one_tile: bool) -> Tuple[bool, Optional[int]]:
+    """``(fast_div, max_registers)`` of backward programs that visit one tile or loop over several."""
+    fast = (_FAST_DIV_BACKWARD == "all" or (_FAST_DIV_BACKWARD == "one-tile" and one_tile)
+            or (_FAST_DIV_BACKWARD == "loops" and not one_tile))
+    return fast, None if one_tile and not fast else _BACKWARD_MAX_REGISTERS
 
 
 def _even(C: int, I: int, block_c: int, block_i: int) -> bool:
@@ -347,7 +371,7 @@ def backward(
     if x.numel() == 0:
         ds.zero_()
         return
-    bc, bi, tiles_i, num_cb, n_splits, fast_div, num_warps, tail_i = _plan(
+    bc, bi, tiles_i, num_cb, n_splits, fast_div, max_registers, num_warps, tail_i = _plan(
         O, C, I, _device_sms(x), _tile(x), _for_size(_SPLIT_PROGRAMS_PER_SM, x), _for_size(_ROW_TILE_WARPS, x))
     _check_int32(bc, I)
     final = n_splits == 1
@@ -355,7 +379,7 @@ def backward(
     _lsq_bwd_kernel[(num_cb, n_splits)](
         x, dy, scale, dx, out, C, I, tiles_i, O * tiles_i, n_splits, float(qn), float(qp), float(g),
         BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=_even(C, I, bc, bi), FAST_DIV=fast_div,
-        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, num_warps=num_warps,
+        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, num_warps=num_warps, maxnreg=max_registers,
     )
     if not final:
         block_c = min(triton.next_power_of_2(C), 256)
