@@ -42,9 +42,10 @@ fi
 if [[ $mode == tune ]]; then
   if [[ -n ${TUNE_ARGS:-} ]]; then
     python3 benchmarks/tune_triton.py --out "$out" $TUNE_ARGS 2>&1 | grep -v Warn | tee "$out/tune.log"
-  else  # the settings decided at cd6db74 (RESULTS.md): where the backward divides fast; conv rows in two blocks
+  else  # the settings decided at cd6db74 and 52e47d4 (RESULTS.md): where the backward divides fast, with or without
+        # the register cap (the two interact); conv rows in two blocks
     python3 benchmarks/tune_triton.py --out "$out/tune_all" --dtypes fp32 bf16 --backward-fast-div rows one-tile loops all \
-      2>&1 | grep -v Warn | tee "$out/tune_all.log"
+      --backward-max-registers 64 none 2>&1 | grep -v Warn | tee "$out/tune_all.log"
     python3 benchmarks/tune_triton.py --out "$out/tune_conv" --cases conv --dtypes fp32 bf16 --row-split 0 1 \
       --row-warps 8 16 2>&1 | grep -v Warn | tee "$out/tune_conv.log"
   fi
