@@ -140,11 +140,21 @@ def test_quotients_near_ties_and_bounds_divide_as_ieee(backend, device, channels
     check(x.to(device), scales.to(device), dy.to(device), backend, bits, signed, 0)
 
 
+# Inputs whose quotients overflow or underflow at extreme scales, beside ordinary ones.
+EXTREME_INPUTS = (3e38, -3e38, 1e-38, -1e-44, 0.0, 1.0, -2.5, 7e30, 1e-30)
+
+
+def extreme_inputs(n: int) -> torch.Tensor:
+    """``EXTREME_INPUTS`` repeated to ``n`` float32 values."""
+    x = torch.tensor(EXTREME_INPUTS, dtype=torch.float32)
+    return x.repeat(n // x.numel() + 1)[:n]
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("scale", [1e-39, 1e-35, 3e-31, 1e-29, 1e29, 1e30, 1e35], ids=lambda s: f"s{s:g}")
 def test_extreme_scales_and_inputs(backend, device, scale):
     """Scales near float32's limits and inputs whose quotient overflows or underflows."""
-    x = torch.tensor([3e38, -3e38, 1e-38, -1e-44, 0.0, 1.0, -2.5, 7e30, 1e-30], dtype=torch.float32)
+    x = extreme_inputs(len(EXTREME_INPUTS))
     s = torch.tensor([scale], dtype=torch.float32)
     dy = torch.linspace(-1, 1, x.numel())
     check(x.to(device), s.to(device), dy.to(device), backend, 4, True, None)
@@ -269,8 +279,7 @@ def test_cuda_one_tile_rows_with_extreme_scales(scale, dtype, shape):
     """Row blocks that visit one tile divide fast and load the tile before the scale has arrived; a scale
     outside the fast division's range must take the IEEE path (which reads the tile again) in the same block,
     beside channels with ordinary scales."""
-    x = torch.tensor([3e38, -3e38, 1e-38, -1e-44, 0.0, 1.0, -2.5, 7e30, 1e-30], dtype=torch.float32)
-    x = x.repeat(shape[1] // x.numel() + 1)[: shape[1]]
+    x = extreme_inputs(shape[1])
     dy = torch.linspace(-1, 1, shape[1])
     scales = torch.tensor([scale, 0.3] * shape[0])[: shape[0]]
     check(torch.stack([x] * shape[0]).to(dtype).cuda(), scales.cuda(), torch.stack([dy] * shape[0]).to(dtype).cuda(),
@@ -358,9 +367,8 @@ def test_triton_fast_division_redone_for_extreme_scales(backend, device, where, 
     program), beside channels with ordinary scales, on inputs whose quotients overflow and underflow."""
     triton_settings(_FAST_DIV_BACKWARD=where)
     shape = shapes[device == "cuda"]
-    specials = torch.tensor([3e38, -3e38, 1e-38, -1e-44, 0.0, 1.0, -2.5, 7e30, 1e-30], dtype=torch.float32)
     n = math.prod(shape)
-    x = specials.repeat(n // specials.numel() + 1)[:n].reshape(shape)
+    x = extreme_inputs(n).reshape(shape)
     dy = torch.linspace(-1, 1, n).reshape(shape)
     channels = 1 if axis is None else shape[axis]
     s = torch.tensor([scale, 0.3] * channels)[:channels]
