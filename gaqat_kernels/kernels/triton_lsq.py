@@ -60,14 +60,11 @@ def _divide(x, s, r, FAST: tl.constexpr):
 
 
 @triton.jit
-def _fast_div_ok(s, c_mask, FAST_DIV: tl.constexpr):
-    """True when FAST_DIV is on and every scale of the block lies in its range (NaN does not)."""
-    ok = False
-    if FAST_DIV:
-        a = tl.abs(s)
-        bad = tl.where(c_mask & ~((a >= _SCALE_LO) & (a <= _SCALE_HI)), 1, 0)
-        ok = tl.max(bad, axis=0) == 0
-    return ok
+def _fast_div_ok(s, c_mask):
+    """True when every scale of the block lies in the fast division's range (NaN does not)."""
+    a = tl.abs(s)
+    bad = tl.where(c_mask & ~((a >= _SCALE_LO) & (a <= _SCALE_HI)), 1, 0)
+    return tl.max(bad, axis=0) == 0
 
 
 @triton.jit
@@ -125,7 +122,7 @@ def _lsq_fwd_kernel(
     # outside its range (never in practice) writes the tile again with IEEE division.
     _fwd_tile(x_ptr, y_ptr, offs, mask, s[:, None], qn, qp, INTERPRETED_BF16, EVEN, FAST_DIV)
     if FAST_DIV:
-        if not _fast_div_ok(s, c < C, FAST_DIV):
+        if not _fast_div_ok(s, c < C):
             tl.debug_barrier()  # every thread's fast-division stores land before the rewrite
             _fwd_tile(x_ptr, y_ptr, offs, mask, s[:, None], qn, qp, INTERPRETED_BF16, EVEN, False)
 
@@ -196,7 +193,7 @@ def _lsq_bwd_kernel(
     acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
                      BLOCK_C, BLOCK_I, EVEN, FAST_DIV, TAIL_I, TAIL_EVEN)
     if FAST_DIV:
-        if not _fast_div_ok(s, c < C, FAST_DIV):
+        if not _fast_div_ok(s, c < C):
             tl.debug_barrier()
             acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn,
                              qp, BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN)
