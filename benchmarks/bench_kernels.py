@@ -2,7 +2,9 @@
 
 Side by side in one run, per case: eager LSQ (``lsq_fake_quant_eager``), PyTorch's built-in learnable fake
 quant (``torch._fake_quantize_learnable_per_{channel,tensor}_affine``), ``torch.compile`` of eager LSQ
-(fullgraph, so it cannot silently fall back to eager), and each available backend of ours. Times are medians
+(fullgraph, so it cannot silently fall back to eager), NNCF's fused CUDA kernels and torchao's QAT fake quantizer
+where installed (``peers.py``: each with its own trainable scale, on our quantization grid), and each available
+backend of ours. Times are medians
 of CUDA-event timings (``triton.testing.do_bench``), launched eagerly ("eager": includes host overhead when
 the host is the bottleneck) and replayed from a CUDA graph ("graph": device time only). The floor is the
 copy-bandwidth time of the bytes that must move: 2 passes over the tensor forward, 5 forward+backward.
@@ -30,6 +32,7 @@ import torch
 import triton.testing
 
 import gaqat_kernels as gk
+from peers import nncf_peer, torchao_peer
 from gaqat_kernels.kernels.extension import cuda_division
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager, quant_bounds
 from gaqat_kernels.provenance import commit_id
@@ -93,7 +96,8 @@ def same_bytes():
     return f
 
 
-def implementations(bits, signed, axis, with_compile, division_variants=False):
+def implementations(bits, signed, axis, ndim, with_compile, division_variants=False):
+    """Name -> fn(x, p), or -> (param, fn) for a peer whose trainable scale p = param(s) is its own."""
     impls = {
         SAME_BYTES: same_bytes(),
         "eager LSQ": lambda x, s: lsq_fake_quant_eager(x, s, bits=bits, signed=signed, axis=axis),
@@ -103,6 +107,15 @@ def implementations(bits, signed, axis, with_compile, division_variants=False):
         torch._dynamo.config.cache_size_limit = 256
         torch._dynamo.reset()
         impls["torch.compile(eager LSQ)"] = torch.compile(impls["eager LSQ"], fullgraph=True, dynamic=False)
+    for name, build in (("NNCF (CUDA ext)", lambda: nncf_peer(bits, signed, axis, ndim)),
+                        ("torchao QAT", lambda: torchao_peer(bits, signed, axis))):
+        try:
+            peer = build()
+        except Exception as e:  # e.g. its extension does not build here
+            print(f"  {name}: unavailable: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        if peer is not None:
+            impls[name] = peer
     for backend in ("triton", "cuda"):
         if backend in gk.available_backends():
             impls[f"ours: {backend}"] = (
@@ -223,13 +236,15 @@ def main():
                 s, sets = make_inputs(shape, axis, dtype, bits, True, copies)
                 with_compile = bits == 4 and dname != "fp16" and (
                     not args.impls or any(k in "torch.compile" for k in args.impls))
-                impls = implementations(bits, True, axis, with_compile, args.division_variants)
+                impls = implementations(bits, True, axis, len(shape), with_compile, args.division_variants)
                 for impl, fn in impls.items():
                     if args.impls and impl != SAME_BYTES and not any(k in impl for k in args.impls):
                         continue
+                    param, fn = fn if isinstance(fn, tuple) else (None, fn)
                     try:
+                        p = s if param is None else param(s)
                         with division_of(impl):
-                            t = time_modes(fn, sets, s)
+                            t = time_modes(fn, sets, p)
                     except Exception as e:
                         print(f"  {impl}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
                         continue
@@ -240,7 +255,7 @@ def main():
                                numel=numel, floor_fwd_ms=floor_fwd, floor_fwdbwd_ms=floor_fb,
                                eager_fwd_ms=t[0], eager_fwdbwd_ms=t[1], graph_fwd_ms=t[2], graph_fwdbwd_ms=t[3])
                     if impl.startswith("ours") and "conv" in name:
-                        row["launches_fwdbwd"] = count_launches(fn, sets[0][0], sets[0][1], s)
+                        row["launches_fwdbwd"] = count_launches(fn, sets[0][0], sets[0][1], p)
                     rows.append(row)
                     print(f"{name:38s} {dname} W{bits} {impl:26s} fwd {t[0]:.4f}/{t[2]:.4f} ms  "
                           f"fwd+bwd {t[1]:.4f}/{t[3]:.4f} ms  x floor {t[1] / floor_fb:.2f}/{t[3] / floor_fb:.2f}"
