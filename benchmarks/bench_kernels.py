@@ -32,7 +32,7 @@ import torch
 import triton.testing
 
 import gaqat_kernels as gk
-from peers import nncf_peer, torchao_peer
+from peers import installed, nncf_peer, torchao_peer
 from gaqat_kernels.kernels.extension import cuda_division
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager, quant_bounds
 from gaqat_kernels.provenance import commit_id
@@ -96,6 +96,9 @@ def same_bytes():
     return f
 
 
+_REPORTED_MISSING = set()
+
+
 def implementations(bits, signed, axis, ndim, with_compile, division_variants=False):
     """Name -> fn(x, p), or -> (param, fn) for a peer whose trainable scale p = param(s) is its own."""
     impls = {
@@ -107,8 +110,13 @@ def implementations(bits, signed, axis, ndim, with_compile, division_variants=Fa
         torch._dynamo.config.cache_size_limit = 256
         torch._dynamo.reset()
         impls["torch.compile(eager LSQ)"] = torch.compile(impls["eager LSQ"], fullgraph=True, dynamic=False)
-    for name, build in (("NNCF (CUDA ext)", lambda: nncf_peer(bits, signed, axis, ndim)),
-                        ("torchao QAT", lambda: torchao_peer(bits, signed, axis))):
+    for name, package, build in (("NNCF (CUDA ext)", "nncf", lambda: nncf_peer(bits, signed, axis, ndim)),
+                                 ("torchao QAT", "torchao", lambda: torchao_peer(bits, signed, axis))):
+        if not installed(package):
+            if package not in _REPORTED_MISSING:
+                _REPORTED_MISSING.add(package)
+                print(f"  {name}: not installed (pip install --no-deps {package}-*.whl to compare)", flush=True)
+            continue
         try:
             peer = build()
         except Exception as e:  # e.g. its extension does not build here

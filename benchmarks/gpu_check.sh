@@ -36,6 +36,10 @@ if [[ $mode == sanitize || $mode == all ]]; then
   echo "compute-sanitizer memcheck exit code: $?"; tail -3 "$out/sanitize.log"
 fi
 if [[ $mode == bench || $mode == all ]]; then
+  # the peers of benchmarks/peers.py (NNCF, torchao) from wheels carried in .data/wheels, without their dependencies
+  if ls .data/wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install --no-deps --no-index -q .data/wheels/*.whl 2>&1 | grep -v "Running pip as"
+  fi
   python3 benchmarks/bench_kernels.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | grep -v "^|" | tail -5
   python3 benchmarks/bench_compile_overhead.py --device cuda 2>&1 | tee "$out/compile_overhead.log" | grep -v Warn
 fi

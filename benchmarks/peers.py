@@ -28,6 +28,11 @@ import torch
 Peer = Tuple[Callable, Callable]
 
 
+def installed(name: str) -> bool:
+    """Whether the package is installed (found, not imported)."""
+    return _package_dir(name) is not None
+
+
 def _package_dir(name: str) -> Optional[str]:
     """The installed package's folder, found without importing it."""
     spec = importlib.util.find_spec(name)
@@ -103,7 +108,7 @@ def nncf_peer(bits: int, signed: bool, axis: Optional[int], ndim: int, device_ty
 
 def torchao_peer(bits: int, signed: bool, axis: Optional[int]) -> Optional[Peer]:
     """torchao's ``IntxFakeQuantizer`` with a learnable per-channel scale (axis 0, symmetric, int``bits``)."""
-    if not signed or axis != 0 or bits > 7 or _package_dir("torchao") is None:
+    if not signed or axis != 0 or bits > 7 or not installed("torchao"):
         return None
     from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
 
