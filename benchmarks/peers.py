@@ -39,12 +39,27 @@ def _package_dir(name: str) -> Optional[str]:
     return None if spec is None or not spec.submodule_search_locations else list(spec.submodule_search_locations)[0]
 
 
-@functools.lru_cache(maxsize=None)
 def nncf_functions(device_type: str = "cuda"):
-    """NNCF's compiled quantization functions for ``device_type`` ("cuda" or "cpu"), or None if NNCF is missing."""
-    root = _package_dir("nncf")
-    if root is None:
+    """NNCF's compiled quantization functions for ``device_type`` ("cuda" or "cpu"), or None if NNCF is missing.
+    A failed build raises, the same error on every later call (built, or failed, once per process)."""
+    if not installed("nncf"):
         return None
+    functions, error = _build_nncf(device_type)
+    if error is not None:
+        raise error
+    return functions
+
+
+@functools.lru_cache(maxsize=None)
+def _build_nncf(device_type: str):
+    try:
+        return _load_nncf(device_type), None
+    except Exception as e:  # kept, so that each benchmark case does not rebuild in vain
+        return None, e
+
+
+def _load_nncf(device_type: str):
+    root = _package_dir("nncf")
     from torch.utils.cpp_extension import load
 
     ext = os.path.join(root, "torch", "extensions")
