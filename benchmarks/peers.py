@@ -14,7 +14,8 @@ as ours (step ``s``, levels ``qn..qp``), so the same elements clip.
   quantizer with a learnable scale), symmetric per-channel; torchao quantizes 2-D weights per channel, so a conv
   weight is viewed as ``(out_channels, -1)``. It has no learnable per-tensor scale: no activation cases.
 
-Each builder returns None (and says why) when its package is not installed or the case is outside what it does.
+Each builder returns None when its package is not installed or the case is outside what it does
+(``bench_kernels.py`` says which packages it did not find).
 """
 from __future__ import annotations
 
