@@ -7,7 +7,7 @@ settings are module globals of ``triton_lsq`` (see KNOBS); this script only sets
     python benchmarks/tune_triton.py --out bench_out [--cases conv] [--dtypes bf16] [--tiles 8192 16384]
         [--warps 4 8] [--splits 4 8] [--row-warps 8 16] [--backward-fast-div rows one-tile loops all]
         [--backward-max-registers 64 none]
-        [--row-split 0 1]
+        [--row-split 0 1] [--prefetch 0 1]
 
 A knob left out keeps the package's value for the dtype.
 """
@@ -39,6 +39,8 @@ KNOBS = [
     ("backward-fast-div", "_FAST_DIV_BACKWARD", False, str, "where the backward uses the fast division: rows, "
                                                               "one-tile, loops or all"),
     ("row-split", "_ROW_TILE_SPLIT", False, lambda v: bool(int(v)), "whole-row tiles as two blocks (0/1)"),
+    ("prefetch", "_PREFETCH", True, lambda v: bool(int(v)), "split backward programs load the next tile before "
+                                                             "the current tile's math (0/1)"),
     ("backward-max-registers", "_BACKWARD_MAX_REGISTERS", False, lambda v: None if v == "none" else int(v),
      "registers per thread of the backward (a number, or none: Triton's choice)"),
 ]

@@ -35,12 +35,13 @@ def compile_one(fn, names, dtype, constexprs, **options):
 for dtype, even, fast_div in itertools.product(["fp32", "bf16", "fp16"], [True, False], [True, False]):
     common = dict(BLOCK_C=2, BLOCK_I=1024, EVEN=even, FAST_DIV=fast_div)
     compile_one(triton_lsq._lsq_fwd_kernel, FWD, dtype, dict(common, INTERPRETED_BF16=False))
-    for final in (True, False):
-        compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, FINAL=final, TAIL_I=0, TAIL_EVEN=False),
+    for final, prefetch in itertools.product((True, False), (True, False)):
+        compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, FINAL=final, TAIL_I=0, TAIL_EVEN=False,
+                                                                  PREFETCH=prefetch),
                     maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
     for tail_even in (True, False):  # whole rows in two blocks (_ROW_TILE_SPLIT)
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, BLOCK_C=1, BLOCK_I=4096, FINAL=True,
-                                                                  TAIL_I=512, TAIL_EVEN=tail_even),
+                                                                  TAIL_I=512, TAIL_EVEN=tail_even, PREFETCH=False),
                     maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
 print("compiled", triton.__version__)
 '''

@@ -128,15 +128,21 @@ def _lsq_fwd_kernel(
 
 
 @triton.jit
-def _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constexpr, FAST: tl.constexpr):
-    """dx of one tile, and its scale-gradient terms element by element (0 where masked)."""
+def _load_pair(x_ptr, dy_ptr, offs, mask, EVEN: tl.constexpr):
+    """A tile of x and dy in their storage dtype (0 where masked)."""
     if EVEN:
-        x = tl.load(x_ptr + offs).to(tl.float32)
+        x = tl.load(x_ptr + offs)
         dy = tl.load(dy_ptr + offs)
     else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-    v = _divide(x, s, r, FAST)
+    return x, dy
+
+
+@triton.jit
+def _bwd_math(x, dy, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constexpr, FAST: tl.constexpr):
+    """Store dx of a loaded tile; return its scale-gradient terms element by element (0 where masked)."""
+    v = _divide(x.to(tl.float32), s, r, FAST)
     c = _clamp(v, qn, qp)
     inside = c == v  # qn <= v <= qp; false for NaN
     term = dy.to(tl.float32) * (_round(c) - tl.where(inside, v, 0.0))
@@ -150,9 +156,16 @@ def _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constex
 
 
 @triton.jit
+def _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constexpr, FAST: tl.constexpr):
+    """dx of one tile, and its scale-gradient terms element by element (0 where masked)."""
+    x, dy = _load_pair(x_ptr, dy_ptr, offs, mask, EVEN)
+    return _bwd_math(x, dy, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
+
+
+@triton.jit
 def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
                BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
-               TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr):
+               TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr, PREFETCH: tl.constexpr):
     """dx of this program's tiles and their per-row sums of the scale-gradient terms.
 
     The loop adds the terms element by element and reduces once at the end: a reduction per tile would put a
@@ -171,9 +184,24 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
         acc += tl.sum(_bwd_block(x_ptr, dy_ptr, dx_ptr, base + j, j < I, s, r, qn, qp, TAIL_EVEN, FAST), axis=1)
     else:
         terms = tl.zeros([BLOCK_C, BLOCK_I], dtype=tl.float32)
-        for t in range(sp, tiles_per_cb, n_splits):
-            _, offs, mask = _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
-            terms += _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
+        if PREFETCH:
+            # The next tile's loads are issued before this tile's math, so they are in flight while it runs.
+            # sp < tiles_per_cb (n_splits <= tiles); past the last tile the prefetch is masked off entirely.
+            _, offs, mask = _tile_offsets(sp, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+            x, dy = _load_pair(x_ptr, dy_ptr, offs, mask, EVEN)
+            for t in range(sp, tiles_per_cb, n_splits):
+                live = tl.full([BLOCK_C, BLOCK_I], t + n_splits, tl.int32) < tiles_per_cb  # uniform
+                _, offs_n, mask_n = _tile_offsets(t + n_splits, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+                if EVEN:
+                    x_n, dy_n = _load_pair(x_ptr, dy_ptr, offs_n, live, False)
+                else:
+                    x_n, dy_n = _load_pair(x_ptr, dy_ptr, offs_n, mask_n & live, False)
+                terms += _bwd_math(x, dy, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
+                x, dy, offs, mask = x_n, dy_n, offs_n, mask_n
+        else:
+            for t in range(sp, tiles_per_cb, n_splits):
+                _, offs, mask = _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+                terms += _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
         acc = tl.sum(terms, axis=1)
     return acc
 
@@ -182,7 +210,7 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
 def _lsq_bwd_kernel(
     x_ptr, dy_ptr, s_ptr, dx_ptr, out_ptr, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp, g,
     BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, FINAL: tl.constexpr, EVEN: tl.constexpr,
-    FAST_DIV: tl.constexpr, TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr,
+    FAST_DIV: tl.constexpr, TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     cb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -191,12 +219,12 @@ def _lsq_bwd_kernel(
     # As in the forward: fast division first, its loads not held back by a branch on the scale; a scale outside
     # its range does the program's tiles again with IEEE division, rewriting dx.
     acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-                     BLOCK_C, BLOCK_I, EVEN, FAST_DIV, TAIL_I, TAIL_EVEN)
+                     BLOCK_C, BLOCK_I, EVEN, FAST_DIV, TAIL_I, TAIL_EVEN, PREFETCH)
     if FAST_DIV:
         if not _fast_div_ok(s, c < C):
             tl.debug_barrier()
             acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn,
-                             qp, BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN)
+                             qp, BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN, PREFETCH)
     if FINAL:
         tl.store(out_ptr + c, acc * g, mask=c < C)
     else:
@@ -240,6 +268,9 @@ _NUM_WARPS = 8  # measured on H100: 4 warps made every backward slower, by up to
 # uncapped (4096x4096 bf16 1.224 -> 1.188). At 64: no spills in 16-bit, a few bytes of stack in fp32 outside the
 # tile loop. None: Triton's choice everywhere.
 _BACKWARD_MAX_REGISTERS = 64
+# Backward programs that loop over several tiles load the next tile before the current one's math (by element
+# size): more bytes in flight per thread without larger tiles. Off until measured.
+_PREFETCH = {4: False, 2: False}
 # Warps of the backward's whole-row tiles (conv weights), measured on H100 on 512x512x3x3 with the rows split
 # (below): 8 for both sizes (16 warps: fp32 1.145 -> 1.151x floor, bf16 1.423 -> 1.429).
 _ROW_TILE_WARPS = {4: 8, 2: 8}
@@ -376,7 +407,8 @@ def backward(
     _lsq_bwd_kernel[(num_cb, n_splits)](
         x, dy, scale, dx, out, C, I, tiles_i, O * tiles_i, n_splits, float(qn), float(qp), float(g),
         BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=_even(C, I, bc, bi), FAST_DIV=fast_div,
-        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, num_warps=num_warps, maxnreg=max_registers,
+        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, PREFETCH=_for_size(_PREFETCH, x) and n_splits > 1,
+        num_warps=num_warps, maxnreg=max_registers,
     )
     if not final:
         block_c = min(triton.next_power_of_2(C), 256)
