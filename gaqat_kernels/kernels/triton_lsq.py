@@ -268,9 +268,14 @@ _NUM_WARPS = 8  # measured on H100: 4 warps made every backward slower, by up to
 # uncapped (4096x4096 bf16 1.224 -> 1.188). At 64: no spills in 16-bit, a few bytes of stack in fp32 outside the
 # tile loop. None: Triton's choice everywhere.
 _BACKWARD_MAX_REGISTERS = 64
-# Backward programs that loop over several tiles load the next tile before the current one's math (by element
-# size): more bytes in flight per thread without larger tiles. Off until measured.
-_PREFETCH = {4: False, 2: False}
+# Split backward programs (a channel block's tiles shared out over several programs, e.g. per-tensor) by element
+# size: their tile bytes per tensor, and whether they load the next tile before the current tile's math (more
+# bytes in flight per thread without larger tiles). Measured on H200 at 4 bits (RESULTS.md), backward x floor,
+# per-tensor bf16 64x256x56x56 / 8x4096x4096: 8 KB tiles 1.122 / 1.081; 4 KB 1.110 / 1.059; 4 KB with prefetch
+# 1.092 / 1.034. 8 KB tiles with prefetch need ~100 registers (spills at the cap of 64; 3 programs per SM
+# uncapped): 1.140-1.554. fp32: 8 KB with prefetch and 16 KB without are equal within 0.007.
+_SPLIT_TILE_BYTES = {4: 16384, 2: 4096}
+_PREFETCH = {4: False, 2: True}
 # Warps of the backward's whole-row tiles (conv weights), measured on H100 on 512x512x3x3 with the rows split
 # (below): 8 for both sizes (16 warps: fp32 1.145 -> 1.151x floor, bf16 1.423 -> 1.429).
 _ROW_TILE_WARPS = {4: 8, 2: 8}
@@ -320,16 +325,16 @@ def _tile_shape(C: int, I: int, tile: int) -> Tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int, row_tile_warps: int
+def _plan(O: int, C: int, I: int, sms: int, tile: int, split_tile: int, splits_per_sm: int, row_tile_warps: int
           ) -> Tuple[int, int, int, int, int, bool, Optional[int], int, int]:
     """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div, max_registers,
     num_warps, TAIL_I)``.
 
     One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
-    otherwise each channel block's tiles are split over ``n_splits`` programs and summed by a second kernel.
+    otherwise each channel block's tiles (of ``split_tile`` elements) are split over ``n_splits`` programs and
+    summed by a second kernel.
     """
-    max_bc, bi, tiles_i = _tile_shape(C, I, tile)
-    bc = max_bc
+    bc, bi, tiles_i = _tile_shape(C, I, tile)
     while bc > 1 and triton.cdiv(C, bc) < 2 * sms:
         bc //= 2
     num_cb = triton.cdiv(C, bc)
@@ -345,8 +350,9 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, splits_per_sm: int, row_t
                 return bc, main, 1, num_cb, 1, True, _BACKWARD_MAX_REGISTERS, row_tile_warps, tail
             return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, _BACKWARD_MAX_REGISTERS, row_tile_warps, 0
         return (bc, bi, tiles_i, num_cb, 1) + _backward_division(O * tiles_i == 1) + (_NUM_WARPS, 0)
-    bc = max_bc
+    bc, bi, tiles_i = _tile_shape(C, I, split_tile)
     num_cb = triton.cdiv(C, bc)
+    tiles = O * tiles_i
     n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
     return (bc, bi, tiles_i, num_cb, n_splits) + _backward_division(tiles <= n_splits) + (_NUM_WARPS, 0)
 
@@ -400,7 +406,8 @@ def backward(
         ds.zero_()
         return
     bc, bi, tiles_i, num_cb, n_splits, fast_div, max_registers, num_warps, tail_i = _plan(
-        O, C, I, _device_sms(x), _tile(x), _for_size(_SPLIT_PROGRAMS_PER_SM, x), _for_size(_ROW_TILE_WARPS, x))
+        O, C, I, _device_sms(x), _tile(x), _for_size(_SPLIT_TILE_BYTES, x) // x.element_size(),
+        _for_size(_SPLIT_PROGRAMS_PER_SM, x), _for_size(_ROW_TILE_WARPS, x))
     _check_int32(bc, I)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
