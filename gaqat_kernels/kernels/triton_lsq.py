@@ -5,7 +5,8 @@ so the channel of a tile row is known without per-element division, and any chan
 linearly. The backward keeps each thread's scale-gradient terms in registers, element by element, and reduces
 them per channel once, after its last tile; each program writes its own fp32 partial (or the final value when
 one program owns a channel block), and a second tiny kernel sums the partials in a fixed order. No atomics: the
-scale gradient has the same bits on every run.
+scale gradient has the same bits on every run. Programs that loop over tiles may load the next tile while the
+current one is computed (``_PREFETCH``).
 """
 from __future__ import annotations
 
