@@ -350,7 +350,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cuda_division", &gaqat::set_cuda_division,
         "division in the CUDA kernels: 0 the built-in plan, 1 IEEE always, 2 exact fast division where valid");
   m.def("set_cuda_launch", &gaqat::set_cuda_launch,
-        "launch shape of the CUDA kernels: forward blocks per SM, backward split blocks per SM (0 = default)");
+        "launch shape of the CUDA kernels: forward blocks per SM, backward split blocks per SM (0 = default), "
+        "prefetch in looping backward blocks (0 = default, 1 = off, 2 = on)");
 #endif
 }
 

@@ -34,8 +34,9 @@ void lsq_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 // wherever the scale allows (results are the same bits; tests and benchmarks compare them).
 void set_cuda_division(int64_t mode);
 // Launch shape of the CUDA kernels (0 = the built-in default): forward blocks per SM, backward split blocks per
-// SM. For benchmarks; results do not depend on it except the order in which the scale gradient is summed.
-void set_cuda_launch(int64_t forward_blocks_per_sm, int64_t split_blocks_per_sm);
+// SM, prefetch in looping backward blocks (1 off, 2 on). For benchmarks; results do not depend on it except the
+// order in which the scale gradient is summed.
+void set_cuda_launch(int64_t forward_blocks_per_sm, int64_t split_blocks_per_sm, int64_t prefetch);
 // One step of the gradient-conflict tracker (conflict_cuda.cu); n_seg >= 1.
 void conflict_update_cuda(const at::Tensor& task, const at::Tensor& smooth, const at::Tensor& offsets,
                           at::Tensor& signs, at::Tensor& ema, at::Tensor& step, at::Tensor& counter,

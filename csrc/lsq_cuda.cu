@@ -70,6 +70,12 @@ int g_forward_blocks_per_sm = 0;
 int g_split_blocks_per_sm = 0;
 int forward_blocks_per_sm() { return g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardBlocksPerSm; }
 int split_blocks_per_sm() { return g_split_blocks_per_sm > 0 ? g_split_blocks_per_sm : kSplitBlocksPerSm; }
+// Backward blocks that loop over tiles may load the next tile (half the usual tile, so that two fit the
+// registers) before the current tile's math: set_cuda_launch's prefetch, 0 = this default, 1 = off, 2 = on.
+// Off until measured on a GPU (the Triton backend's 16-bit loop gained 1-3% fwd+bwd from it on H200).
+constexpr bool kPrefetch = false;
+int g_prefetch = 0;
+bool prefetch() { return g_prefetch == 0 ? kPrefetch : g_prefetch == 2; }
 
 // v, opaque to the compiler from here on, and (the memory clobber) ordered after the loads issued before it: an
 // instruction that uses the scale stalls its warp until the scale has arrived, so nothing that uses it (the
@@ -325,13 +331,43 @@ __device__ __forceinline__ float row_tiles(const T* __restrict__ dy, const T* __
   return acc;
 }
 
+// row_tiles, with each next tile's loads issued before the current tile's math: the loads are in flight while
+// it computes. Only for blocks that loop (a block that visits one tile has nothing to overlap).
+template <bool FAST, typename T, int VEC, int U>
+__device__ __forceinline__ float row_tiles_prefetched(const T* __restrict__ dy, const T* __restrict__ x,
+                                                      T* __restrict__ dx, float sc, float r, int64_t c, int64_t O,
+                                                      int64_t C, int64_t I, int64_t tiles_i, int split, int n_splits,
+                                                      float qn, float qp) {
+  using Tile = RowTile<T, VEC, U>;
+  const int64_t tiles = O * tiles_i;
+  float acc = 0.f;
+  int n;
+  int64_t offset = tile_offset<Tile::kSize>(split, c, C, I, tiles_i, n);
+  Tile tile;
+  tile.load(x + offset, dy + offset, n);
+  for (int64_t t = split; t < tiles; t += n_splits) {
+    Tile next;
+    int next_n = 0;
+    int64_t next_offset = 0;
+    if (t + n_splits < tiles) {
+      next_offset = tile_offset<Tile::kSize>(t + n_splits, c, C, I, tiles_i, next_n);
+      next.load(x + next_offset, dy + next_offset, next_n);
+    }
+    tile.template apply<FAST>(dx + offset, n, sc, r, qn, qp, acc);
+    tile = next;
+    offset = next_offset;
+    n = next_n;
+  }
+  return acc;
+}
+
 // Blocks that loop over tiles, and one-tile blocks under IEEE division (set_cuda_division; otherwise
 // lsq_bwd_one_tile_kernel below). Four blocks per SM (at most 64 registers, no spills): 4 x 132 row blocks (a
 // 512-channel conv weight) run in one wave; capped at 40 or 32 registers (6 or 8 blocks per SM) the kernels spill and
 // ran 10-100% slower on H100. MAY_FAST is a template argument so that a kernel launched for IEEE division holds only
 // that variant. The branch on the scale comes before the tile loop: inside it, the loaded tile would stay live
 // across both variants (72 instead of 62 registers for bf16, one-tile rows 4-5% slower on H100).
-template <typename T, int VEC, int U, bool MAY_FAST>
+template <typename T, int VEC, int U, bool MAY_FAST, bool PREFETCH = false>
 __global__ void __launch_bounds__(kThreads, 4) lsq_bwd_row_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
     float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t tiles_i, int n_splits, float qn, float qp,
@@ -341,9 +377,15 @@ __global__ void __launch_bounds__(kThreads, 4) lsq_bwd_row_kernel(
   const int split = blockIdx.y;
   const float sc = s[c];
   const float r = __frcp_rn(sc);
-  float acc = MAY_FAST && fast_div_ok(sc)
-                  ? row_tiles<true, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp)
-                  : row_tiles<false, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp);
+  float acc;
+  if (PREFETCH)
+    acc = MAY_FAST && fast_div_ok(sc)
+              ? row_tiles_prefetched<true, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp)
+              : row_tiles_prefetched<false, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp);
+  else
+    acc = MAY_FAST && fast_div_ok(sc)
+              ? row_tiles<true, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp)
+              : row_tiles<false, T, VEC, U>(dy, x, dx, sc, r, c, O, C, I, tiles_i, split, n_splits, qn, qp);
   write_block_sum(acc, smem, out, c, split, C, g, final_write);
 }
 
@@ -463,11 +505,15 @@ template <int VEC>
 struct RowTiles {
   static constexpr int U = bwd_unroll(VEC);
   static constexpr int kWideU = VEC == 4 ? U + U / 4 : U + U / 2;
+  static constexpr int kPrefetchU = U > 1 ? U / 2 : 1;  // two tiles in registers at once
   static constexpr int64_t kTile = static_cast<int64_t>(kThreads) * VEC * U;
+  static constexpr int64_t kPrefetchTile = static_cast<int64_t>(kThreads) * VEC * kPrefetchU;
   bool wide;
   int64_t tiles_i;  // tiles per row
+  int64_t prefetch_tiles_i;  // tiles per row of kPrefetchTile elements
   RowTiles(int64_t O, int64_t I)
-      : wide(O == 1 && I > kTile && I <= kTile * kWideU / U), tiles_i(wide ? 1 : (I + kTile - 1) / kTile) {}
+      : wide(O == 1 && I > kTile && I <= kTile * kWideU / U), tiles_i(wide ? 1 : (I + kTile - 1) / kTile),
+        prefetch_tiles_i((I + kPrefetchTile - 1) / kPrefetchTile) {}
 };
 
 template <typename T>
@@ -561,10 +607,18 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     blocks_c = C;
     work_per_c = O * (vec ? vec_tiles.tiles_i : scalar_tiles.tiles_i);
   }
-  const int n_splits = blocks_c >= 2 * sms
-                           ? 1
-                           : static_cast<int>(std::max<int64_t>(
-                                 1, std::min<int64_t>({work_per_c, (split_blocks_per_sm() * sms + blocks_c - 1) / blocks_c, 65535})));
+  const auto splits_for = [&](int64_t work) {
+    return blocks_c >= 2 * sms ? 1
+                               : static_cast<int>(std::max<int64_t>(
+                                     1, std::min<int64_t>({work, (split_blocks_per_sm() * sms + blocks_c - 1) / blocks_c,
+                                                           65535})));
+  };
+  int n_splits = splits_for(work_per_c);
+  // Prefetching blocks: split rows that still loop over several of the smaller tiles.
+  const int64_t prefetch_work = O * vec_tiles.prefetch_tiles_i;
+  const bool prefetching = !short_rows && vec && prefetch() && !vec_tiles.wide && blocks_c < 2 * sms &&
+                           prefetch_work > splits_for(prefetch_work);
+  if (prefetching) n_splits = splits_for(prefetch_work);
   const bool final_write = n_splits == 1;
   at::Tensor partial = final_write ? ds : at::empty({n_splits, C}, x.options().dtype(at::kFloat));
   float* outp = partial.data_ptr<float>();
@@ -577,6 +631,15 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     const bool fast = allow_fast(O <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
     lsq_bwd_short_kernel<T><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb, n_splits, qn, qp, g,
                                                            final_write, fast);
+  } else if (prefetching) {
+    constexpr int PU = RowTiles<VEC>::kPrefetchU;
+    const int64_t tiles_i = vec_tiles.prefetch_tiles_i;
+    if (allow_fast(kFastBackwardLoop))
+      lsq_bwd_row_kernel<T, VEC, PU, true, true><<<grid, kThreads, 0, stream>>>(
+          dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
+    else
+      lsq_bwd_row_kernel<T, VEC, PU, false, true><<<grid, kThreads, 0, stream>>>(
+          dyp, xp, sp, dxp, outp, O, C, I, tiles_i, n_splits, qn, qp, g, final_write);
   } else if (vec) {
     launch_rows<T, VEC>(vec_tiles, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, n_splits, qn, qp, g, final_write);
   } else {
@@ -596,13 +659,16 @@ void set_cuda_division(int64_t mode) {
   g_division_mode = static_cast<int>(mode);
 }
 
-void set_cuda_launch(int64_t forward_blocks_per_sm, int64_t split_blocks_per_sm) {
+void set_cuda_launch(int64_t forward_blocks_per_sm, int64_t split_blocks_per_sm, int64_t prefetch) {
   TORCH_CHECK(forward_blocks_per_sm >= 0 && forward_blocks_per_sm <= (1 << 16),
               "set_cuda_launch: forward_blocks_per_sm must be in [0, 65536] (0 = default), got ", forward_blocks_per_sm);
   TORCH_CHECK(split_blocks_per_sm >= 0 && split_blocks_per_sm <= 64,
               "set_cuda_launch: split_blocks_per_sm must be in [0, 64] (0 = default), got ", split_blocks_per_sm);
+  TORCH_CHECK(prefetch >= 0 && prefetch <= 2, "set_cuda_launch: prefetch must be 0 (default), 1 (off) or 2 (on), got ",
+              prefetch);
   g_forward_blocks_per_sm = static_cast<int>(forward_blocks_per_sm);
   g_split_blocks_per_sm = static_cast<int>(split_blocks_per_sm);
+  g_prefetch = static_cast<int>(prefetch);
 }
 
 void lsq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,

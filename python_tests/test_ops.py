@@ -243,26 +243,31 @@ def needs_cuda_extension(test):
 
 
 @needs_cuda_extension
+@pytest.mark.parametrize("prefetch", [None, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("mode", ["plan", "ieee", "fast"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,axis", CUDA_KERNEL_PATHS)
-def test_cuda_division_modes_divide_as_ieee(mode, dtype, shape, axis):
-    """Every CUDA kernel path in every division mode gives the oracle's bits, on inputs a few ulps around the
-    ties and clamp bounds of scales that are not powers of two (the only inputs where a division error shows)."""
-    from gaqat_kernels.kernels.extension import cuda_division
+def test_cuda_division_modes_divide_as_ieee(prefetch, mode, dtype, shape, axis):
+    """Every CUDA kernel path in every division mode, looping backward blocks with and without prefetch, gives
+    the oracle's bits, on inputs a few ulps around the ties and clamp bounds of scales that are not powers of two
+    (the only inputs where a division error shows)."""
+    from gaqat_kernels.kernels.extension import cuda_division, cuda_launch
 
     x, s, dy = _near_tie_case(shape, axis, dtype, "cuda")
-    with cuda_division(mode):
+    with cuda_division(mode), cuda_launch(prefetch=prefetch):
         check(x, s, dy, "cuda", 4, True, axis)
 
 
 @needs_cuda_extension
-@pytest.mark.parametrize("launch", [(1, 1), (3, 5), (1 << 16, 64)], ids=lambda v: f"fwd{v[0]}-split{v[1]}")
+@pytest.mark.parametrize("launch", [(1, 1), (3, 5), (1 << 16, 64), (0, 1, True), (0, 3, True), (0, 64, True),
+                                    (0, 0, False)], ids=lambda v: f"fwd{v[0]}-split{v[1]}" + (
+                                        f"-prefetch{int(v[2])}" if len(v) > 2 else ""))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,axis", CUDA_KERNEL_PATHS)
 def test_cuda_launch_shapes_match_the_oracle(launch, dtype, shape, axis):
     """Every CUDA kernel path under other launch shapes (a forward grid of one block per SM looping over the
-    tensor or one block per tile; one split block per SM or 64) gives the oracle's results."""
+    tensor or one block per tile; one split block per SM or 64; looping backward blocks that prefetch their
+    next tile or not) gives the oracle's results."""
     from gaqat_kernels.kernels.extension import cuda_launch
 
     x, s, dy = _near_tie_case(shape, axis, dtype, "cuda")
@@ -287,7 +292,7 @@ def test_cuda_one_tile_rows_with_extreme_scales(scale, dtype, shape):
 
 
 @pytest.mark.parametrize("kwargs", [dict(forward_blocks_per_sm=-1), dict(split_blocks_per_sm=65),
-                                    dict(forward_blocks_per_sm=2.0)], ids=str)
+                                    dict(forward_blocks_per_sm=2.0), dict(prefetch=1)], ids=str)
 def test_cuda_launch_rejects_bad_shapes(kwargs):
     from gaqat_kernels.kernels.extension import cuda_launch
 

@@ -78,16 +78,21 @@ def cuda_division(mode: str) -> ContextManager[None]:
     return _switched(MODULE.set_cuda_division, (_DIVISION_MODES[mode],), (0,))
 
 
-def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0) -> ContextManager[None]:
+def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0,
+                prefetch: Optional[bool] = None) -> ContextManager[None]:
     """Within the block, the CUDA kernels launch at most ``forward_blocks_per_sm`` forward blocks per SM (a
     grid-stride loop covers the rest) and split a channel's backward tiles over up to ``split_blocks_per_sm``
-    blocks per SM when the channels alone do not fill the GPU; 0 keeps the built-in value. For benchmarks
-    (``benchmarks/tune_cuda.py``): y and dx do not change, the scale gradient's summation order may. Not
-    thread-safe: it sets a process-wide switch."""
+    blocks per SM when the channels alone do not fill the GPU; 0 keeps the built-in value. ``prefetch`` (None:
+    built-in) makes backward blocks that loop over tiles load each next tile, of half the usual size, before the
+    current tile's math. For benchmarks (``benchmarks/tune_cuda.py``): y and dx do not change, the scale
+    gradient's summation order may. Not thread-safe: it sets a process-wide switch."""
     for name, value, top in (("forward_blocks_per_sm", forward_blocks_per_sm, 1 << 16),
                              ("split_blocks_per_sm", split_blocks_per_sm, 64)):
         if not isinstance(value, int) or not 0 <= value <= top:
             raise ValueError(f"cuda_launch: {name} must be an int in [0, {top}] (0 = default), got {value!r}")
+    if prefetch is not None and not isinstance(prefetch, bool):
+        raise ValueError(f"cuda_launch: prefetch must be None (default), True or False, got {prefetch!r}")
     if not HAS_CUDA:
         raise RuntimeError("cuda_launch: the extension was built without CUDA")
-    return _switched(MODULE.set_cuda_launch, (forward_blocks_per_sm, split_blocks_per_sm), (0, 0))
+    mode = 0 if prefetch is None else 2 if prefetch else 1
+    return _switched(MODULE.set_cuda_launch, (forward_blocks_per_sm, split_blocks_per_sm, mode), (0, 0, 0))
