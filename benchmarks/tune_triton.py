@@ -5,7 +5,7 @@ the kernel benchmark's cases, as multiples of the copy-bandwidth floor, beside P
 settings are module globals of ``triton_lsq`` (see KNOBS); this script only sets them for its own process.
 
     python benchmarks/tune_triton.py --out bench_out [--cases conv] [--dtypes bf16] [--tiles 8192 16384]
-        [--split-tiles 4096 8192]
+        [--forward-tiles 8192 16384] [--split-tiles 4096 8192]
         [--warps 4 8] [--splits 4 8] [--row-warps 8 16] [--backward-fast-div rows one-tile loops all]
         [--backward-max-registers 64 none]
         [--row-split 0 1] [--prefetch 0 1]
@@ -33,7 +33,8 @@ from bench_kernels import CASES, DTYPES, SAME_BYTES, copy_bandwidth, make_inputs
 
 # option, triton_lsq attribute, keyed by element size, value type, help
 KNOBS = [
-    ("tiles", "_TILE_BYTES", True, int, "tile bytes per tensor (forward, unsplit backward)"),
+    ("tiles", "_TILE_BYTES", True, int, "tile bytes per tensor of unsplit backward programs"),
+    ("forward-tiles", "_FORWARD_TILE_BYTES", True, int, "tile bytes per tensor of the forward"),
     ("warps", "_NUM_WARPS", False, int, "warps per program"),
     ("split-tiles", "_SPLIT_TILE_BYTES", True, int, "tile bytes per tensor of split backward programs"),
     ("splits", "_SPLIT_PROGRAMS_PER_SM", True, int, "split programs per SM"),

@@ -394,6 +394,19 @@ def test_triton_backward_prefetch(backend, device, dtype, shapes, axis, triton_s
 
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile_bytes", [2048, 32768], ids=lambda b: f"fwd{b // 1024}KB")
+@pytest.mark.parametrize("shape,axis", [pytest.param((12, 4608), 0, id="rows"),
+                                        pytest.param((6, 5, 40, 7), 1, id="inner-channel"),
+                                        pytest.param((70001,), None, id="per-tensor")])
+def test_triton_forward_tile_sizes(backend, device, dtype, tile_bytes, shape, axis, triton_settings):
+    """``_FORWARD_TILE_BYTES``: forward tiles smaller or larger than the default give the oracle's results."""
+    triton_settings(_FORWARD_TILE_BYTES={4: tile_bytes, 2: tile_bytes})
+    x, s, dy = _near_tie_case(shape, axis, dtype, device)
+    check(x, s, dy, backend, 4, True, axis)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("inner", [4608, 4601, 6000, 8192], ids=lambda i: f"row{i}")
 @pytest.mark.parametrize("split", [True, False], ids=["two-blocks", "one-block"])
 def test_triton_whole_row_tiles(backend, device, dtype, inner, split, triton_settings):
