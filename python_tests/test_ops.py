@@ -331,6 +331,7 @@ TRITON_BACKWARD_PATHS = [
     pytest.param(((5000,), (5000,)), None, id="per-tensor-split-one-tile"),
     pytest.param(((300000,), (4_400_000,)), None, id="per-tensor-split-looped"),
     pytest.param(((12, 4608), (300, 4608)), 0, id="whole-row-tiles"),
+    pytest.param(((200, 8), (4096, 300)), 1, id="inner-channel-split"),
 ]
 
 

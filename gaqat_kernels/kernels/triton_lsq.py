@@ -336,16 +336,19 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, split_tile: int, splits_p
     """Backward grid: ``(BLOCK_C, BLOCK_I, tiles_i, num_channel_blocks, n_splits, fast_div, max_registers,
     num_warps, TAIL_I)``.
 
-    One program per channel block when there are enough of them to fill the GPU (one launch, no partials);
-    otherwise each channel block's tiles (of ``split_tile`` elements) are split over ``n_splits`` programs and
-    summed by a second kernel.
+    One program per channel block when there are enough of them to fill the GPU (one launch, no partials) and
+    its tiles are not tiny; otherwise each channel block's tiles (of ``split_tile`` elements) are split over
+    ``n_splits`` programs and summed by a second kernel.
     """
     bc, bi, tiles_i = _tile_shape(C, I, tile)
     while bc > 1 and triton.cdiv(C, bc) < 2 * sms:
         bc //= 2
     num_cb = triton.cdiv(C, bc)
     tiles = O * tiles_i
-    if num_cb >= 2 * sms:
+    # Short rows under many outer rows (an innermost channel axis: I == 1) would leave each channel block's program
+    # looping over O tiles of a few elements; split programs over wide channel blocks move whole rows instead.
+    tiny_loop = O > 1 and bc * bi < tile // 4
+    if num_cb >= 2 * sms and not tiny_loop:
         if bc == 1 and O == 1 and tiles_i > 1 and triton.next_power_of_2(I) <= 2 * tile:
             # One program per channel and a short row (a conv weight's 4608): one tile covers the row, so the
             # program waits for memory once instead of once per row block; the masked tail costs only issue,
