@@ -344,7 +344,6 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, split_tile: int, splits_p
     while bc > 1 and triton.cdiv(C, bc) < 2 * sms:
         bc //= 2
     num_cb = triton.cdiv(C, bc)
-    tiles = O * tiles_i
     # Short rows under many outer rows (an innermost channel axis: I == 1) would leave each channel block's program
     # looping over O tiles of a few elements; split programs over wide channel blocks move whole rows instead.
     tiny_loop = O > 1 and bc * bi < tile // 4
@@ -359,8 +358,8 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, split_tile: int, splits_p
                 return bc, main, 1, num_cb, 1, True, _BACKWARD_MAX_REGISTERS, row_tile_warps, tail
             return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, _BACKWARD_MAX_REGISTERS, row_tile_warps, 0
         return (bc, bi, tiles_i, num_cb, 1) + _backward_division(O * tiles_i == 1) + (_NUM_WARPS, 0)
-    if tiny_loop:
-        # Tiles of whole rows of channels hold a scale and its reciprocal per element: at 4096 fp32 elements the
+    if I == 1:
+        # Tiles of one element per channel hold a scale and its reciprocal per element: at 4096 fp32 elements the
         # loop spills 128-160 bytes under the register cap, at 2048 it does not (sm_90, Triton 3.6).
         split_tile = min(split_tile, 2048)
     bc, bi, tiles_i = _tile_shape(C, I, split_tile)
