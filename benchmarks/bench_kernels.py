@@ -41,7 +41,7 @@ CASES = [  # name, shape, axis (None = per-tensor)
     ("weight 4096x4096 per-channel", (4096, 4096), 0),
     ("weight 11008x4096 per-channel", (11008, 4096), 0),
     ("conv weight 512x512x3x3 per-channel", (512, 512, 3, 3), 0),
-    # the channel axis innermost (a transposed Linear weight, GPT-2's Conv1D): tiles of whole rows of C channels
+    # the channel axis innermost (a transposed Linear weight, GPT-2's Conv1D): tiles run along a row's channels
     ("weight 4096x11008 per-channel, last axis", (4096, 11008), 1),
     ("act 64x256x56x56 per-tensor", (64, 256, 56, 56), None),
     ("act 8x4096x4096 per-tensor", (8, 4096, 4096), None),

@@ -39,7 +39,7 @@ for dtype, even, fast_div in itertools.product(["fp32", "bf16", "fp16"], [True, 
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, FINAL=final, TAIL_I=0, TAIL_EVEN=False,
                                                                   PREFETCH=prefetch),
                     maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
-    for prefetch in (True, False):  # split tiles of whole rows of channels (an innermost channel axis)
+    for prefetch in (True, False):  # split tiles along a row's channels (an innermost channel axis)
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, BLOCK_C=2048, BLOCK_I=1, FINAL=False, TAIL_I=0,
                                                                   TAIL_EVEN=False, PREFETCH=prefetch),
                     maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
