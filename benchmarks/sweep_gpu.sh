@@ -14,18 +14,18 @@
 # models (model.pt, not the checkpoints) as $OUT/sweep_NAME_models.tar.part-aa, -ab, ... (15 MiB parts, under the
 # device tool's per-file limit); `cat sweep_NAME_models.tar.part-* | tar xf -` in the repository root puts them
 # back under runs/NAME (EoQ itself needs only test_probs.pt).
-# Weights carried gzip-compressed as .data/wgz/F.gz (the whole carry must stay under the device tool's 64 MiB) are
-# unpacked to .data/weights/F first, unless already there (kept on a warm machine between calls).
+# Weights carried packed as .data/wgz/F.bsxz (benchmarks/pack_weights.py; the whole carry must stay under the device
+# tool's 64 MiB) are unpacked to .data/weights/F first, unless already there (kept on a warm machine between calls).
 set -uo pipefail
 name=$1; shift
 out=${OUT:-bench_out}
 mkdir -p "$out" runs
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/sweep_$name.log"
-for gz in .data/wgz/*.gz; do
-  [[ -f $gz ]] || continue
-  target=.data/weights/$(basename "${gz%.gz}")
-  [[ -f $target ]] || { mkdir -p .data/weights && gunzip -c "$gz" > "$target.tmp" && mv "$target.tmp" "$target"; }
+for packed in .data/wgz/*.bsxz; do
+  [[ -f $packed ]] || continue
+  target=.data/weights/$(basename "${packed%.bsxz}")
+  [[ -f $target ]] || { mkdir -p .data/weights && python3 benchmarks/pack_weights.py unpack "$packed" "$target"; }
 done
 mps=0
 if [[ ${SWEEP_MPS:-1} == 1 ]] && command -v nvidia-cuda-mps-control >/dev/null; then
