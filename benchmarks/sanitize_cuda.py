@@ -12,7 +12,7 @@ from gaqat_kernels.kernels.extension import cuda_launch
 
 CASES = [((1,), None), ((7, 33), 0), ((5, 3, 4, 7), 1), ((3, 2001), 0), ((300, 1100), 0), ((4099,), None),
          ((600, 8), 1), ((2, 513, 3), 1), ((13, 4100), -1), ((3, 4096), 0), ((2, 20000), 0),
-         ((3, 2, 2048), 1), ((4_400_008,), None)]  # the last: per-tensor blocks that loop over many tiles
+         ((3, 2, 2048), 1), ((37, 264), 1), ((4_400_008,), None)]  # the last: per-tensor blocks that loop over many tiles
 
 
 def main():

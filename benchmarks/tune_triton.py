@@ -57,13 +57,13 @@ def applied(setting: dict, size: int) -> Iterator[None]:
     for attr, value in setting.items():
         per_size = next(k[2] for k in KNOBS if k[1] == attr)
         setattr(triton_lsq, attr, {**defaults[attr], size: value} if per_size else value)
-    triton_lsq._plan.cache_clear()  # it reads the module's settings
+    triton_lsq.clear_plans()
     try:
         yield
     finally:
         for attr, value in defaults.items():
             setattr(triton_lsq, attr, value)
-        triton_lsq._plan.cache_clear()
+        triton_lsq.clear_plans()
 
 
 def sweep(out: str, name: str, cases, dtypes, bits: int, settings, backend: str) -> list:

@@ -32,14 +32,24 @@ namespace {
 
 constexpr int64_t kItemElems = 1 << 16;  // elements per work item
 constexpr int64_t kMinRowsPerItem = 1024;  // for short rows, >= 1024 elements of a channel per partial
+constexpr int64_t kColumnBlock = 512;      // innermost channels: channels per work item
+
+// Innermost channels (I == 1, a transposed Linear weight): the loops run along a row's adjacent channels, each
+// element with its own scale; called per element, the row loops were slower than the eager reference.
+bool columns(int64_t C, int64_t I) { return I == 1 && C > 1; }
 
 // Work items tile the (O, C, I) view as [o_chunk rows] x [c_block channels] x [i_chunk elements].
 struct Plan {
   int64_t i_chunk, o_chunk, c_block, n_i, n_o, n_c;
   Plan(int64_t O, int64_t C, int64_t I) {
     i_chunk = std::max<int64_t>(1, std::min(I, kItemElems));
-    o_chunk = std::max<int64_t>(1, std::min(O, (kMinRowsPerItem + i_chunk - 1) / i_chunk));
-    c_block = std::max<int64_t>(1, std::min(C, kItemElems / (o_chunk * i_chunk)));
+    if (columns(C, I)) {
+      c_block = std::min(C, kColumnBlock);
+      o_chunk = std::min(O, kItemElems / c_block);
+    } else {
+      o_chunk = std::max<int64_t>(1, std::min(O, (kMinRowsPerItem + i_chunk - 1) / i_chunk));
+      c_block = std::max<int64_t>(1, std::min(C, kItemElems / (o_chunk * i_chunk)));
+    }
     n_i = (I + i_chunk - 1) / i_chunk;
     n_o = (O + o_chunk - 1) / o_chunk;
     n_c = (C + c_block - 1) / c_block;
@@ -140,12 +150,46 @@ inline __attribute__((always_inline)) float backward_row_body(const S* __restric
   return acc;
 }
 
+// A row's n adjacent channels (innermost channels): scale s[i] for element i, and each element's scale-gradient
+// term added to acc[i] (one channel's sum runs over the rows in order, whatever the vector width).
+template <Kind K, typename S>
+inline __attribute__((always_inline)) void forward_columns_body(const S* __restrict__ x, S* __restrict__ y,
+                                                                int64_t n, const float* __restrict__ s, float qn,
+                                                                float qp) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = store<K, S>(round_clamp_host(load<K>(x[i]) / s[i], qn, qp) * s[i]);
+}
+
+template <Kind K, typename S>
+inline __attribute__((always_inline)) void backward_columns_body(const S* __restrict__ dy, const S* __restrict__ x,
+                                                                 S* __restrict__ dx, int64_t n,
+                                                                 const float* __restrict__ s,
+                                                                 double* __restrict__ acc, float qn, float qp) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = load<K>(x[i]) / s[i];
+    const bool inside = (v >= qn) & (v <= qp);
+    const float r = round_clamp_host(v, qn, qp);
+    const S d = dy[i];
+    if constexpr (K == Kind::F32) {
+      dx[i] = c10::bit_cast<float>(c10::bit_cast<uint32_t>(d) & keep_mask<uint32_t>(inside));
+    } else {
+      dx[i] = static_cast<S>(d & keep_mask<uint16_t>(inside));
+    }
+    acc[i] += load<K>(d) * (r - c10::bit_cast<float>(c10::bit_cast<uint32_t>(v) & keep_mask<uint32_t>(inside)));
+  }
+}
+
 // The row loops of every input type, compiled once per instruction-set level.
 using ForwardRow = void (*)(const void*, void*, int64_t, float, float, float);
 using BackwardRow = float (*)(const void*, const void*, void*, int64_t, float, float, float);
+using ForwardColumns = void (*)(const void*, void*, int64_t, const float*, float, float);
+using BackwardColumns = void (*)(const void*, const void*, void*, int64_t, const float*, double*, float, float);
 struct RowLoops {
   ForwardRow forward[3];  // indexed by Kind
   BackwardRow backward[3];
+  ForwardColumns forward_columns[3];
+  BackwardColumns backward_columns[3];
 };
 
 #define GAQAT_ROW_LOOPS(NAME, ATTR)                                                                       \
@@ -159,11 +203,25 @@ struct RowLoops {
     return backward_row_body<K>(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx), \
                                 n, sc, qn, qp);                                                           \
   }                                                                                                       \
+  template <Kind K, typename S>                                                                           \
+  ATTR void forward_columns_##NAME(const void* x, void* y, int64_t n, const float* s, float qn, float qp) { \
+    forward_columns_body<K>(static_cast<const S*>(x), static_cast<S*>(y), n, s, qn, qp);                  \
+  }                                                                                                       \
+  template <Kind K, typename S>                                                                           \
+  ATTR void backward_columns_##NAME(const void* dy, const void* x, void* dx, int64_t n, const float* s,  \
+                                    double* acc, float qn, float qp) {                                    \
+    backward_columns_body<K>(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx), n, \
+                             s, acc, qn, qp);                                                             \
+  }                                                                                                       \
   const RowLoops row_loops_##NAME = {                                                                     \
       {forward_row_##NAME<Kind::F32, float>, forward_row_##NAME<Kind::BF16, uint16_t>,                    \
        forward_row_##NAME<Kind::F16, uint16_t>},                                                          \
       {backward_row_##NAME<Kind::F32, float>, backward_row_##NAME<Kind::BF16, uint16_t>,                  \
-       backward_row_##NAME<Kind::F16, uint16_t>}};
+       backward_row_##NAME<Kind::F16, uint16_t>},                                                         \
+      {forward_columns_##NAME<Kind::F32, float>, forward_columns_##NAME<Kind::BF16, uint16_t>,            \
+       forward_columns_##NAME<Kind::F16, uint16_t>},                                                      \
+      {backward_columns_##NAME<Kind::F32, float>, backward_columns_##NAME<Kind::BF16, uint16_t>,          \
+       backward_columns_##NAME<Kind::F16, uint16_t>}};
 
 GAQAT_ROW_LOOPS(baseline, )
 #if GAQAT_X86_LEVELS
@@ -216,11 +274,18 @@ constexpr int kind_of() {
 template <typename T>
 void forward_impl(const T* x, const float* s, T* y, int64_t O, int64_t C, int64_t I, float qn, float qp) {
   const ForwardRow row_loop = loops().forward[kind_of<T>()];
+  const ForwardColumns columns_loop = loops().forward_columns[kind_of<T>()];
   const Plan p(O, C, I);
   at::parallel_for(0, p.items(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t ic = item % p.n_i, cb = (item / p.n_i) % p.n_c, oc = item / (p.n_i * p.n_c);
       const int64_t i0 = ic * p.i_chunk, i1 = std::min(I, i0 + p.i_chunk);
+      if (columns(C, I)) {
+        const int64_t c0 = cb * p.c_block, n = std::min(C, c0 + p.c_block) - c0;
+        for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o)
+          columns_loop(x + o * C + c0, y + o * C + c0, n, s + c0, qn, qp);
+        continue;
+      }
       for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o) {
         for (int64_t c = cb * p.c_block; c < std::min(C, (cb + 1) * p.c_block); ++c) {
           const int64_t row = (o * C + c) * I;
@@ -235,6 +300,7 @@ template <typename T>
 void backward_impl(const T* dy, const T* x, const float* s, T* dx, float* ds, int64_t O, int64_t C, int64_t I,
                    float qn, float qp, double g) {
   const BackwardRow row_loop = loops().backward[kind_of<T>()];
+  const BackwardColumns columns_loop = loops().backward_columns[kind_of<T>()];
   const Plan p(O, C, I);
   const int64_t splits = p.n_o * p.n_i;  // partials per channel
   std::vector<double> partial(static_cast<size_t>(splits * C));
@@ -242,6 +308,13 @@ void backward_impl(const T* dy, const T* x, const float* s, T* dx, float* ds, in
     for (int64_t item = begin; item < end; ++item) {
       const int64_t ic = item % p.n_i, cb = (item / p.n_i) % p.n_c, oc = item / (p.n_i * p.n_c);
       const int64_t i0 = ic * p.i_chunk, i1 = std::min(I, i0 + p.i_chunk);
+      if (columns(C, I)) {
+        const int64_t c0 = cb * p.c_block, n = std::min(C, c0 + p.c_block) - c0;
+        double* acc = partial.data() + oc * C + c0;  // this item's own slots (n_i == 1), zeroed by the vector
+        for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o)
+          columns_loop(dy + o * C + c0, x + o * C + c0, dx + o * C + c0, n, s + c0, acc, qn, qp);
+        continue;
+      }
       for (int64_t c = cb * p.c_block; c < std::min(C, (cb + 1) * p.c_block); ++c) {
         double acc = 0.0;
         for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o) {

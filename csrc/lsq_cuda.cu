@@ -59,6 +59,9 @@ int g_division_mode = 0;
 constexpr bool kFastForward = true;
 constexpr bool kFastBackwardOneTile = true;
 constexpr bool kFastBackwardLoop = false;
+// lsq_bwd_columns_kernel holds both variants whatever it is told (the choice is a branch before its loop), so it
+// divides fast wherever the scales allow.
+constexpr bool kFastBackwardColumns = true;
 
 // Launch shape. Forward blocks per SM, a grid-stride loop beyond that: 2^16, i.e. one block per 16-byte x
 // kThreads x kUnroll tile (measured on H100: 8 persistent blocks per SM made the forward 5-9% slower).
@@ -116,6 +119,20 @@ int num_sms() {
   return sms;
 }
 
+// VEC consecutive scales from p (16-byte aligned) as 16-byte loads; VEC is 4 or 8.
+template <int VEC>
+__device__ __forceinline__ void load_scales(const float* __restrict__ p, float (&out)[VEC]) {
+  static_assert(VEC % 4 == 0, "scales load as float4");
+#pragma unroll
+  for (int j = 0; j < VEC; j += 4) {
+    const float4 f = *reinterpret_cast<const float4*>(p + j);
+    out[j] = f.x;
+    out[j + 1] = f.y;
+    out[j + 2] = f.z;
+    out[j + 3] = f.w;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- forward
 template <bool FAST, typename T, int VEC>
 __device__ __forceinline__ Vec<T, VEC> quantize_vec(const Vec<T, VEC>& in, float sc, float r, float qn, float qp) {
@@ -123,6 +140,18 @@ __device__ __forceinline__ Vec<T, VEC> quantize_vec(const Vec<T, VEC>& in, float
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     out.v[j] = static_cast<T>(round_clamp(divide<FAST>(static_cast<float>(in.v[j]), sc, r), qn, qp) * sc);
+  }
+  return out;
+}
+
+// quantize_vec with a scale per element.
+template <bool FAST, typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> quantize_elems(const Vec<T, VEC>& in, const float (&sc)[VEC],
+                                                      const float (&r)[VEC], float qn, float qp) {
+  Vec<T, VEC> out;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    out.v[j] = static_cast<T>(round_clamp(divide<FAST>(static_cast<float>(in.v[j]), sc[j], r[j]), qn, qp) * sc[j]);
   }
   return out;
 }
@@ -155,25 +184,32 @@ struct ChannelOf {
   }
 };
 
-// The vector path needs I % VEC == 0, so every vector lies in one channel and one scale per vector suffices.
+// Where lsq_fwd_kernel finds a vector's scales: one for the tensor; one per vector (I % VEC == 0: every vector
+// lies in one channel); one per element (I == 1 and C % VEC == 0: a vector holds VEC consecutive channels, whose
+// scales are VEC consecutive floats, loaded as 16-byte vectors too).
+enum class Scales { kTensor, kVector, kElement };
+
 // Per-channel scales are loaded with the vectors (not one at a time as each vector is computed, which put a
 // cache round trip per vector on the warp's critical path).
-template <typename T, int VEC, bool PER_TENSOR>
+template <typename T, int VEC, Scales S>
 __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__ x, const float* __restrict__ s,
                                                            T* __restrict__ y, int64_t n_vec, ChannelOf channel,
                                                            float qn, float qp, bool allow_fast) {
+  constexpr bool PER_TENSOR = S == Scales::kTensor;
+  constexpr int SE = S == Scales::kElement ? VEC : 1;  // scales per vector held in registers
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const float s0 = PER_TENSOR ? s[0] : 0.f;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < n_vec;
        base += stride * kUnroll) {
     Vec<T, VEC> in[kUnroll];
-    float su[kUnroll];
+    float su[kUnroll][SE];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kThreads;
       if (k < n_vec) {
         in[u] = reinterpret_cast<const Vec<T, VEC>*>(x)[k];
-        if (!PER_TENSOR) su[u] = s[channel(k * VEC)];
+        if constexpr (S == Scales::kVector) su[u][0] = s[channel(k * VEC)];
+        if constexpr (S == Scales::kElement) load_scales<VEC>(s + channel(k * VEC), su[u]);
       }
     }
     const float st = PER_TENSOR ? after_loads(s0) : 0.f;
@@ -183,15 +219,27 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kThreads;
       if (k >= n_vec) continue;
-      float sc = st, r = rt;
-      bool fast = fast_t;
-      if (!PER_TENSOR) {
-        sc = su[u];
-        r = __frcp_rn(sc);
-        fast = allow_fast && fast_div_ok(sc);
+      Vec<T, VEC> out;
+      if constexpr (S == Scales::kElement) {
+        float r[VEC];
+        bool fast = allow_fast;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          r[j] = __frcp_rn(su[u][j]);
+          fast = fast && fast_div_ok(su[u][j]);
+        }
+        out = fast ? quantize_elems<true>(in[u], su[u], r, qn, qp) : quantize_elems<false>(in[u], su[u], r, qn, qp);
+      } else {
+        float sc = st, r = rt;
+        bool fast = fast_t;
+        if (!PER_TENSOR) {
+          sc = su[u][0];
+          r = __frcp_rn(sc);
+          fast = allow_fast && fast_div_ok(sc);
+        }
+        out = fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp);
       }
-      reinterpret_cast<Vec<T, VEC>*>(y)[k] =
-          fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp);
+      reinterpret_cast<Vec<T, VEC>*>(y)[k] = out;
     }
   }
 }
@@ -479,6 +527,95 @@ __global__ void __launch_bounds__(kThreads) lsq_bwd_short_kernel(
   }
 }
 
+// Innermost channels (I == 1, C % VEC == 0: a transposed Linear weight, a channels-last activation per channel): a
+// thread owns the VEC consecutive channels of one 16-byte column and sums their terms in registers down the rows,
+// so no element-wise loads and no per-element channel index. A block is kColRows row groups of one warp each
+// (a warp reads 512 contiguous bytes of a row) covering kColWidth channels; block (b, split) visits row steps
+// split, split + n_splits, ... of kColRows * R rows (R rows of x and dy per thread in flight), then adds its
+// row groups' sums in a fixed order.
+constexpr int kColRows = kThreads / 32;
+
+template <int VEC>
+struct Columns {
+  static constexpr int R = 16 / VEC;  // 16 elements of x and of dy per thread in flight, as RowTile
+  static constexpr int64_t kWidth = 32 * VEC;
+  static constexpr int64_t kRowStep = kColRows * R;
+};
+
+template <bool FAST, typename T, int VEC>
+__device__ __forceinline__ void column_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                            const float (&sc)[VEC], const float (&r)[VEC], float (&acc)[VEC],
+                                            int64_t c, int64_t O, int64_t C, int n_splits, float qn, float qp) {
+  constexpr int R = Columns<VEC>::R;
+  constexpr int64_t kStep = Columns<VEC>::kRowStep;
+  const int64_t group = threadIdx.x / 32;
+  for (int64_t o0 = blockIdx.y * kStep + group; o0 < O; o0 += n_splits * kStep) {
+    Vec<T, VEC> xv[R], gv[R];
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      const int64_t o = o0 + u * kColRows;
+      if (o < O) {
+        xv[u] = *reinterpret_cast<const Vec<T, VEC>*>(x + o * C + c);
+        gv[u] = *reinterpret_cast<const Vec<T, VEC>*>(dy + o * C + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      const int64_t o = o0 + u * kColRows;
+      if (o < O) {
+        Vec<T, VEC> d;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] += lsq_grad<FAST>(xv[u].v[j], gv[u].v[j], sc[j], r[j], qn, qp, d.v[j]);
+        store_vec(dx + o * C + c, d);
+      }
+    }
+  }
+}
+
+// Three blocks per SM: at most 80 registers, no spills (capped at 64 for four, bf16 spilled 56 bytes, fp32 16).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, 3) lsq_bwd_columns_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
+    float* __restrict__ out, int64_t O, int64_t C, int n_splits, float qn, float qp, float g, bool final_write,
+    bool allow_fast) {
+  constexpr int64_t kWidth = Columns<VEC>::kWidth;
+  __shared__ float sums[kColRows][kWidth];
+  const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kWidth;
+  const int64_t c = c0 + lane * VEC;
+  const bool active = c < C;
+  float sc[VEC], r[VEC], acc[VEC];
+  if (active) {
+    load_scales<VEC>(s + c, sc);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sc[j] = 1.f;
+  }
+  bool ok = true;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    r[j] = __frcp_rn(sc[j]);
+    acc[j] = 0.f;
+    ok = ok && fast_div_ok(sc[j]);
+  }
+  // One division variant for the whole block, as lsq_bwd_short_kernel.
+  if (__syncthreads_and(allow_fast && ok)) {
+    if (active) column_rows<true, T, VEC>(dy, x, dx, sc, r, acc, c, O, C, n_splits, qn, qp);
+  } else {
+    if (active) column_rows<false, T, VEC>(dy, x, dx, sc, r, acc, c, O, C, n_splits, qn, qp);
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) sums[group][lane * VEC + j] = acc[j];
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < kWidth && c0 + k < C; k += kThreads) {
+    float total = 0.f;
+#pragma unroll
+    for (int q = 0; q < kColRows; ++q) total += sums[q][k];
+    if (final_write) out[c0 + k] = total * g;
+    else out[static_cast<int64_t>(blockIdx.y) * C + c0 + k] = total;
+  }
+}
+
 // ds[c] = g * sum over splits of partial[split, c], one block per channel, fixed tree.
 __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __restrict__ partial,
                                                                 float* __restrict__ ds, int64_t C, int n_splits,
@@ -491,7 +628,25 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __r
   if (threadIdx.x == 0) ds[c] = acc * g;
 }
 
+// The same sum for many channels and few splits (lsq_bwd_columns_kernel): a thread per channel adds the splits in
+// order, reads coalesced across channels (a block per channel reads one float per 32-byte sector there).
+__global__ void __launch_bounds__(kThreads) sum_partials_by_channel_kernel(const float* __restrict__ partial,
+                                                                           float* __restrict__ ds, int64_t C,
+                                                                           int n_splits, float g) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= C) return;
+  float acc = 0.f;
+  for (int k = 0; k < n_splits; ++k) acc += partial[static_cast<int64_t>(k) * C + c];
+  ds[c] = acc * g;
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Innermost channels whose scales load as vectors beside the data's (the data's own alignment is checked apart).
+template <int VEC>
+bool inner_channel_vectors(const at::Tensor& scale, int64_t C, int64_t I) {
+  return C > 1 && I == 1 && C % VEC == 0 && aligned16(scale);
+}
 
 // Division per launch: fast (Markstein) where g_division_mode or, by default, the plan allows it.
 bool allow_fast(bool plan) { return g_division_mode == 2 || (g_division_mode == 0 && plan); }
@@ -522,7 +677,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   constexpr int VEC = 16 / sizeof(T);
   const int64_t n = x.numel();
   const bool per_tensor = C == 1;
-  const bool vec = aligned16(x) && aligned16(y) && n % VEC == 0 && (per_tensor || I % VEC == 0);
+  const bool element_scales = inner_channel_vectors<VEC>(scale, C, I);
+  const bool vec = aligned16(x) && aligned16(y) && n % VEC == 0 && (per_tensor || I % VEC == 0 || element_scales);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool fast = allow_fast(kFastForward);
   const RowTiles<VEC> tiles(O, I);
@@ -549,13 +705,15 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   T* yp = y.data_ptr<T>();
   const ChannelOf channel{C, I, Divider32(I), Divider32(C), n < (int64_t(1) << 31)};
   if (vec && per_tensor)
-    lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+    lsq_fwd_kernel<T, VEC, Scales::kTensor><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+  else if (vec && element_scales)
+    lsq_fwd_kernel<T, VEC, Scales::kElement><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else if (vec)
-    lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+    lsq_fwd_kernel<T, VEC, Scales::kVector><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else if (per_tensor)
-    lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+    lsq_fwd_kernel<T, 1, Scales::kTensor><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else
-    lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+    lsq_fwd_kernel<T, 1, Scales::kVector><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -594,12 +752,17 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   constexpr int VEC = 16 / sizeof(T);
   const int64_t sms = num_sms();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool short_rows = C > 1 && I <= kSmallRow;
-  const bool vec = aligned16(x) && aligned16(dy) && aligned16(dx) && I % VEC == 0;
+  const bool aligned = aligned16(x) && aligned16(dy) && aligned16(dx);
+  const bool columns = aligned && inner_channel_vectors<VEC>(scale, C, I);
+  const bool short_rows = !columns && C > 1 && I <= kSmallRow;
+  const bool vec = aligned && I % VEC == 0;
   const RowTiles<VEC> vec_tiles(O, I);
   const RowTiles<1> scalar_tiles(O, I);
   int64_t blocks_c, work_per_c, cb = 1;
-  if (short_rows) {
+  if (columns) {
+    blocks_c = (C + Columns<VEC>::kWidth - 1) / Columns<VEC>::kWidth;
+    work_per_c = (O + Columns<VEC>::kRowStep - 1) / Columns<VEC>::kRowStep;
+  } else if (short_rows) {
     cb = std::max<int64_t>(1, kSmallRow / I);
     blocks_c = (C + cb - 1) / cb;
     work_per_c = O;
@@ -616,7 +779,7 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   int n_splits = splits_for(work_per_c);
   // Prefetching blocks: split rows that still loop over several of the smaller tiles.
   const int64_t prefetch_work = O * vec_tiles.prefetch_tiles_i;
-  const bool prefetching = !short_rows && vec && prefetch() && !vec_tiles.wide && blocks_c < 2 * sms &&
+  const bool prefetching = !columns && !short_rows && vec && prefetch() && !vec_tiles.wide && blocks_c < 2 * sms &&
                            prefetch_work > splits_for(prefetch_work);
   if (prefetching) n_splits = splits_for(prefetch_work);
   const bool final_write = n_splits == 1;
@@ -627,7 +790,11 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   const T* xp = x.data_ptr<T>();
   const float* sp = scale.data_ptr<float>();
   T* dxp = dx.data_ptr<T>();
-  if (short_rows) {
+  if (columns) {
+    const bool fast = allow_fast(kFastBackwardColumns);
+    lsq_bwd_columns_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, n_splits, qn, qp, g,
+                                                                  final_write, fast);
+  } else if (short_rows) {
     const bool fast = allow_fast(O <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
     lsq_bwd_short_kernel<T><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb, n_splits, qn, qp, g,
                                                            final_write, fast);
@@ -646,7 +813,11 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     launch_rows<T, 1>(scalar_tiles, grid, stream, dyp, xp, sp, dxp, outp, O, C, I, n_splits, qn, qp, g, final_write);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!final_write) {
+  if (!final_write && columns) {
+    sum_partials_by_channel_kernel<<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        outp, ds.data_ptr<float>(), C, n_splits, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (!final_write) {
     sum_partials_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(outp, ds.data_ptr<float>(), C, n_splits, g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

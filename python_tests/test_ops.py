@@ -213,6 +213,36 @@ def test_cpu_fp16_every_half_value(level, scale):
         check(x, torch.tensor([scale]), dy, "cpu", 8, True, None)
 
 
+@pytest.mark.skipif(not extension.HAS_CPU, reason="the C++ extension is not built")
+@pytest.mark.parametrize("level", CPU_LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_inner_channel_columns(level, dtype):
+    """Innermost channels run along a row's adjacent channels, 512 per work item and 128 rows: several blocks of
+    each (the last ones partial) give the oracle's results around every tie and bound, at every level."""
+    x, s, dy = _near_tie_case((300, 1100), 1, dtype, "cpu")
+    with extension.cpu_isa(level):
+        check(x, s, dy, "cpu", 4, True, 1)
+
+
+@pytest.mark.skipif(not extension.HAS_CPU, reason="the C++ extension is not built")
+@pytest.mark.parametrize("shape,axis", [pytest.param((300, 1100), 0, id="rows"),
+                                        pytest.param((300, 1100), 1, id="inner-channel-columns"),
+                                        pytest.param((3001, 70), None, id="per-tensor")])
+def test_cpu_scale_gradient_bits_do_not_depend_on_threads(shape, axis):
+    """The scale gradient is summed per work item, then per channel in a fixed order: one thread and two give
+    the same bits."""
+    x, s, dy = _near_tie_case(shape, axis, torch.float32, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        grads = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grads.append(run_op(x, s, dy, "cpu", bits=4, signed=True, axis=axis)[2])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_cpu_isa_rejects_unknown_level():
     with pytest.raises(ValueError, match="level must be one of"):
         with extension.cpu_isa("sse9"):
@@ -229,6 +259,10 @@ CUDA_KERNEL_PATHS = [
     pytest.param((5, 20000), 0, id="long-rows-split"),
     pytest.param((300, 4, 2048), 1, id="rows-looped"),
     pytest.param((20, 4601), 0, id="odd-rows-scalar"),
+    # innermost channels (C a multiple of 8): 16-byte columns, the last column block partly outside C
+    pytest.param((37, 264), 1, id="inner-channel-columns"),
+    pytest.param((4096, 2056), 1, id="inner-channel-columns-looped"),
+    pytest.param((40, 300), 1, id="inner-channel-columns-fp32-only"),  # 16-bit vectors of 8 straddle rows
     pytest.param((70001,), None, id="per-tensor-split"),
     pytest.param((4_400_000,), None, id="per-tensor-looped"),
     pytest.param((4_400_001,), None, id="per-tensor-looped-scalar"),
@@ -291,6 +325,22 @@ def test_cuda_one_tile_rows_with_extreme_scales(scale, dtype, shape):
           "cuda", 4, True, 0)
 
 
+@needs_cuda_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_inner_channel_misaligned_scales(dtype):
+    """Innermost channels whose scales do not start on 16 bytes (a view one float into its storage) cannot load
+    them as vectors; the element-wise kernels must take over and still give the oracle's results."""
+    x, s, dy = _near_tie_case((37, 264), 1, dtype, "cuda")
+    sr = torch.empty(s.numel() + 1, device="cuda")[1:].copy_(s).requires_grad_()
+    assert sr.data_ptr() % 16 != 0
+    xr = x.detach().requires_grad_()
+    y = gk.lsq_fake_quant(xr, sr, bits=4, signed=True, axis=1, backend="cuda")
+    y.backward(dy)
+    ey, edx, eds, mass = oracle(x, s, dy, 4, True, 1, with_mass=True)
+    assert torch.equal(y, ey) and torch.equal(xr.grad, edx)
+    assert sum_err(sr.grad, eds, mass) < 2e-6
+
+
 @pytest.mark.parametrize("kwargs", [dict(forward_blocks_per_sm=-1), dict(split_blocks_per_sm=65),
                                     dict(forward_blocks_per_sm=2.0), dict(prefetch=1)], ids=str)
 def test_cuda_launch_rejects_bad_shapes(kwargs):
@@ -332,6 +382,10 @@ TRITON_BACKWARD_PATHS = [
     pytest.param(((300000,), (4_400_000,)), None, id="per-tensor-split-looped"),
     pytest.param(((12, 4608), (300, 4608)), 0, id="whole-row-tiles"),
     pytest.param(((200, 8), (4096, 300)), 1, id="inner-channel-split"),
+    # innermost channels: ROWS tiles of adjacent channels x rows
+    pytest.param(((2500, 24), (20000, 264)), 1, id="inner-channel-rows-split-looped"),
+    pytest.param(((20, 2056), (40, 67592)), 1, id="inner-channel-rows-program-per-block"),
+    pytest.param(((64, 256), (512, 2048)), 1, id="inner-channel-rows-even"),
 ]
 
 
@@ -344,11 +398,11 @@ def triton_settings(monkeypatch):
     def apply(**settings):
         for name, value in settings.items():
             monkeypatch.setattr(triton_lsq, name, value)
-        triton_lsq._plan.cache_clear()
+        triton_lsq.clear_plans()
 
     yield apply
     monkeypatch.undo()
-    triton_lsq._plan.cache_clear()
+    triton_lsq.clear_plans()
 
 
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)

@@ -17,14 +17,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from gaqat_kernels.kernels import triton_lsq
 
-FWD = ["x_ptr", "s_ptr", "y_ptr", "C", "I", "tiles_i", "tiles_per_cb", "qn", "qp"]
-BWD = ["x_ptr", "dy_ptr", "s_ptr", "dx_ptr", "out_ptr", "C", "I", "tiles_i", "tiles_per_cb", "n_splits", "qn", "qp",
-       "g"]
+FWD = ["x_ptr", "s_ptr", "y_ptr", "O", "C", "I", "tiles_i", "tiles_per_cb", "qn", "qp"]
+BWD = ["x_ptr", "dy_ptr", "s_ptr", "dx_ptr", "out_ptr", "O", "C", "I", "tiles_i", "tiles_per_cb", "n_splits",
+       "qn", "qp", "g"]
 
 def compile_one(fn, names, dtype, constexprs, **options):
-    sig = {n: ("*fp32" if n in ("s_ptr", "out_ptr") else f"*{dtype}") if n.endswith("_ptr")
-           else ("fp32" if n in ("qn", "qp", "g") else "i32") for n in names}
-    sig.update({k: "constexpr" for k in constexprs})
+    types = {n: ("*fp32" if n in ("s_ptr", "out_ptr") else f"*{dtype}") if n.endswith("_ptr")
+             else ("fp32" if n in ("qn", "qp", "g") else "i32") for n in names}
+    types.update({k: "constexpr" for k in constexprs})
+    sig = {n: types[n] for n in fn.arg_names}  # in the kernel's parameter order: constexprs are found by position
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in constexprs.items()})
     try:
         assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, **options}).asm["ptx"]
@@ -33,7 +34,7 @@ def compile_one(fn, names, dtype, constexprs, **options):
         sys.exit(0)
 
 for dtype, even, fast_div in itertools.product(["fp32", "bf16", "fp16"], [True, False], [True, False]):
-    common = dict(BLOCK_C=2, BLOCK_I=1024, EVEN=even, FAST_DIV=fast_div)
+    common = dict(BLOCK_C=2, BLOCK_I=1024, EVEN=even, FAST_DIV=fast_div, ROWS=False)
     compile_one(triton_lsq._lsq_fwd_kernel, FWD, dtype, dict(common, INTERPRETED_BF16=False))
     for final, prefetch in itertools.product((True, False), (True, False)):
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, FINAL=final, TAIL_I=0, TAIL_EVEN=False,
@@ -42,6 +43,15 @@ for dtype, even, fast_div in itertools.product(["fp32", "bf16", "fp16"], [True, 
     for prefetch in (True, False):  # split tiles along a row's channels (an innermost channel axis)
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, BLOCK_C=2048, BLOCK_I=1, FINAL=False, TAIL_I=0,
                                                                   TAIL_EVEN=False, PREFETCH=prefetch),
+                    maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
+    # innermost channels: ROWS tiles of 512 bytes of adjacent channels x rows
+    width = 128 if dtype == "fp32" else 256
+    rows = dict(common, BLOCK_C=width, ROWS=True)
+    compile_one(triton_lsq._lsq_fwd_kernel, FWD, dtype, dict(rows, BLOCK_I=4096 // width, INTERPRETED_BF16=False))
+    for final in (True, False):  # ROWS programs do not prefetch
+        compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(rows, BLOCK_I=triton_lsq._ROWS_BACKWARD_TILE // width,
+                                                                  FINAL=final, TAIL_I=0, TAIL_EVEN=False,
+                                                                  PREFETCH=False),
                     maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
     for tail_even in (True, False):  # whole rows in two blocks (_ROW_TILE_SPLIT)
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, BLOCK_C=1, BLOCK_I=4096, FINAL=True,

@@ -78,15 +78,24 @@ def _round_to_bf16_grid(v):
 
 
 @triton.jit
-def _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
-    o = t // tiles_i
-    ib = t % tiles_i
+def _tile_offsets(t, cb, O, C, I, tiles_i, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, ROWS: tl.constexpr):
+    """Tile t of channel block cb: BLOCK_C channels x BLOCK_I elements of one row (row t // tiles_i), or with
+    ROWS (I == 1) BLOCK_C adjacent channels x BLOCK_I rows (row block t), so that a scale serves BLOCK_I elements."""
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
-    # int64 tile base, int32 in-tile offsets: BLOCK_C * I < 2**31 is checked by the launcher.
-    base = (o.to(tl.int64) * C + cb * BLOCK_C) * I + ib * BLOCK_I
-    local = tl.arange(0, BLOCK_C)[:, None] * I + tl.arange(0, BLOCK_I)[None, :]
-    mask = (c < C)[:, None] & (i < I)[None, :]
+    if ROWS:
+        o = t * BLOCK_I + tl.arange(0, BLOCK_I)
+        # int64 tile base, int32 in-tile offsets: BLOCK_I * C < 2**31 is checked by the launcher.
+        base = tl.cast(t, tl.int64) * BLOCK_I * C + cb * BLOCK_C
+        local = tl.arange(0, BLOCK_C)[:, None] + tl.arange(0, BLOCK_I)[None, :] * C
+        mask = (c < C)[:, None] & (o < O)[None, :]
+    else:
+        o = t // tiles_i
+        ib = t % tiles_i
+        i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+        # int64 tile base, int32 in-tile offsets: BLOCK_C * I < 2**31 is checked by the launcher.
+        base = (o.to(tl.int64) * C + cb * BLOCK_C) * I + ib * BLOCK_I
+        local = tl.arange(0, BLOCK_C)[:, None] * I + tl.arange(0, BLOCK_I)[None, :]
+        mask = (c < C)[:, None] & (i < I)[None, :]
     return c, base + local, mask
 
 
@@ -111,13 +120,13 @@ def _fwd_tile(x_ptr, y_ptr, offs, mask, s, qn, qp, INTERPRETED_BF16: tl.constexp
 
 @triton.jit
 def _lsq_fwd_kernel(
-    x_ptr, s_ptr, y_ptr, C, I, tiles_i, tiles_per_cb, qn, qp,
+    x_ptr, s_ptr, y_ptr, O, C, I, tiles_i, tiles_per_cb, qn, qp,
     BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INTERPRETED_BF16: tl.constexpr, EVEN: tl.constexpr,
-    FAST_DIV: tl.constexpr,
+    FAST_DIV: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cb = pid // tiles_per_cb
-    c, offs, mask = _tile_offsets(pid % tiles_per_cb, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+    c, offs, mask = _tile_offsets(pid % tiles_per_cb, cb, O, C, I, tiles_i, BLOCK_C, BLOCK_I, ROWS)
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)
     # Fast division first and unconditionally, so that the tile's loads need not wait for the scale; a scale
     # outside its range (never in practice) writes the tile again with IEEE division.
@@ -164,9 +173,9 @@ def _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN: tl.constex
 
 
 @triton.jit
-def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
+def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, O, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
                BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
-               TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr, PREFETCH: tl.constexpr):
+               TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr, PREFETCH: tl.constexpr, ROWS: tl.constexpr):
     """dx of this program's tiles and their per-row sums of the scale-gradient terms.
 
     The loop adds the terms element by element and reduces once at the end: a reduction per tile would put a
@@ -188,11 +197,11 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
         if PREFETCH:
             # The next tile's loads are issued before this tile's math, so they are in flight while it runs.
             # sp < tiles_per_cb (n_splits <= tiles); past the last tile the prefetch is masked off entirely.
-            _, offs, mask = _tile_offsets(sp, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+            _, offs, mask = _tile_offsets(sp, cb, O, C, I, tiles_i, BLOCK_C, BLOCK_I, ROWS)
             x, dy = _load_pair(x_ptr, dy_ptr, offs, mask, EVEN)
             for t in range(sp, tiles_per_cb, n_splits):
                 live = tl.full([BLOCK_C, BLOCK_I], t + n_splits, tl.int32) < tiles_per_cb  # uniform
-                _, offs_n, mask_n = _tile_offsets(t + n_splits, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+                _, offs_n, mask_n = _tile_offsets(t + n_splits, cb, O, C, I, tiles_i, BLOCK_C, BLOCK_I, ROWS)
                 if EVEN:
                     x_n, dy_n = _load_pair(x_ptr, dy_ptr, offs_n, live, False)
                 else:
@@ -201,7 +210,7 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
                 x, dy, offs, mask = x_n, dy_n, offs_n, mask_n
         else:
             for t in range(sp, tiles_per_cb, n_splits):
-                _, offs, mask = _tile_offsets(t, cb, C, I, tiles_i, BLOCK_C, BLOCK_I)
+                _, offs, mask = _tile_offsets(t, cb, O, C, I, tiles_i, BLOCK_C, BLOCK_I, ROWS)
                 terms += _bwd_block(x_ptr, dy_ptr, dx_ptr, offs, mask, s, r, qn, qp, EVEN, FAST)
         acc = tl.sum(terms, axis=1)
     return acc
@@ -209,9 +218,10 @@ def _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s, C, I, tiles_i, tiles_per_cb, n_
 
 @triton.jit
 def _lsq_bwd_kernel(
-    x_ptr, dy_ptr, s_ptr, dx_ptr, out_ptr, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp, g,
+    x_ptr, dy_ptr, s_ptr, dx_ptr, out_ptr, O, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp, g,
     BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, FINAL: tl.constexpr, EVEN: tl.constexpr,
     FAST_DIV: tl.constexpr, TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     cb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -219,13 +229,13 @@ def _lsq_bwd_kernel(
     s = tl.load(s_ptr + c, mask=c < C, other=1.0)
     # As in the forward: fast division first, its loads not held back by a branch on the scale; a scale outside
     # its range does the program's tiles again with IEEE division, rewriting dx.
-    acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
-                     BLOCK_C, BLOCK_I, EVEN, FAST_DIV, TAIL_I, TAIL_EVEN, PREFETCH)
+    acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], O, C, I, tiles_i, tiles_per_cb, n_splits, qn, qp,
+                     BLOCK_C, BLOCK_I, EVEN, FAST_DIV, TAIL_I, TAIL_EVEN, PREFETCH, ROWS)
     if FAST_DIV:
         if not _fast_div_ok(s, c < C):
             tl.debug_barrier()
-            acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], C, I, tiles_i, tiles_per_cb, n_splits, qn,
-                             qp, BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN, PREFETCH)
+            acc = _bwd_tiles(x_ptr, dy_ptr, dx_ptr, cb, sp, s[:, None], O, C, I, tiles_i, tiles_per_cb, n_splits, qn,
+                             qp, BLOCK_C, BLOCK_I, EVEN, False, TAIL_I, TAIL_EVEN, PREFETCH, ROWS)
     if FINAL:
         tl.store(out_ptr + c, acc * g, mask=c < C)
     else:
@@ -287,6 +297,13 @@ _ROW_TILE_WARPS = {4: 8, 2: 8}
 # Whole-row tiles as two power-of-two blocks (no masked lanes in the first; see _bwd_tiles) instead of one
 # next_power_of_2(I) block: measured on H100, 512x512x3x3 fwd+bwd fp32 1.195 -> 1.145x floor, bf16 1.685 -> 1.423.
 _ROW_TILE_SPLIT = True
+# Innermost channels (I == 1, a transposed Linear weight) take row-block tiles (_tile_offsets' ROWS): this many
+# bytes of adjacent channels (one warp's 16-byte accesses) x as many rows as the tile holds, so that a scale and
+# its reciprocal, loaded and computed per channel, serve every row of the tile instead of one element.
+_ROWS_TILE_WIDTH_BYTES = 512
+# Elements of a ROWS backward tile at most, and no prefetch there: under the 64-register cap (sm_90, Triton 3.6)
+# the loop spilled 48-96 bytes at 4096 elements and 24-72 bytes with prefetch at 2048; at 2048 without it, none.
+_ROWS_BACKWARD_TILE = 2048
 
 
 def _for_size(table: dict, x: Tensor) -> int:
@@ -324,6 +341,18 @@ def _device_sms(x: Tensor) -> int:
     return _num_sms(x.device.index or 0) if x.is_cuda else 4
 
 
+def _rows(O: int, C: int, I: int) -> bool:
+    """Whether tiles run over rows of adjacent channels (``_tile_offsets``' ROWS): an innermost channel axis."""
+    return I == 1 and O > 1 and C > 1
+
+
+def _rows_tile_shape(O: int, C: int, tile: int, width: int) -> Tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_I, row blocks)`` of ROWS tiles: ``width`` channels (fewer if C is smaller) x rows."""
+    bc = min(triton.next_power_of_2(C), width)
+    bi = min(max(tile // bc, 1), triton.next_power_of_2(O))
+    return bc, bi, triton.cdiv(O, bi)
+
+
 def _tile_shape(C: int, I: int, tile: int) -> Tuple[int, int, int]:
     """``(largest BLOCK_C, BLOCK_I, row blocks per row)`` of tiles holding at most ``tile`` elements."""
     bi = _block_i(I, tile)
@@ -344,8 +373,9 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, split_tile: int, splits_p
     while bc > 1 and triton.cdiv(C, bc) < 2 * sms:
         bc //= 2
     num_cb = triton.cdiv(C, bc)
-    # Short rows under many outer rows (an innermost channel axis: I == 1) would leave each channel block's program
-    # looping over O tiles of a few elements; split programs over wide channel blocks move whole rows instead.
+    # Short rows under many outer rows (a channel axis next to a short innermost one; I == 1 takes _rows_plan) would
+    # leave each channel block's program looping over O tiles of a few elements; split programs over wide channel
+    # blocks move whole rows instead.
     tiny_loop = O > 1 and bc * bi < tile // 4
     if num_cb >= 2 * sms and not tiny_loop:
         if bc == 1 and O == 1 and tiles_i > 1 and triton.next_power_of_2(I) <= 2 * tile:
@@ -358,15 +388,30 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, split_tile: int, splits_p
                 return bc, main, 1, num_cb, 1, True, _BACKWARD_MAX_REGISTERS, row_tile_warps, tail
             return bc, triton.next_power_of_2(I), 1, num_cb, 1, True, _BACKWARD_MAX_REGISTERS, row_tile_warps, 0
         return (bc, bi, tiles_i, num_cb, 1) + _backward_division(O * tiles_i == 1) + (_NUM_WARPS, 0)
-    if I == 1:
-        # Tiles of one element per channel hold a scale and its reciprocal per element: at 4096 fp32 elements the
-        # loop spills 128-160 bytes under the register cap, at 2048 it does not (sm_90, Triton 3.6).
+    if I == 1:  # a single row of channels (O == 1)
+        # Tiles of one element per channel hold a scale and its reciprocal per element: at 4096 elements the loop
+        # spills 104-176 bytes under the register cap, at 2048 it does not (sm_90, Triton 3.6).
         split_tile = min(split_tile, 2048)
     bc, bi, tiles_i = _tile_shape(C, I, split_tile)
     num_cb = triton.cdiv(C, bc)
     tiles = O * tiles_i
     n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
     return (bc, bi, tiles_i, num_cb, n_splits) + _backward_division(tiles <= n_splits) + (_NUM_WARPS, 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rows_plan(O: int, C: int, sms: int, tile: int, split_tile: int, splits_per_sm: int, width: int
+               ) -> Tuple[int, int, int, int, int, bool, Optional[int], int, int]:
+    """``_plan`` for ROWS tiles (``_rows``): one program per channel block when they fill the GPU, otherwise each
+    block's row blocks split over programs."""
+    tile, split_tile = min(tile, _ROWS_BACKWARD_TILE), min(split_tile, _ROWS_BACKWARD_TILE)
+    bc, bi, tiles = _rows_tile_shape(O, C, tile, width)
+    num_cb = triton.cdiv(C, bc)
+    n_splits = 1
+    if num_cb < 2 * sms:
+        bc, bi, tiles = _rows_tile_shape(O, C, split_tile, width)
+        n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
+    return (bc, bi, 1, num_cb, n_splits) + _backward_division(tiles <= n_splits) + (_NUM_WARPS, 0)
 
 
 def _backward_division(one_tile: bool) -> Tuple[bool, Optional[int]]:
@@ -376,9 +421,15 @@ def _backward_division(one_tile: bool) -> Tuple[bool, Optional[int]]:
     return fast, None if one_tile and not fast else _BACKWARD_MAX_REGISTERS
 
 
-def _even(C: int, I: int, block_c: int, block_i: int) -> bool:
-    """Every tile full: the kernels then skip their masks."""
-    return C % block_c == 0 and I % block_i == 0
+def _even(C: int, second: int, block_c: int, block_i: int) -> bool:
+    """Every tile full (``second``: I, or O for ROWS tiles): the kernels then skip their masks."""
+    return C % block_c == 0 and second % block_i == 0
+
+
+def clear_plans() -> None:
+    """Drop the cached backward plans; they read the module's settings (tests and tune_triton.py change them)."""
+    _plan.cache_clear()
+    _rows_plan.cache_clear()
 
 
 def _check_int32(block_c: int, inner: int) -> None:
@@ -391,17 +442,28 @@ def forward(x: Tensor, scale: Tensor, y: Tensor, qn: int, qp: int, axis: Optiona
     O, C, I = channel_view(x, axis)
     if x.numel() == 0:
         return
-    bc, bi, tiles_i = _tile_shape(C, I, _tile(x, _FORWARD_TILE_BYTES))
-    tiles_per_cb = O * tiles_i
+    tile = _tile(x, _FORWARD_TILE_BYTES)
     min_programs = 4 * _device_sms(x)  # small tensors: smaller tiles, so that the grid fills the GPU
-    while bc > 1 and triton.cdiv(C, bc) * tiles_per_cb < min_programs:
-        bc //= 2
-    _check_int32(bc, I)
+    rows = _rows(O, C, I)
+    if rows:
+        bc, bi, tiles_per_cb = _rows_tile_shape(O, C, tile, _ROWS_TILE_WIDTH_BYTES // x.element_size())
+        while bi > 1 and triton.cdiv(C, bc) * tiles_per_cb < min_programs:
+            bi //= 2
+            tiles_per_cb = triton.cdiv(O, bi)
+        tiles_i, even = 1, _even(C, O, bc, bi)
+        _check_int32(bi, C)
+    else:
+        bc, bi, tiles_i = _tile_shape(C, I, tile)
+        tiles_per_cb = O * tiles_i
+        while bc > 1 and triton.cdiv(C, bc) * tiles_per_cb < min_programs:
+            bc //= 2
+        even = _even(C, I, bc, bi)
+        _check_int32(bc, I)
     grid = (triton.cdiv(C, bc) * tiles_per_cb,)
     _lsq_fwd_kernel[grid](
-        x, scale, y, C, I, tiles_i, tiles_per_cb, float(qn), float(qp),
+        x, scale, y, O, C, I, tiles_i, tiles_per_cb, float(qn), float(qp),
         BLOCK_C=bc, BLOCK_I=bi, INTERPRETED_BF16=(y.dtype == torch.bfloat16 and not y.is_cuda),
-        EVEN=_even(C, I, bc, bi), FAST_DIV=_FAST_DIV_FORWARD, num_warps=_NUM_WARPS,
+        EVEN=even, FAST_DIV=_FAST_DIV_FORWARD, ROWS=rows, num_warps=_NUM_WARPS,
     )
 
 
@@ -417,17 +479,26 @@ def backward(
     if x.numel() == 0:
         ds.zero_()
         return
-    bc, bi, tiles_i, num_cb, n_splits, fast_div, max_registers, num_warps, tail_i = _plan(
-        O, C, I, _device_sms(x), _tile(x), _tile(x, _SPLIT_TILE_BYTES),
-        _for_size(_SPLIT_PROGRAMS_PER_SM, x), _for_size(_ROW_TILE_WARPS, x))
-    _check_int32(bc, I)
+    rows = _rows(O, C, I)
+    sizes = (_device_sms(x), _tile(x), _tile(x, _SPLIT_TILE_BYTES), _for_size(_SPLIT_PROGRAMS_PER_SM, x))
+    if rows:
+        plan = _rows_plan(O, C, *sizes, _ROWS_TILE_WIDTH_BYTES // x.element_size())
+    else:
+        plan = _plan(O, C, I, *sizes, _for_size(_ROW_TILE_WARPS, x))
+    bc, bi, tiles_i, num_cb, n_splits, fast_div, max_registers, num_warps, tail_i = plan
+    if rows:
+        tiles_per_cb, even = triton.cdiv(O, bi), _even(C, O, bc, bi)
+        _check_int32(bi, C)
+    else:
+        tiles_per_cb, even = O * tiles_i, _even(C, I, bc, bi)
+        _check_int32(bc, I)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
     _lsq_bwd_kernel[(num_cb, n_splits)](
-        x, dy, scale, dx, out, C, I, tiles_i, O * tiles_i, n_splits, float(qn), float(qp), float(g),
-        BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=_even(C, I, bc, bi), FAST_DIV=fast_div,
-        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, PREFETCH=_for_size(_PREFETCH, x) and n_splits > 1,
-        num_warps=num_warps, maxnreg=max_registers,
+        x, dy, scale, dx, out, O, C, I, tiles_i, tiles_per_cb, n_splits, float(qn), float(qp), float(g),
+        BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=even, FAST_DIV=fast_div,
+        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, PREFETCH=_for_size(_PREFETCH, x) and n_splits > 1 and not rows,
+        ROWS=rows, num_warps=num_warps, maxnreg=max_registers,
     )
     if not final:
         block_c = min(triton.next_power_of_2(C), 256)
