@@ -4,7 +4,7 @@
 # step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
-# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton and CUDA launch questions of RESULTS.md).
+# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton and CUDA questions of RESULTS.md).
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -46,10 +46,11 @@ fi
 if [[ $mode == tune ]]; then
   if [[ -n ${TUNE_ARGS:-} ]]; then
     python3 benchmarks/tune_triton.py --out "$out" $TUNE_ARGS 2>&1 | grep -v Warn | tee "$out/tune.log"
-  else  # the open questions (RESULTS.md): 16-bit forward tile bytes (Triton); prefetch in looping backward blocks (CUDA)
+  else  # the open questions (RESULTS.md): 16-bit forward tile bytes (Triton); both backends on innermost channels
     python3 benchmarks/tune_triton.py --out "$out/tune_fwd" --dtypes bf16 --forward-tiles 8192 16384 32768 \
       2>&1 | grep -v Warn | tee "$out/tune_fwd.log"
-    python3 benchmarks/tune_cuda.py --out "$out/tune_cuda" --cases act --dtypes fp32 bf16 --prefetch default 1 2>&1 | grep -v Warn | tee "$out/tune_cuda.log"
+    python3 benchmarks/bench_kernels.py --out "$out/last_axis" --quick --impls triton cuda --cases "last axis" \
+      2>&1 | grep -v Warn | tee "$out/last_axis.log" | grep "x floor"
   fi
 fi
 if [[ $mode == conflict || $mode == all ]]; then
