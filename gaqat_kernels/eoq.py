@@ -82,9 +82,9 @@ def ensemble(run_dirs: List[str], device: Optional[str] = None) -> Dict:
     test = dataset.domain_index(args.test_domain)
     predictions = [torch.load(os.path.join(d, TEST_PROBS), map_location="cpu") if use
                    else _model_predictions(d, dataset, test, device) for d, use in zip(run_dirs, saved)]
-    labels = predictions[0]["labels"]
+    labels = predictions[0]["labels"].long()  # int16 since the files carry them so, int64 before
     for d, p in zip(run_dirs, predictions):
-        if not torch.equal(p["labels"], labels):
+        if not torch.equal(p["labels"].long(), labels):
             raise ValueError(f"run dirs: {d} predicted another test domain than {run_dirs[0]} (labels differ)")
     in_idx, _ = split_indices(len(labels), test, args.holdout_fraction, args.trial_seed)
     members = [{"run": d, "seed": s["seed"], "test_acc": accuracy(p["probs"][in_idx], labels[in_idx]),

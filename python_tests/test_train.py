@@ -196,6 +196,7 @@ def test_eoq_from_saved_predictions_matches_the_models(tmp_path):
         saved = torch.load(os.path.join(d, train.TEST_PROBS))
         results = json.load(open(os.path.join(d, "results.json")))
         assert saved["step"] == results["selected_step"] and saved["probs"].shape == (len(saved["labels"]), 10)
+        assert saved["labels"].dtype == torch.int16  # committed for every sweep run: kept small
         in_idx, _ = split_indices(len(saved["labels"]), 1, 0.2, results["args"]["trial_seed"])
         one = 1 / len(in_idx)  # evaluation batches differ: allow one near-tie to fall the other way
         assert train.accuracy(saved["probs"][in_idx], saved["labels"][in_idx]) == pytest.approx(
