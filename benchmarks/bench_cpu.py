@@ -20,6 +20,7 @@ from gaqat_kernels.kernels.reference import lsq_fake_quant_eager
 
 CASES = [
     ("conv weight 256x256x3x3 per-channel", (256, 256, 3, 3), 0),
+    ("conv weight 256x256x3x3 per input channel (axis 1)", (256, 256, 3, 3), 1),
     ("weight 1024x1024 per-channel", (1024, 1024), 0),
     ("weight 1024x1024 per-channel, last axis", (1024, 1024), 1),
     ("act 16x64x56x56 per-tensor", (16, 64, 56, 56), None),

@@ -32,20 +32,31 @@ namespace {
 
 constexpr int64_t kItemElems = 1 << 16;  // elements per work item
 constexpr int64_t kMinRowsPerItem = 1024;  // for short rows, >= 1024 elements of a channel per partial
-constexpr int64_t kColumnBlock = 512;      // innermost channels: channels per work item
+constexpr int64_t kSpanRow = 64;           // rows shorter than this run as spans (below)
+constexpr int64_t kSpan = 512;             // elements per call of the span loops, about
+constexpr int64_t kMaxSpan = 4096;         // at most (an item's scales and sums stay small allocations)
 
-// Innermost channels (I == 1, a transposed Linear weight): the loops run along a row's adjacent channels, each
-// element with its own scale; called per element, the row loops were slower than the eager reference.
-bool columns(int64_t C, int64_t I) { return I == 1 && C > 1; }
+// Rows of under kSpanRow elements (an innermost channel axis, I == 1; a conv weight per input channel, I == 9):
+// the row loops would run a few elements per call (one per call for I == 1, slower than the eager reference), so
+// the loops run over spans of ~kSpan elements instead: a block of adjacent channels' rows, or several whole outer
+// rows when one is shorter than that, each element with its own scale from an expanded copy of the scales.
+bool spans(int64_t C, int64_t I) { return C > 1 && I < kSpanRow; }
 
 // Work items tile the (O, C, I) view as [o_chunk rows] x [c_block channels] x [i_chunk elements].
 struct Plan {
   int64_t i_chunk, o_chunk, c_block, n_i, n_o, n_c;
+  int64_t rows_per_span = 1;  // spans: outer rows per span (c_block == C when > 1)
   Plan(int64_t O, int64_t C, int64_t I) {
     i_chunk = std::max<int64_t>(1, std::min(I, kItemElems));
-    if (columns(C, I)) {
-      c_block = std::min(C, kColumnBlock);
-      o_chunk = std::min(O, kItemElems / c_block);
+    if (spans(C, I)) {
+      if (C * I < kSpan) {
+        c_block = C;
+        rows_per_span = std::min(O, (kSpan + C * I - 1) / (C * I));
+        o_chunk = std::min(O, std::max(rows_per_span, kItemElems / (C * I) / rows_per_span * rows_per_span));
+      } else {  // spans of a block of channels' rows, wider (up to kMaxSpan) where few outer rows fill an item
+        o_chunk = std::min(O, kItemElems / kSpan);
+        c_block = std::min({C, std::max(kSpan, std::min(kMaxSpan, kItemElems / o_chunk)) / I});
+      }
     } else {
       o_chunk = std::max<int64_t>(1, std::min(O, (kMinRowsPerItem + i_chunk - 1) / i_chunk));
       c_block = std::max<int64_t>(1, std::min(C, kItemElems / (o_chunk * i_chunk)));
@@ -150,10 +161,10 @@ inline __attribute__((always_inline)) float backward_row_body(const S* __restric
   return acc;
 }
 
-// A row's n adjacent channels (innermost channels): scale s[i] for element i, and each element's scale-gradient
-// term added to acc[i] (one channel's sum runs over the rows in order, whatever the vector width).
+// A span of n elements, scale s[i] for element i, and each element's scale-gradient term added to acc[i] (so a
+// channel's sum runs over the rows in order, whatever the vector width).
 template <Kind K, typename S>
-inline __attribute__((always_inline)) void forward_columns_body(const S* __restrict__ x, S* __restrict__ y,
+inline __attribute__((always_inline)) void forward_span_body(const S* __restrict__ x, S* __restrict__ y,
                                                                 int64_t n, const float* __restrict__ s, float qn,
                                                                 float qp) {
 #pragma omp simd
@@ -161,7 +172,7 @@ inline __attribute__((always_inline)) void forward_columns_body(const S* __restr
 }
 
 template <Kind K, typename S>
-inline __attribute__((always_inline)) void backward_columns_body(const S* __restrict__ dy, const S* __restrict__ x,
+inline __attribute__((always_inline)) void backward_span_body(const S* __restrict__ dy, const S* __restrict__ x,
                                                                  S* __restrict__ dx, int64_t n,
                                                                  const float* __restrict__ s,
                                                                  double* __restrict__ acc, float qn, float qp) {
@@ -183,13 +194,13 @@ inline __attribute__((always_inline)) void backward_columns_body(const S* __rest
 // The row loops of every input type, compiled once per instruction-set level.
 using ForwardRow = void (*)(const void*, void*, int64_t, float, float, float);
 using BackwardRow = float (*)(const void*, const void*, void*, int64_t, float, float, float);
-using ForwardColumns = void (*)(const void*, void*, int64_t, const float*, float, float);
-using BackwardColumns = void (*)(const void*, const void*, void*, int64_t, const float*, double*, float, float);
+using ForwardSpan = void (*)(const void*, void*, int64_t, const float*, float, float);
+using BackwardSpan = void (*)(const void*, const void*, void*, int64_t, const float*, double*, float, float);
 struct RowLoops {
   ForwardRow forward[3];  // indexed by Kind
   BackwardRow backward[3];
-  ForwardColumns forward_columns[3];
-  BackwardColumns backward_columns[3];
+  ForwardSpan forward_span[3];
+  BackwardSpan backward_span[3];
 };
 
 #define GAQAT_ROW_LOOPS(NAME, ATTR)                                                                       \
@@ -204,13 +215,13 @@ struct RowLoops {
                                 n, sc, qn, qp);                                                           \
   }                                                                                                       \
   template <Kind K, typename S>                                                                           \
-  ATTR void forward_columns_##NAME(const void* x, void* y, int64_t n, const float* s, float qn, float qp) { \
-    forward_columns_body<K>(static_cast<const S*>(x), static_cast<S*>(y), n, s, qn, qp);                  \
+  ATTR void forward_span_##NAME(const void* x, void* y, int64_t n, const float* s, float qn, float qp) { \
+    forward_span_body<K>(static_cast<const S*>(x), static_cast<S*>(y), n, s, qn, qp);                  \
   }                                                                                                       \
   template <Kind K, typename S>                                                                           \
-  ATTR void backward_columns_##NAME(const void* dy, const void* x, void* dx, int64_t n, const float* s,  \
+  ATTR void backward_span_##NAME(const void* dy, const void* x, void* dx, int64_t n, const float* s,  \
                                     double* acc, float qn, float qp) {                                    \
-    backward_columns_body<K>(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx), n, \
+    backward_span_body<K>(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx), n, \
                              s, acc, qn, qp);                                                             \
   }                                                                                                       \
   const RowLoops row_loops_##NAME = {                                                                     \
@@ -218,10 +229,10 @@ struct RowLoops {
        forward_row_##NAME<Kind::F16, uint16_t>},                                                          \
       {backward_row_##NAME<Kind::F32, float>, backward_row_##NAME<Kind::BF16, uint16_t>,                  \
        backward_row_##NAME<Kind::F16, uint16_t>},                                                         \
-      {forward_columns_##NAME<Kind::F32, float>, forward_columns_##NAME<Kind::BF16, uint16_t>,            \
-       forward_columns_##NAME<Kind::F16, uint16_t>},                                                      \
-      {backward_columns_##NAME<Kind::F32, float>, backward_columns_##NAME<Kind::BF16, uint16_t>,          \
-       backward_columns_##NAME<Kind::F16, uint16_t>}};
+      {forward_span_##NAME<Kind::F32, float>, forward_span_##NAME<Kind::BF16, uint16_t>,            \
+       forward_span_##NAME<Kind::F16, uint16_t>},                                                      \
+      {backward_span_##NAME<Kind::F32, float>, backward_span_##NAME<Kind::BF16, uint16_t>,          \
+       backward_span_##NAME<Kind::F16, uint16_t>}};
 
 GAQAT_ROW_LOOPS(baseline, )
 #if GAQAT_X86_LEVELS
@@ -271,19 +282,57 @@ constexpr int kind_of() {
 }
 
 // ---------------------------------------------------------------------------------------------- kernels
+// The spans of channel block cb: Plan::rows_per_span outer rows of its channels' rows each, element k of a span
+// in channel c0 + (k % width) / I; and their scales, one per element. Where every element is its own channel
+// (I == 1, one outer row per span), the scales are the channels' own and the sums go to their slots directly.
+struct Span {
+  int64_t c0, channels, I, rows;
+  const float* scales;
+  std::vector<float> expanded;  // the scales of the longest span, where they repeat
+  Span(const Plan& p, const float* s, int64_t cb, int64_t C, int64_t I_)
+      : c0(cb * p.c_block), channels(std::min(C, c0 + p.c_block) - c0), I(I_), rows(p.rows_per_span),
+        scales(s + c0) {
+    if (direct()) return;
+    expanded.reserve(static_cast<size_t>(rows * channels * I));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = c0; c < c0 + channels; ++c) expanded.insert(expanded.end(), static_cast<size_t>(I), s[c]);
+    scales = expanded.data();
+  }
+  bool direct() const { return I == 1 && rows == 1; }
+  int64_t width() const { return channels * I; }
+  // Elements of the span that starts at outer row o (fewer rows at the end of the tensor).
+  int64_t elements(int64_t o, int64_t O) const { return std::min(rows, O - o) * width(); }
+  // Backward: where each element of a span adds its terms up (out: channel c0's slot of this item's partials),
+  // and, after the item's spans, each element's sum added to its channel's slot in element order.
+  double* sums(std::vector<double>& acc, double* out) const {
+    if (direct()) return out + c0;
+    acc.assign(static_cast<size_t>(rows * width()), 0.0);
+    return acc.data();
+  }
+  void add_by_channel(const std::vector<double>& acc, double* out) const {
+    if (direct()) return;
+    size_t k = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = c0; c < c0 + channels; ++c)
+        for (int64_t i = 0; i < I; ++i) out[c] += acc[k++];
+  }
+};
+
 template <typename T>
 void forward_impl(const T* x, const float* s, T* y, int64_t O, int64_t C, int64_t I, float qn, float qp) {
   const ForwardRow row_loop = loops().forward[kind_of<T>()];
-  const ForwardColumns columns_loop = loops().forward_columns[kind_of<T>()];
+  const ForwardSpan span_loop = loops().forward_span[kind_of<T>()];
   const Plan p(O, C, I);
   at::parallel_for(0, p.items(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t ic = item % p.n_i, cb = (item / p.n_i) % p.n_c, oc = item / (p.n_i * p.n_c);
       const int64_t i0 = ic * p.i_chunk, i1 = std::min(I, i0 + p.i_chunk);
-      if (columns(C, I)) {
-        const int64_t c0 = cb * p.c_block, n = std::min(C, c0 + p.c_block) - c0;
-        for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o)
-          columns_loop(x + o * C + c0, y + o * C + c0, n, s + c0, qn, qp);
+      if (spans(C, I)) {
+        const Span span(p, s, cb, C, I);
+        for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); o += p.rows_per_span) {
+          const int64_t start = (o * C + span.c0) * I, n = span.elements(o, O);
+          span_loop(x + start, y + start, n, span.scales, qn, qp);
+        }
         continue;
       }
       for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o) {
@@ -300,7 +349,7 @@ template <typename T>
 void backward_impl(const T* dy, const T* x, const float* s, T* dx, float* ds, int64_t O, int64_t C, int64_t I,
                    float qn, float qp, double g) {
   const BackwardRow row_loop = loops().backward[kind_of<T>()];
-  const BackwardColumns columns_loop = loops().backward_columns[kind_of<T>()];
+  const BackwardSpan span_loop = loops().backward_span[kind_of<T>()];
   const Plan p(O, C, I);
   const int64_t splits = p.n_o * p.n_i;  // partials per channel
   std::vector<double> partial(static_cast<size_t>(splits * C));
@@ -308,11 +357,16 @@ void backward_impl(const T* dy, const T* x, const float* s, T* dx, float* ds, in
     for (int64_t item = begin; item < end; ++item) {
       const int64_t ic = item % p.n_i, cb = (item / p.n_i) % p.n_c, oc = item / (p.n_i * p.n_c);
       const int64_t i0 = ic * p.i_chunk, i1 = std::min(I, i0 + p.i_chunk);
-      if (columns(C, I)) {
-        const int64_t c0 = cb * p.c_block, n = std::min(C, c0 + p.c_block) - c0;
-        double* acc = partial.data() + oc * C + c0;  // this item's own slots (n_i == 1), zeroed by the vector
-        for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); ++o)
-          columns_loop(dy + o * C + c0, x + o * C + c0, dx + o * C + c0, n, s + c0, acc, qn, qp);
+      if (spans(C, I)) {
+        const Span span(p, s, cb, C, I);
+        double* item_partials = partial.data() + oc * C;  // this item's own slots (n_i == 1), zeroed
+        std::vector<double> acc;
+        double* sums = span.sums(acc, item_partials);
+        for (int64_t o = oc * p.o_chunk; o < std::min(O, (oc + 1) * p.o_chunk); o += p.rows_per_span) {
+          const int64_t start = (o * C + span.c0) * I, n = span.elements(o, O);
+          span_loop(dy + start, x + start, dx + start, n, span.scales, sums, qn, qp);
+        }
+        span.add_by_channel(acc, item_partials);
         continue;
       }
       for (int64_t c = cb * p.c_block; c < std::min(C, (cb + 1) * p.c_block); ++c) {

@@ -213,21 +213,31 @@ def test_cpu_fp16_every_half_value(level, scale):
         check(x, torch.tensor([scale]), dy, "cpu", 8, True, None)
 
 
+# (shape, axis) of rows under 64 elements, which the cpu backend runs as spans with a scale per element
+CPU_SPANS = [
+    pytest.param((300, 1100), 1, id="inner-channel-blocks"),  # 512 channels x 128 rows per item, last ones partial
+    pytest.param((300, 60, 9), 1, id="short-rows-blocks"),  # 56 channels' rows of 9 per span, 130 rows per item
+    pytest.param((300, 3, 7), 1, id="whole-rows-per-span"),  # 25 outer rows of 21 elements per span
+    pytest.param((40000, 4), 1, id="whole-rows-items"),  # 128 rows per span, 16384 per item, the last partial
+    pytest.param((100, 10, 63), 1, id="longest-span-rows"),  # 8 channels' rows of 63 per span, then 2
+]
+
+
 @pytest.mark.skipif(not extension.HAS_CPU, reason="the C++ extension is not built")
 @pytest.mark.parametrize("level", CPU_LEVELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_inner_channel_columns(level, dtype):
-    """Innermost channels run along a row's adjacent channels, 512 per work item and 128 rows: several blocks of
-    each (the last ones partial) give the oracle's results around every tie and bound, at every level."""
-    x, s, dy = _near_tie_case((300, 1100), 1, dtype, "cpu")
+@pytest.mark.parametrize("shape,axis", CPU_SPANS)
+def test_cpu_short_row_spans(level, dtype, shape, axis):
+    """Short rows run as spans of adjacent channels' rows, or of several whole outer rows, each element with its
+    own scale: every way of cutting them gives the oracle's results around every tie and bound, at every level."""
+    x, s, dy = _near_tie_case(shape, axis, dtype, "cpu")
     with extension.cpu_isa(level):
-        check(x, s, dy, "cpu", 4, True, 1)
+        check(x, s, dy, "cpu", 4, True, axis)
 
 
 @pytest.mark.skipif(not extension.HAS_CPU, reason="the C++ extension is not built")
 @pytest.mark.parametrize("shape,axis", [pytest.param((300, 1100), 0, id="rows"),
-                                        pytest.param((300, 1100), 1, id="inner-channel-columns"),
-                                        pytest.param((3001, 70), None, id="per-tensor")])
+                                        pytest.param((3001, 70), None, id="per-tensor")] + CPU_SPANS)
 def test_cpu_scale_gradient_bits_do_not_depend_on_threads(shape, axis):
     """The scale gradient is summed per work item, then per channel in a fixed order: one thread and two give
     the same bits."""
