@@ -31,7 +31,7 @@ namespace gaqat {
 namespace {
 
 constexpr int64_t kItemElems = 1 << 16;  // elements per work item
-constexpr int64_t kMinRowsPerItem = 1024;  // for short rows, >= 1024 elements of a channel per partial
+constexpr int64_t kMinRowsPerItem = 1024;  // rows under 1024 elements: >= 1024 of a channel's per partial
 constexpr int64_t kSpanRow = 64;           // rows shorter than this run as spans (below)
 constexpr int64_t kSpan = 512;             // elements per call of the span loops, about
 constexpr int64_t kMaxSpan = 4096;         // at most (an item's scales and sums stay small allocations)
