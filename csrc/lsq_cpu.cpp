@@ -31,7 +31,7 @@ namespace gaqat {
 namespace {
 
 constexpr int64_t kItemElems = 1 << 16;  // elements per work item
-constexpr int64_t kMinRowsPerItem = 1024;  // rows under 1024 elements: >= 1024 of a channel's per partial
+constexpr int64_t kMinRowsPerItem = 1024;  // rows under 1024 elements: a partial sums >= 1024 of a channel's
 constexpr int64_t kSpanRow = 64;           // rows shorter than this run as spans (below)
 constexpr int64_t kSpan = 512;             // elements per call of the span loops, about
 constexpr int64_t kMaxSpan = 4096;         // at most (an item's scales and sums stay small allocations)
@@ -164,18 +164,17 @@ inline __attribute__((always_inline)) float backward_row_body(const S* __restric
 // A span of n elements, scale s[i] for element i, and each element's scale-gradient term added to acc[i] (so a
 // channel's sum runs over the rows in order, whatever the vector width).
 template <Kind K, typename S>
-inline __attribute__((always_inline)) void forward_span_body(const S* __restrict__ x, S* __restrict__ y,
-                                                                int64_t n, const float* __restrict__ s, float qn,
-                                                                float qp) {
+inline __attribute__((always_inline)) void forward_span_body(const S* __restrict__ x, S* __restrict__ y, int64_t n,
+                                                             const float* __restrict__ s, float qn, float qp) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = store<K, S>(round_clamp_host(load<K>(x[i]) / s[i], qn, qp) * s[i]);
 }
 
 template <Kind K, typename S>
 inline __attribute__((always_inline)) void backward_span_body(const S* __restrict__ dy, const S* __restrict__ x,
-                                                                 S* __restrict__ dx, int64_t n,
-                                                                 const float* __restrict__ s,
-                                                                 double* __restrict__ acc, float qn, float qp) {
+                                                              S* __restrict__ dx, int64_t n,
+                                                              const float* __restrict__ s, double* __restrict__ acc,
+                                                              float qn, float qp) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float v = load<K>(x[i]) / s[i];
@@ -205,33 +204,33 @@ struct RowLoops {
 
 #define GAQAT_ROW_LOOPS(NAME, ATTR)                                                                       \
   template <Kind K, typename S>                                                                           \
-  ATTR void forward_row_##NAME(const void* x, void* y, int64_t n, float sc, float qn, float qp) {        \
+  ATTR void forward_row_##NAME(const void* x, void* y, int64_t n, float sc, float qn, float qp) {         \
     forward_row_body<K>(static_cast<const S*>(x), static_cast<S*>(y), n, sc, qn, qp);                     \
   }                                                                                                       \
   template <Kind K, typename S>                                                                           \
-  ATTR float backward_row_##NAME(const void* dy, const void* x, void* dx, int64_t n, float sc, float qn, \
+  ATTR float backward_row_##NAME(const void* dy, const void* x, void* dx, int64_t n, float sc, float qn,  \
                                  float qp) {                                                              \
     return backward_row_body<K>(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx), \
                                 n, sc, qn, qp);                                                           \
   }                                                                                                       \
   template <Kind K, typename S>                                                                           \
-  ATTR void forward_span_##NAME(const void* x, void* y, int64_t n, const float* s, float qn, float qp) { \
-    forward_span_body<K>(static_cast<const S*>(x), static_cast<S*>(y), n, s, qn, qp);                  \
+  ATTR void forward_span_##NAME(const void* x, void* y, int64_t n, const float* s, float qn, float qp) {  \
+    forward_span_body<K>(static_cast<const S*>(x), static_cast<S*>(y), n, s, qn, qp);                     \
   }                                                                                                       \
   template <Kind K, typename S>                                                                           \
-  ATTR void backward_span_##NAME(const void* dy, const void* x, void* dx, int64_t n, const float* s,  \
-                                    double* acc, float qn, float qp) {                                    \
-    backward_span_body<K>(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx), n, \
-                             s, acc, qn, qp);                                                             \
+  ATTR void backward_span_##NAME(const void* dy, const void* x, void* dx, int64_t n, const float* s,      \
+                                 double* acc, float qn, float qp) {                                       \
+    backward_span_body<K>(static_cast<const S*>(dy), static_cast<const S*>(x), static_cast<S*>(dx), n,    \
+                          s, acc, qn, qp);                                                                \
   }                                                                                                       \
   const RowLoops row_loops_##NAME = {                                                                     \
       {forward_row_##NAME<Kind::F32, float>, forward_row_##NAME<Kind::BF16, uint16_t>,                    \
        forward_row_##NAME<Kind::F16, uint16_t>},                                                          \
       {backward_row_##NAME<Kind::F32, float>, backward_row_##NAME<Kind::BF16, uint16_t>,                  \
        backward_row_##NAME<Kind::F16, uint16_t>},                                                         \
-      {forward_span_##NAME<Kind::F32, float>, forward_span_##NAME<Kind::BF16, uint16_t>,            \
-       forward_span_##NAME<Kind::F16, uint16_t>},                                                      \
-      {backward_span_##NAME<Kind::F32, float>, backward_span_##NAME<Kind::BF16, uint16_t>,          \
+      {forward_span_##NAME<Kind::F32, float>, forward_span_##NAME<Kind::BF16, uint16_t>,                  \
+       forward_span_##NAME<Kind::F16, uint16_t>},                                                         \
+      {backward_span_##NAME<Kind::F32, float>, backward_span_##NAME<Kind::BF16, uint16_t>,                \
        backward_span_##NAME<Kind::F16, uint16_t>}};
 
 GAQAT_ROW_LOOPS(baseline, )
