@@ -8,7 +8,7 @@ settings are module globals of ``triton_lsq`` (see KNOBS); this script only sets
         [--forward-tiles 8192 16384] [--split-tiles 4096 8192]
         [--warps 4 8] [--splits 4 8] [--row-warps 8 16] [--backward-fast-div rows one-tile loops all]
         [--backward-max-registers 64 none]
-        [--row-split 0 1] [--prefetch 0 1]
+        [--row-split 0 1] [--prefetch 0 1] [--rows-width 256 512 1024] [--rows-backward-tile 1024 2048]
 
 A knob left out keeps the package's value for the dtype.
 """
@@ -46,6 +46,9 @@ KNOBS = [
                                                              "the current tile's math (0/1)"),
     ("backward-max-registers", "_BACKWARD_MAX_REGISTERS", False, lambda v: None if v == "none" else int(v),
      "registers per thread of the backward (a number, or none: Triton's choice)"),
+    ("rows-width", "_ROWS_TILE_WIDTH_BYTES", False, int, "bytes of adjacent channels per ROWS tile (innermost "
+                                                          "channels)"),
+    ("rows-backward-tile", "_ROWS_BACKWARD_TILE", False, int, "elements per ROWS backward tile, at most"),
 ]
 
 
