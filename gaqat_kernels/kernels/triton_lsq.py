@@ -432,6 +432,16 @@ def clear_plans() -> None:
     _rows_plan.cache_clear()
 
 
+def _launch_extent(rows: bool, O: int, C: int, I: int, bc: int, bi: int, tiles_i: int) -> Tuple[int, bool]:
+    """``(tiles per channel block, every tile full)`` of a launch with these tiles; raises where the in-tile
+    offsets would overflow int32."""
+    if rows:
+        _check_int32(bi, C)
+        return triton.cdiv(O, bi), _even(C, O, bc, bi)
+    _check_int32(bc, I)
+    return O * tiles_i, _even(C, I, bc, bi)
+
+
 def _check_int32(block_c: int, inner: int) -> None:
     if block_c * inner >= 2 ** 31:
         raise ValueError(f"x: a channel stride of {inner} elements is too large for the triton backend")
@@ -446,19 +456,15 @@ def forward(x: Tensor, scale: Tensor, y: Tensor, qn: int, qp: int, axis: Optiona
     min_programs = 4 * _device_sms(x)  # small tensors: smaller tiles, so that the grid fills the GPU
     rows = _rows(O, C, I)
     if rows:
-        bc, bi, tiles_per_cb = _rows_tile_shape(O, C, tile, _ROWS_TILE_WIDTH_BYTES // x.element_size())
-        while bi > 1 and triton.cdiv(C, bc) * tiles_per_cb < min_programs:
+        bc, bi, _ = _rows_tile_shape(O, C, tile, _ROWS_TILE_WIDTH_BYTES // x.element_size())
+        tiles_i = 1
+        while bi > 1 and triton.cdiv(C, bc) * triton.cdiv(O, bi) < min_programs:
             bi //= 2
-            tiles_per_cb = triton.cdiv(O, bi)
-        tiles_i, even = 1, _even(C, O, bc, bi)
-        _check_int32(bi, C)
     else:
         bc, bi, tiles_i = _tile_shape(C, I, tile)
-        tiles_per_cb = O * tiles_i
-        while bc > 1 and triton.cdiv(C, bc) * tiles_per_cb < min_programs:
+        while bc > 1 and triton.cdiv(C, bc) * O * tiles_i < min_programs:
             bc //= 2
-        even = _even(C, I, bc, bi)
-        _check_int32(bc, I)
+    tiles_per_cb, even = _launch_extent(rows, O, C, I, bc, bi, tiles_i)
     grid = (triton.cdiv(C, bc) * tiles_per_cb,)
     _lsq_fwd_kernel[grid](
         x, scale, y, O, C, I, tiles_i, tiles_per_cb, float(qn), float(qp),
@@ -486,12 +492,7 @@ def backward(
     else:
         plan = _plan(O, C, I, *sizes, _for_size(_ROW_TILE_WARPS, x))
     bc, bi, tiles_i, num_cb, n_splits, fast_div, max_registers, num_warps, tail_i = plan
-    if rows:
-        tiles_per_cb, even = triton.cdiv(O, bi), _even(C, O, bc, bi)
-        _check_int32(bi, C)
-    else:
-        tiles_per_cb, even = O * tiles_i, _even(C, I, bc, bi)
-        _check_int32(bc, I)
+    tiles_per_cb, even = _launch_extent(rows, O, C, I, bc, bi, tiles_i)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
     _lsq_bwd_kernel[(num_cb, n_splits)](
