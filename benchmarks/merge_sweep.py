@@ -1,4 +1,5 @@
-"""Put the runs a device call finished (``sweep_gpu.sh``'s ``$OUT/sweep_NAME.tar.gz``) where the next call and the
+"""Put the runs a device call finished (``sweep_gpu.sh``'s ``$OUT/sweep_NAME.tar.gz``, or its ``.part-aa``, ``-ab``,
+... when it was split to come back) where the next call and the
 tables need them, so that no finished run is lost or run twice.
 
     python benchmarks/merge_sweep.py /work/.device/3/sweep_pacs.tar.gz --results benchmarks/results/dg_pacs \
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import glob
+import io
 import os
 import re
 import shutil
@@ -46,11 +49,21 @@ def runs_of_the_call(root: str):
             yield os.path.basename(suite_dir), tag, dirpath, "results.json" in files
 
 
+def open_tar(tar_path: str) -> tarfile.TarFile:
+    """The tar at ``tar_path``; for ``X.part-aa`` the tar that ``X.part-*`` make together (sweep_gpu.sh splits a tar
+    larger than one file the device tool brings back)."""
+    if not tar_path.endswith(".part-aa"):
+        return tarfile.open(tar_path)
+    parts = sorted(glob.glob(glob.escape(tar_path[: -len("aa")]) + "*"))
+    data = b"".join(open(part, "rb").read() for part in parts)
+    return tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")
+
+
 def merge(tar_path: str, results: str, carry: str, full: str = None) -> dict:
     """Merge one call's tar; returns ``{"new", "merged", "repeats", "unfinished"}``: lists of run tags."""
     summary = {"new": [], "merged": [], "repeats": [], "unfinished": []}
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(tar_path) as tar:
+        with open_tar(tar_path) as tar:
             tar.extractall(tmp, filter="data")
         for suite, tag, path, done in sorted(runs_of_the_call(tmp)):
             if not done:
@@ -101,8 +114,8 @@ def rebuild_carry(results: str, carry: str) -> list:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("tars", nargs="*", help="sweep_NAME.tar.gz of one or more calls, oldest first (none: rebuild "
-                   "--carry from --results)")
+    p.add_argument("tars", nargs="*", help="sweep_NAME.tar.gz (or its .part-aa) of one or more calls, oldest first "
+                   "(none: rebuild --carry from --results)")
     p.add_argument("--results", required=True, help="per-run results for the tables (committed)")
     p.add_argument("--carry", required=True, help="the runs/NAME folder a later call carries")
     p.add_argument("--full", default=None, help="also keep every file of each run here")

@@ -4,7 +4,7 @@
 # Runs share the GPU through CUDA MPS when the box has it (without MPS, processes time-slice the GPU and
 # many small runs barely overlap). Finished runs already under runs/NAME (carried from an earlier call) are
 # skipped. The results without model files and checkpoints (with each run's test_probs.pt, what EoQ needs) go to
-# $OUT/sweep_NAME.tar.gz, the log to $OUT/sweep_NAME.log.
+# $OUT/sweep_NAME.tar.gz (split into .part-aa, -ab, ... when over 15 MiB), the log to $OUT/sweep_NAME.log.
 # Runs stopped at --deadline-s keep their checkpoints under runs/NAME on the device: a later call on the same warm
 # machine continues them if it does not carry runs/NAME (a carried folder replaces the machine's copy).
 # Leave a 600 s call ~60 s after --deadline-s: stopping the runs, the sweep's EoQ and the packing took 35-57 s
@@ -42,6 +42,11 @@ rc=${PIPESTATUS[0]}
 [[ $mps == 1 ]] && echo quit | nvidia-cuda-mps-control
 tar czf "$out/sweep_$name.tar.gz" --exclude=model.pt --exclude=checkpoint.pt --exclude='*.tmp' --exclude='*.png' \
   "runs/$name"
+# over the device tool's 16 MiB per file (twelve GAQAT runs' conflict.jsonl): 15 MiB parts, which merge_sweep.py
+# reads back from the name of the first, sweep_NAME.tar.gz.part-aa
+if (( $(stat -c %s "$out/sweep_$name.tar.gz") > 15 * 1024 * 1024 )); then
+  split -b 15m "$out/sweep_$name.tar.gz" "$out/sweep_$name.tar.gz.part-" && rm "$out/sweep_$name.tar.gz"
+fi
 if [[ ${SWEEP_KEEP_MODELS:-0} == 1 ]]; then
   find "runs/$name" -name model.pt -print0 | tar cf - --null -T - | split -b 15m - "$out/sweep_${name}_models.tar.part-"
 fi

@@ -59,6 +59,19 @@ def test_merge_places_new_runs_repeats_and_unfinished(tmp_path):
     assert (tmp_path / "results_repeats" / "PACS_gaqat_w4a4_t0_s0.json").exists()
 
 
+def test_merge_reads_a_tar_split_into_parts(tmp_path):
+    """sweep_gpu.sh splits a tar too large to come back in one file (``split -b``): ``X.part-aa`` names them all."""
+    whole = call_tar(tmp_path, "call1", [("pacs_w3", f"PACS_gaqat_w3a3_t{t}_s0", FINISHED) for t in range(3)])
+    data = open(whole, "rb").read()
+    os.remove(whole)
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    for suffix, lo, hi in zip(["aa", "ab", "ac"], cut, cut[1:]):
+        (tmp_path / f"call1.tar.gz.part-{suffix}").write_bytes(data[lo:hi])
+    summary = merge_sweep.main([str(tmp_path / "call1.tar.gz.part-aa"), "--results", str(tmp_path / "results"),
+                                "--carry", str(tmp_path / "carry")])
+    assert summary["new"] == [f"PACS_gaqat_w3a3_t{t}_s0" for t in range(3)]
+
+
 def test_rebuild_carry_from_results(tmp_path):
     results = tmp_path / "results"
     for tag in ["PACS_erm_fp_t3_s1", "PACS_lsq_sam_w4a4_t0_s0", "PACS_fqat_w3a3_t2_s2"]:
