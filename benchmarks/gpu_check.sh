@@ -4,7 +4,8 @@
 # step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
-# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton and CUDA questions of RESULTS.md).
+# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton and CUDA questions of RESULTS.md; the
+# CUDA one: blocks per SM of the innermost-channel forward).
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -51,6 +52,8 @@ if [[ $mode == tune ]]; then
       2>&1 | grep -v Warn | tee "$out/tune_fwd.log"
     python3 benchmarks/bench_kernels.py --out "$out/last_axis" --quick --impls triton cuda --cases "last axis" \
       2>&1 | grep -v Warn | tee "$out/last_axis.log" | grep "x floor"
+    python3 benchmarks/tune_cuda.py --out "$out/tune_cuda_last" --cases "last axis" --dtypes fp32 bf16 \
+      --forward-blocks 0 3 16 65536 2>&1 | grep -v Warn | tee "$out/tune_cuda_last.log" | grep "x floor"
   fi
 fi
 if [[ $mode == conflict || $mode == all ]]; then

@@ -68,6 +68,9 @@ constexpr bool kFastBackwardColumns = true;
 // Backward blocks per SM over which a channel's tiles are split when the channels alone do not fill the GPU.
 // set_cuda_launch overrides them (0 = these defaults) so that one benchmark process can compare shapes.
 constexpr int kForwardBlocksPerSm = 1 << 16;
+// The innermost-channel forward's blocks per SM (each loops down its rows, computing its reciprocals once):
+// set_cuda_launch's forward_blocks_per_sm overrides this too. As the backward's splits until measured apart.
+constexpr int kForwardColumnBlocksPerSm = 8;
 constexpr int kSplitBlocksPerSm = 8;
 int g_forward_blocks_per_sm = 0;
 int g_split_blocks_per_sm = 0;
@@ -184,32 +187,25 @@ struct ChannelOf {
   }
 };
 
-// Where lsq_fwd_kernel finds a vector's scales: one for the tensor; one per vector (I % VEC == 0: every vector
-// lies in one channel); one per element (I == 1 and C % VEC == 0: a vector holds VEC consecutive channels, whose
-// scales are VEC consecutive floats, loaded as 16-byte vectors too).
-enum class Scales { kTensor, kVector, kElement };
-
 // Per-channel scales are loaded with the vectors (not one at a time as each vector is computed, which put a
-// cache round trip per vector on the warp's critical path).
-template <typename T, int VEC, Scales S>
+// cache round trip per vector on the warp's critical path). PER_TENSOR: one scale; otherwise one per vector
+// (I % VEC == 0: every vector lies in one channel, or VEC == 1).
+template <typename T, int VEC, bool PER_TENSOR>
 __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__ x, const float* __restrict__ s,
                                                            T* __restrict__ y, int64_t n_vec, ChannelOf channel,
                                                            float qn, float qp, bool allow_fast) {
-  constexpr bool PER_TENSOR = S == Scales::kTensor;
-  constexpr int SE = S == Scales::kElement ? VEC : 1;  // scales per vector held in registers
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const float s0 = PER_TENSOR ? s[0] : 0.f;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < n_vec;
        base += stride * kUnroll) {
     Vec<T, VEC> in[kUnroll];
-    float su[kUnroll][SE];
+    float su[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kThreads;
       if (k < n_vec) {
         in[u] = reinterpret_cast<const Vec<T, VEC>*>(x)[k];
-        if constexpr (S == Scales::kVector) su[u][0] = s[channel(k * VEC)];
-        if constexpr (S == Scales::kElement) load_scales<VEC>(s + channel(k * VEC), su[u]);
+        if (!PER_TENSOR) su[u] = s[channel(k * VEC)];
       }
     }
     const float st = PER_TENSOR ? after_loads(s0) : 0.f;
@@ -219,27 +215,15 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_kernel(const T* __restrict__
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kThreads;
       if (k >= n_vec) continue;
-      Vec<T, VEC> out;
-      if constexpr (S == Scales::kElement) {
-        float r[VEC];
-        bool fast = allow_fast;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          r[j] = __frcp_rn(su[u][j]);
-          fast = fast && fast_div_ok(su[u][j]);
-        }
-        out = fast ? quantize_elems<true>(in[u], su[u], r, qn, qp) : quantize_elems<false>(in[u], su[u], r, qn, qp);
-      } else {
-        float sc = st, r = rt;
-        bool fast = fast_t;
-        if (!PER_TENSOR) {
-          sc = su[u][0];
-          r = __frcp_rn(sc);
-          fast = allow_fast && fast_div_ok(sc);
-        }
-        out = fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp);
+      float sc = st, r = rt;
+      bool fast = fast_t;
+      if (!PER_TENSOR) {
+        sc = su[u];
+        r = __frcp_rn(sc);
+        fast = allow_fast && fast_div_ok(sc);
       }
-      reinterpret_cast<Vec<T, VEC>*>(y)[k] = out;
+      reinterpret_cast<Vec<T, VEC>*>(y)[k] =
+          fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp);
     }
   }
 }
@@ -276,6 +260,65 @@ __global__ void __launch_bounds__(kThreads) lsq_fwd_row_kernel(const T* __restri
       store_vec(y + offset + i,
                 fast ? quantize_vec<true>(in[u], sc, r, qn, qp) : quantize_vec<false>(in[u], sc, r, qn, qp));
   }
+}
+
+// Innermost channels (I == 1, C % VEC == 0: a transposed Linear weight, a channels-last activation per channel): a
+// thread owns the VEC consecutive channels of one 16-byte column and walks down the rows, so a scale's reciprocal
+// and fast-division check are computed once per thread, not per element, and there is no per-element channel
+// index. A block is kColRows row groups of one warp each (a warp reads 512 contiguous bytes of a row) covering
+// kWidth channels; block (b, split) visits row steps split, split + n_splits, ... of kColRows * R rows (R rows
+// per thread in flight).
+constexpr int kColRows = kThreads / 32;
+
+template <int VEC, int R_ = 16 / VEC>
+struct Columns {
+  static constexpr int R = R_;  // backward: 16 elements of x and of dy per thread in flight, as RowTile
+  static constexpr int64_t kWidth = 32 * VEC;
+  static constexpr int64_t kRowStep = kColRows * R;
+};
+// The forward's: kUnroll rows of x per thread in flight, as lsq_fwd_kernel.
+template <int VEC>
+using ForwardColumns = Columns<VEC, kUnroll>;
+
+template <bool FAST, typename T, int VEC>
+__device__ __forceinline__ void quantize_column(const T* __restrict__ x, T* __restrict__ y, const float (&sc)[VEC],
+                                                const float (&r)[VEC], int64_t c, int64_t O, int64_t C, int n_splits,
+                                                float qn, float qp) {
+  constexpr int R = ForwardColumns<VEC>::R;
+  constexpr int64_t kStep = ForwardColumns<VEC>::kRowStep;
+  for (int64_t o0 = blockIdx.y * kStep + threadIdx.x / 32; o0 < O; o0 += n_splits * kStep) {
+    Vec<T, VEC> in[R];
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      const int64_t o = o0 + u * kColRows;
+      if (o < O) in[u] = *reinterpret_cast<const Vec<T, VEC>*>(x + o * C + c);
+    }
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      const int64_t o = o0 + u * kColRows;
+      if (o < O) store_vec(y + o * C + c, quantize_elems<FAST>(in[u], sc, r, qn, qp));
+    }
+  }
+}
+
+// A thread's channels choose their division once: the fast one unless one of its VEC scales is out of its range.
+// Three blocks per SM: 62-80 registers, no spills (at four, 64 registers, bf16 spilled 16 bytes).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, 3) lsq_fwd_columns_kernel(
+    const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ y, int64_t O, int64_t C, int n_splits,
+    float qn, float qp, bool allow_fast) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * ForwardColumns<VEC>::kWidth + (threadIdx.x % 32) * VEC;
+  if (c >= C) return;
+  float sc[VEC], r[VEC];
+  load_scales<VEC>(s + c, sc);
+  bool fast = allow_fast;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    r[j] = __frcp_rn(sc[j]);
+    fast = fast && fast_div_ok(sc[j]);
+  }
+  if (fast) quantize_column<true, T, VEC>(x, y, sc, r, c, O, C, n_splits, qn, qp);
+  else quantize_column<false, T, VEC>(x, y, sc, r, c, O, C, n_splits, qn, qp);
 }
 
 // --------------------------------------------------------------------------------------------- backward
@@ -527,21 +570,8 @@ __global__ void __launch_bounds__(kThreads) lsq_bwd_short_kernel(
   }
 }
 
-// Innermost channels (I == 1, C % VEC == 0: a transposed Linear weight, a channels-last activation per channel): a
-// thread owns the VEC consecutive channels of one 16-byte column and sums their terms in registers down the rows,
-// so no element-wise loads and no per-element channel index. A block is kColRows row groups of one warp each
-// (a warp reads 512 contiguous bytes of a row) covering kColWidth channels; block (b, split) visits row steps
-// split, split + n_splits, ... of kColRows * R rows (R rows of x and dy per thread in flight), then adds its
-// row groups' sums in a fixed order.
-constexpr int kColRows = kThreads / 32;
-
-template <int VEC>
-struct Columns {
-  static constexpr int R = 16 / VEC;  // 16 elements of x and of dy per thread in flight, as RowTile
-  static constexpr int64_t kWidth = 32 * VEC;
-  static constexpr int64_t kRowStep = kColRows * R;
-};
-
+// Innermost channels in the backward (Columns above): each thread sums its channels' terms in registers down the
+// rows, and the block adds its row groups' sums in a fixed order at the end.
 template <bool FAST, typename T, int VEC>
 __device__ __forceinline__ void column_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                             const float (&sc)[VEC], const float (&r)[VEC], float (&acc)[VEC],
@@ -671,16 +701,34 @@ struct RowTiles {
         prefetch_tiles_i((I + kPrefetchTile - 1) / kPrefetchTile) {}
 };
 
+// Blocks over which each of blocks_c channel blocks splits its work (rows, tiles) when the channel blocks alone do
+// not fill the GPU: about blocks_per_sm per SM, at most one per unit of work and 65535 (the grid's y limit).
+int split_count(int64_t blocks_c, int64_t work, int64_t sms, int64_t blocks_per_sm) {
+  if (blocks_c >= 2 * sms) return 1;
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({work, (blocks_per_sm * sms + blocks_c - 1) / blocks_c, 65535})));
+}
+
 template <typename T>
 void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y, int64_t O, int64_t C, int64_t I,
                     float qn, float qp) {
   constexpr int VEC = 16 / sizeof(T);
   const int64_t n = x.numel();
   const bool per_tensor = C == 1;
-  const bool element_scales = inner_channel_vectors<VEC>(scale, C, I);
-  const bool vec = aligned16(x) && aligned16(y) && n % VEC == 0 && (per_tensor || I % VEC == 0 || element_scales);
+  const bool vec = aligned16(x) && aligned16(y) && n % VEC == 0 && (per_tensor || I % VEC == 0);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool fast = allow_fast(kFastForward);
+  if (aligned16(x) && aligned16(y) && inner_channel_vectors<VEC>(scale, C, I)) {
+    using Cols = ForwardColumns<VEC>;
+    const int64_t blocks_c = (C + Cols::kWidth - 1) / Cols::kWidth;
+    const int64_t per_sm = g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardColumnBlocksPerSm;
+    const int n_splits = split_count(blocks_c, (O + Cols::kRowStep - 1) / Cols::kRowStep, num_sms(), per_sm);
+    lsq_fwd_columns_kernel<T, VEC><<<dim3(static_cast<unsigned>(blocks_c), static_cast<unsigned>(n_splits)), kThreads,
+                                     0, stream>>>(x.data_ptr<T>(), scale.data_ptr<float>(), y.data_ptr<T>(), O, C,
+                                                  n_splits, qn, qp, fast);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const RowTiles<VEC> tiles(O, I);
   const int64_t row_blocks = O * C * tiles.tiles_i;
   if (vec && !per_tensor && I >= static_cast<int64_t>(kThreads) * VEC && row_blocks < (int64_t(1) << 31)) {
@@ -705,15 +753,13 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   T* yp = y.data_ptr<T>();
   const ChannelOf channel{C, I, Divider32(I), Divider32(C), n < (int64_t(1) << 31)};
   if (vec && per_tensor)
-    lsq_fwd_kernel<T, VEC, Scales::kTensor><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
-  else if (vec && element_scales)
-    lsq_fwd_kernel<T, VEC, Scales::kElement><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+    lsq_fwd_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else if (vec)
-    lsq_fwd_kernel<T, VEC, Scales::kVector><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+    lsq_fwd_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else if (per_tensor)
-    lsq_fwd_kernel<T, 1, Scales::kTensor><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+    lsq_fwd_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   else
-    lsq_fwd_kernel<T, 1, Scales::kVector><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
+    lsq_fwd_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, sp, yp, n_vec, channel, qn, qp, fast);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -770,12 +816,7 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     blocks_c = C;
     work_per_c = O * (vec ? vec_tiles.tiles_i : scalar_tiles.tiles_i);
   }
-  const auto splits_for = [&](int64_t work) {
-    return blocks_c >= 2 * sms ? 1
-                               : static_cast<int>(std::max<int64_t>(
-                                     1, std::min<int64_t>({work, (split_blocks_per_sm() * sms + blocks_c - 1) / blocks_c,
-                                                           65535})));
-  };
+  const auto splits_for = [&](int64_t work) { return split_count(blocks_c, work, sms, split_blocks_per_sm()); };
   int n_splits = splits_for(work_per_c);
   // Prefetching blocks: split rows that still loop over several of the smaller tiles.
   const int64_t prefetch_work = O * vec_tiles.prefetch_tiles_i;

@@ -336,6 +336,22 @@ def test_cuda_one_tile_rows_with_extreme_scales(scale, dtype, shape):
 
 
 @needs_cuda_extension
+@pytest.mark.parametrize("scale", [1e-39, 1e35], ids=lambda s: f"s{s:g}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [37, 300], ids=lambda o: f"rows{o}")
+def test_cuda_inner_channel_columns_with_extreme_scales(scale, dtype, rows):
+    """Innermost-channel threads choose fast or IEEE division once for their column of channels: a column with
+    a scale outside the fast range (the first and a middle one) must divide as IEEE beside lanes that divide
+    fast, in the forward and the backward, on every row."""
+    C = 264
+    x = extreme_inputs(rows)[:, None].expand(rows, C) * torch.linspace(0.5, 2, C)
+    dy = torch.linspace(-1, 1, rows * C).reshape(rows, C)
+    scales = torch.full((C,), 0.3)
+    scales[0], scales[133] = scale, scale
+    check(x.to(dtype).cuda(), scales.cuda(), dy.to(dtype).cuda(), "cuda", 4, True, 1)
+
+
+@needs_cuda_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_inner_channel_misaligned_scales(dtype):
     """Innermost channels whose scales do not start on 16 bytes (a view one float into its storage) cannot load

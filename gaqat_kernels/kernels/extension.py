@@ -81,7 +81,7 @@ def cuda_division(mode: str) -> ContextManager[None]:
 def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0,
                 prefetch: Optional[bool] = None) -> ContextManager[None]:
     """Within the block, the CUDA kernels launch at most ``forward_blocks_per_sm`` forward blocks per SM (a
-    grid-stride loop covers the rest) and split a channel's backward tiles over up to ``split_blocks_per_sm``
+    grid-stride loop covers the rest; with an innermost channel axis, blocks that loop down their rows) and split a channel's backward tiles over up to ``split_blocks_per_sm``
     blocks per SM when the channels alone do not fill the GPU; 0 keeps the built-in value. ``prefetch`` (None:
     built-in) makes backward blocks that loop over tiles load each next tile, of half the usual size, before the
     current tile's math. For benchmarks (``benchmarks/tune_cuda.py``): y and dx do not change, the scale
