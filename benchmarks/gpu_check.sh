@@ -4,8 +4,9 @@
 # step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
-# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton and CUDA questions of RESULTS.md; the
-# CUDA one: blocks per SM of the innermost-channel forward).
+# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton and CUDA questions of RESULTS.md: 16-bit
+# forward tiles; on innermost channels, the CUDA forward's blocks per SM, Triton's backward tile and prefetch, and the
+# eager Triton host time per call, profiled).
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -54,6 +55,12 @@ if [[ $mode == tune ]]; then
       2>&1 | grep -v Warn | tee "$out/last_axis.log" | grep "x floor"
     python3 benchmarks/tune_cuda.py --out "$out/tune_cuda_last" --cases "last axis" --dtypes fp32 bf16 \
       --forward-blocks 0 3 16 65536 2>&1 | grep -v Warn | tee "$out/tune_cuda_last.log" | grep "x floor"
+    python3 benchmarks/tune_triton.py --out "$out/tune_triton_last" --cases "last axis" --dtypes fp32 bf16 \
+      --rows-backward-tile 2048 4096 --rows-prefetch 0 1 2>&1 | grep -v Warn | tee "$out/tune_triton_last.log" \
+      | grep "x floor"
+    for case in "last axis" "act 64x256"; do  # eager Triton: host time per call, and where it goes
+      python3 benchmarks/profile_op.py --out "$out/profile" --case "$case" --dtype bf16 2>&1 | grep -v Warn
+    done
   fi
 fi
 if [[ $mode == conflict || $mode == all ]]; then

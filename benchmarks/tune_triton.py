@@ -9,6 +9,7 @@ settings are module globals of ``triton_lsq`` (see KNOBS); this script only sets
         [--warps 4 8] [--splits 4 8] [--row-warps 8 16] [--backward-fast-div rows one-tile loops all]
         [--backward-max-registers 64 none]
         [--row-split 0 1] [--prefetch 0 1] [--rows-width 256 512 1024] [--rows-backward-tile 1024 2048]
+        [--rows-prefetch 0 1]
 
 A knob left out keeps the package's value for the dtype.
 """
@@ -49,6 +50,8 @@ KNOBS = [
     ("rows-width", "_ROWS_TILE_WIDTH_BYTES", False, int, "bytes of adjacent channels per ROWS tile (innermost "
                                                           "channels)"),
     ("rows-backward-tile", "_ROWS_BACKWARD_TILE", False, int, "elements per ROWS backward tile, at most"),
+    ("rows-prefetch", "_ROWS_PREFETCH", False, lambda v: bool(int(v)), "split ROWS backward programs load the next "
+                                                                       "tile before the current tile's math (0/1)"),
 ]
 
 

@@ -463,12 +463,13 @@ def test_triton_fast_division_redone_for_extreme_scales(backend, device, where, 
 
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shapes,axis", [p for p in TRITON_BACKWARD_PATHS if "split" in p.id] + [
+@pytest.mark.parametrize("shapes,axis", [p for p in TRITON_BACKWARD_PATHS if "split" in p.id or "rows-even" in p.id] + [
     pytest.param(((40 * 4096,), (1024 * 4096,)), None, id="per-tensor-split-looped-even")])
 def test_triton_backward_prefetch(backend, device, dtype, shapes, axis, triton_settings):
-    """``_PREFETCH``: split backward programs that load their next tile before the current tile's math (the
-    last prefetch masked off) give the oracle's results around every tie and bound, masked tiles included."""
-    triton_settings(_PREFETCH={4: True, 2: True})
+    """``_PREFETCH`` (``_ROWS_PREFETCH`` for innermost channels): split backward programs that load their next
+    tile before the current tile's math (the last prefetch masked off) give the oracle's results around every tie
+    and bound, masked tiles included."""
+    triton_settings(_PREFETCH={4: True, 2: True}, _ROWS_PREFETCH=True)
     x, s, dy = _near_tie_case(shapes[device == "cuda"], axis, dtype, device)
     check(x, s, dy, backend, 4, True, axis)
 

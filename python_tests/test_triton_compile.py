@@ -48,10 +48,10 @@ for dtype, even, fast_div in itertools.product(["fp32", "bf16", "fp16"], [True, 
     width = 128 if dtype == "fp32" else 256
     rows = dict(common, BLOCK_C=width, ROWS=True)
     compile_one(triton_lsq._lsq_fwd_kernel, FWD, dtype, dict(rows, BLOCK_I=4096 // width, INTERPRETED_BF16=False))
-    for final in (True, False):  # ROWS programs do not prefetch
+    for final, prefetch in ((True, False), (False, False), (False, True)):  # only split ROWS programs prefetch
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(rows, BLOCK_I=triton_lsq._ROWS_BACKWARD_TILE // width,
                                                                   FINAL=final, TAIL_I=0, TAIL_EVEN=False,
-                                                                  PREFETCH=False),
+                                                                  PREFETCH=prefetch),
                     maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
     for tail_even in (True, False):  # whole rows in two blocks (_ROW_TILE_SPLIT)
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, BLOCK_C=1, BLOCK_I=4096, FINAL=True,

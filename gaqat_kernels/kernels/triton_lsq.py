@@ -303,7 +303,11 @@ _ROW_TILE_SPLIT = True
 _ROWS_TILE_WIDTH_BYTES = 512
 # Elements of a ROWS backward tile at most, and no prefetch there: under the 64-register cap (sm_90, Triton 3.6)
 # the loop spilled 48-96 bytes at 4096 elements and 24-72 bytes with prefetch at 2048; at 2048 without it, none.
+# That leaves a 16-bit thread one 16-byte vector of x and of dy in flight per iteration, and the bf16 backward
+# ran at 1.6x the same bytes' time on the H200 (RESULTS.md, "Innermost channel axis: the new kernels"); whether
+# prefetch or larger tiles pay for their spills is for tune_triton.py (--rows-prefetch, --rows-backward-tile).
 _ROWS_BACKWARD_TILE = 2048
+_ROWS_PREFETCH = False
 
 
 def _for_size(table: dict, x: Tensor) -> int:
@@ -495,10 +499,11 @@ def backward(
     tiles_per_cb, even = _launch_extent(rows, O, C, I, bc, bi, tiles_i)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
+    prefetch = (_ROWS_PREFETCH if rows else _for_size(_PREFETCH, x)) and not final
     _lsq_bwd_kernel[(num_cb, n_splits)](
         x, dy, scale, dx, out, O, C, I, tiles_i, tiles_per_cb, n_splits, float(qn), float(qp), float(g),
         BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=even, FAST_DIV=fast_div,
-        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, PREFETCH=_for_size(_PREFETCH, x) and n_splits > 1 and not rows,
+        TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, PREFETCH=prefetch,
         ROWS=rows, num_warps=num_warps, maxnreg=max_registers,
     )
     if not final:
