@@ -68,10 +68,10 @@ constexpr bool kFastBackwardColumns = true;
 // Backward blocks per SM over which a channel's tiles are split when the channels alone do not fill the GPU.
 // set_cuda_launch overrides them (0 = these defaults) so that one benchmark process can compare shapes.
 constexpr int kForwardBlocksPerSm = 1 << 16;
+constexpr int kSplitBlocksPerSm = 8;
 // The innermost-channel forward's blocks per SM (each loops down its rows, computing its reciprocals once):
 // set_cuda_launch's forward_blocks_per_sm overrides this too. As the backward's splits until measured apart.
 constexpr int kForwardColumnBlocksPerSm = 8;
-constexpr int kSplitBlocksPerSm = 8;
 int g_forward_blocks_per_sm = 0;
 int g_split_blocks_per_sm = 0;
 int forward_blocks_per_sm() { return g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardBlocksPerSm; }
@@ -715,10 +715,11 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   constexpr int VEC = 16 / sizeof(T);
   const int64_t n = x.numel();
   const bool per_tensor = C == 1;
-  const bool vec = aligned16(x) && aligned16(y) && n % VEC == 0 && (per_tensor || I % VEC == 0);
+  const bool aligned = aligned16(x) && aligned16(y);
+  const bool vec = aligned && n % VEC == 0 && (per_tensor || I % VEC == 0);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool fast = allow_fast(kFastForward);
-  if (aligned16(x) && aligned16(y) && inner_channel_vectors<VEC>(scale, C, I)) {
+  if (aligned && inner_channel_vectors<VEC>(scale, C, I)) {
     using Cols = ForwardColumns<VEC>;
     const int64_t blocks_c = (C + Cols::kWidth - 1) / Cols::kWidth;
     const int64_t per_sm = g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardColumnBlocksPerSm;
