@@ -500,6 +500,19 @@ def test_triton_whole_row_tiles(backend, device, dtype, inner, split, triton_set
     check(x, s, dy, backend, 4, True, 0)
 
 
+@pytest.mark.parametrize("rows,shape,what", [(True, (4096, 2 ** 28, 1), "row stride of 268435456"),
+                                             (False, (2, 16, 2 ** 28), "channel stride of 268435456")],
+                         ids=["rows", "channels"])
+def test_triton_rejects_tiles_past_int32_offsets(rows, shape, what):
+    """In-tile offsets are int32: a tile of 16 rows of 2**28 channels (innermost channels) or of 16 channels of
+    2**28 elements spans 2**32 elements, and the error names which stride is too large."""
+    pytest.importorskip("triton")
+    from gaqat_kernels.kernels import triton_lsq
+
+    with pytest.raises(ValueError, match=what):
+        triton_lsq._launch_extent(rows, *shape, 16, 16, 1)
+
+
 def test_cuda_division_rejects_unknown_mode():
     from gaqat_kernels.kernels.extension import cuda_division
 

@@ -440,15 +440,16 @@ def _launch_extent(rows: bool, O: int, C: int, I: int, bc: int, bi: int, tiles_i
     """``(tiles per channel block, every tile full)`` of a launch with these tiles; raises where the in-tile
     offsets would overflow int32."""
     if rows:
-        _check_int32(bi, C)
+        _check_int32(bi, C, "row stride")
         return triton.cdiv(O, bi), _even(C, O, bc, bi)
-    _check_int32(bc, I)
+    _check_int32(bc, I, "channel stride")
     return O * tiles_i, _even(C, I, bc, bi)
 
 
-def _check_int32(block_c: int, inner: int) -> None:
-    if block_c * inner >= 2 ** 31:
-        raise ValueError(f"x: a channel stride of {inner} elements is too large for the triton backend")
+def _check_int32(block: int, stride: int, what: str) -> None:
+    """In-tile offsets are int32: ``block`` rows or channels of ``stride`` elements must span less than 2**31."""
+    if block * stride >= 2 ** 31:
+        raise ValueError(f"x: a {what} of {stride} elements is too large for the triton backend")
 
 
 def forward(x: Tensor, scale: Tensor, y: Tensor, qn: int, qp: int, axis: Optional[int]) -> None:
