@@ -372,7 +372,7 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
         from tqdm import tqdm
         progress = tqdm(total=args.steps, initial=state["step"], desc=f"{args.algorithm} test={dataset.domain_names[test]}",
                         dynamic_ncols=True)
-    start, loss, init_scales = time.time(), None, False
+    start, loss, init_scales, warned_all_frozen = time.time(), None, False, False
     stop_at = args.steps if args.max_steps_this_run is None else min(args.steps, state["step"] + args.max_steps_this_run)
     while state["step"] < stop_at:
         step = state["step"]
@@ -419,7 +419,11 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
                     _atomic_save(test_predictions(model, dataset, test, device, args.workers, step),
                                  os.path.join(args.out, TEST_PROBS))
                 if hasattr(alg, "log"):
-                    alg.log.write_jsonl(conflict_path)
+                    rows = alg.log.write_jsonl(conflict_path)
+                    notice = all_frozen_notice(rows, args.threshold) if args.algorithm == "gaqat" else None
+                    if notice and not warned_all_frozen:
+                        (progress.write if progress is not None else print)(notice, file=sys.stderr)
+                        warned_all_frozen = True
                 _atomic_save({"model": model.state_dict(), "algorithm": alg.state_dict(), "state": state,
                               "rng": _rng_state(batches), "args": vars(args), "world_size": ctx.world_size},
                              ckpt_path)
@@ -450,6 +454,23 @@ def _run(args: argparse.Namespace, ctx: DistributedContext) -> Dict:
             print(f"gaqat-train: no plots ({e})", file=sys.stderr)
     ctx.barrier()
     return results
+
+
+def all_frozen_notice(records: List[Dict], threshold: float) -> Optional[str]:
+    """For GAQAT: a notice when the newest of ``records`` (``ConflictLog`` rows) has every layer's scales frozen.
+    The run then trains as LSQ+SAM with fixed scales, no longer choosing between layers (on PACS the default
+    threshold froze all 48 layers from the end of warm-up in every run; RESULTS.md). None otherwise."""
+    if not records:
+        return None
+    step = max(r["step"] for r in records)
+    newest = [r for r in records if r["step"] == step]
+    if not all(r["frozen"] for r in newest):
+        return None
+    disorder = [r["disorder"] for r in newest]
+    return (f"gaqat-train: at step {step} the scales of all {len(newest)} quantized layers are frozen (disorder "
+            f"{min(disorder):.2f}-{max(disorder):.2f}, above --threshold {threshold:g}); training goes on with fixed "
+            "scales. A --threshold inside that range, or --gaqat-max-frozen-fraction, freezes only the most "
+            "disordered layers.")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:

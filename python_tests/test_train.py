@@ -38,6 +38,27 @@ def test_every_algorithm_runs(tmp_path, algorithm):
         assert os.path.exists(os.path.join(out, "conflict.png"))
 
 
+def test_gaqat_says_once_when_every_layer_is_frozen(tmp_path, capsys):
+    """--threshold 0 freezes every layer once warm-up ends: the run says so once, naming the disorder range and
+    the flags that freeze fewer layers; with the default threshold on digits no layer freezes and nothing is said."""
+    run(tmp_path, "all", "--algorithm", "gaqat", "--steps", "9", "--threshold", "0", "--log-every", "1")
+    err = capsys.readouterr().err
+    assert err.count("quantized layers are frozen") == 1 and "--gaqat-max-frozen-fraction" in err
+    assert "above --threshold 0" in err
+    rows = [json.loads(line) for line in open(tmp_path / "all" / "conflict.jsonl")]
+    assert all(r["frozen"] for r in rows if r["step"] == 9)
+    run(tmp_path, "none", "--algorithm", "gaqat", "--steps", "6")
+    assert "frozen" not in capsys.readouterr().err
+
+
+def test_all_frozen_notice_reads_the_newest_step():
+    row = lambda step, frozen, d: {"step": step, "layer": f"l{d}", "frozen": frozen, "disorder": d}  # noqa: E731
+    assert train.all_frozen_notice([], 0.5) is None
+    assert train.all_frozen_notice([row(10, True, 0.6), row(20, True, 0.61), row(20, False, 0.4)], 0.5) is None
+    notice = train.all_frozen_notice([row(10, False, 0.4), row(20, True, 0.52), row(20, True, 0.64)], 0.5)
+    assert "step 20" in notice and "all 2 quantized layers" in notice and "0.52-0.64" in notice
+
+
 def test_skip_train_in_eval_keeps_selection_and_test(tmp_path):
     full, _ = run(tmp_path, "full", "--algorithm", "lsq", "--steps", "6")
     lean, _ = run(tmp_path, "lean", "--algorithm", "lsq", "--steps", "6", "--skip-train-in-eval")

@@ -69,10 +69,11 @@ class ConflictLog:
         self._pending.clear()
         return list(self._records)
 
-    def write_jsonl(self, path: str) -> None:
-        """Append every record as one JSON line to ``path`` and forget them."""
+    def write_jsonl(self, path: str) -> List[Dict]:
+        """Append every record as one JSON line to ``path`` and forget them; returns the records written."""
         rows = self.records()
         with open(path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         self._records.clear()
+        return rows
