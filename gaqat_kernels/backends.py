@@ -28,6 +28,9 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
 
 class Backend(NamedTuple):
+    """One backend's launchers: ``forward(x, scale, y, qn, qp, axis)`` and ``backward(dy, x, scale, dx, ds, qn, qp,
+    axis, g)``, writing into the given outputs."""
+
     forward: Callable
     backward: Callable
 

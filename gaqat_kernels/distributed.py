@@ -30,6 +30,7 @@ class DistributedContext:
 
     @property
     def enabled(self) -> bool:
+        """Whether more than one process trains (collectives are no-ops otherwise)."""
         return self.world_size > 1
 
     @property
@@ -72,6 +73,7 @@ class DistributedContext:
         return [n for n in names if n in common]
 
     def barrier(self) -> None:
+        """Wait for every rank (nothing with one process)."""
         if self.enabled:
             dist.barrier()
 

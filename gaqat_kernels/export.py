@@ -70,6 +70,7 @@ class _PackedWeight(nn.Module):
         self.register_buffer("scale", torch.ones(self.shape[0]))
 
     def set_from(self, weight: Tensor, scale: Tensor) -> None:
+        """Store ``weight`` quantized with the per-output-channel ``scale`` (as the fake quantizer rounds it)."""
         s = scale.detach().float().reshape(-1, *([1] * (weight.dim() - 1)))
         codes = torch.round(torch.clamp(weight.detach().float() / s, self.qn, self.qp)).to(torch.int64)
         if self.bits == 8 and self.signed:
@@ -79,16 +80,19 @@ class _PackedWeight(nn.Module):
         self.scale = scale.detach().float().clone()
 
     def codes(self) -> Tensor:
+        """The integer codes, int64, flat (qn..qp)."""
         n = math.prod(self.shape)
         if self.bits == 8 and self.signed:
             return self.qweight.to(torch.int64)
         return unpack_codes(self.qweight, self.bits, n) + self.qn
 
     def dequantize(self) -> Tensor:
+        """codes x scale in float32, the layer's weight shape: what the fake-quantized weight was."""
         s = self.scale.reshape(-1, *([1] * (len(self.shape) - 1)))
         return self.codes().reshape(self.shape).to(torch.float32) * s
 
     def describe(self) -> Dict:
+        """Shape, bits, signedness and scale axis, for the export's manifest."""
         return {"shape": list(self.shape), "bits": self.bits, "signed": self.signed, "axis": 0}
 
 

@@ -49,6 +49,7 @@ DEMO_ARGS = ["--dataset", "RotatedMNIST", "--test-domain", "0", "--algorithm", "
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
+    """The training script's options (``gaqat-train --help`` lists them with their defaults and sources)."""
     p = argparse.ArgumentParser(prog="gaqat-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="RotatedMNIST", choices=DATASETS)
@@ -168,6 +169,7 @@ def labels_of(split) -> torch.Tensor:
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``probs`` (N, classes) against ``labels`` (N,); NaN for no examples."""
     return float((probs.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
 
 

@@ -102,6 +102,7 @@ class ConflictTracker:
 
     @property
     def numel(self) -> int:
+        """Elements tracked over all segments (the packed scale gradients' length)."""
         return int(self.state.signs.shape[1])
 
     def update(self, task: Tensor, smooth: Tensor) -> Tensor:

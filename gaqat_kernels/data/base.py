@@ -69,6 +69,7 @@ class TensorDomain(torch.utils.data.Dataset):
         return self.rows(slice(0, n))
 
     def to(self, device) -> "TensorDomain":
+        """The same domain with its tensors on ``device``: training batches of tensor domains are gathered there."""
         return TensorDomain(self.x.to(device), self.y.to(device), self.transform, self.train_transform)
 
     def model_input(self, x: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a float32 (3, H, W) tensor normalised with ImageNet's mean and std."""
     return normalize(to_uint8_tensor(img))
 
 
@@ -37,6 +38,7 @@ class EvalTransform:
         self.size = size
 
     def resized(self, img: Image.Image) -> Image.Image:
+        """``img`` in RGB at ``size`` x ``size`` (bilinear), before conversion to a tensor."""
         return img.convert("RGB").resize((self.size, self.size), _BILINEAR)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
