@@ -43,6 +43,8 @@ CASES = [  # name, shape, axis (None = per-tensor)
     ("conv weight 512x512x3x3 per-channel", (512, 512, 3, 3), 0),
     # the channel axis innermost (a transposed Linear weight, GPT-2's Conv1D): tiles run along a row's channels
     ("weight 4096x11008 per-channel, last axis", (4096, 11008), 1),
+    # a channel axis over short rows (196 elements: 14x14 feature maps): the backward's channel-block kernels
+    ("act 64x512x14x14 per-channel, short rows", (64, 512, 14, 14), 1),
     ("act 64x256x56x56 per-tensor", (64, 256, 56, 56), None),
     ("act 8x4096x4096 per-tensor", (8, 4096, 4096), None),
 ]

@@ -5,8 +5,8 @@
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
 # tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton and CUDA questions of RESULTS.md: 16-bit
-# forward tiles; on innermost channels, the CUDA forward's blocks per SM, Triton's backward tile and prefetch, and the
-# eager Triton host time per call, profiled).
+# forward tiles; innermost channels and short rows side by side; on innermost channels, the CUDA forward's blocks
+# per SM, Triton's backward tile and prefetch, and the eager Triton host time per call, profiled).
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -51,8 +51,8 @@ if [[ $mode == tune ]]; then
   else  # the open questions (RESULTS.md): 16-bit forward tile bytes (Triton); both backends on innermost channels
     python3 benchmarks/tune_triton.py --out "$out/tune_fwd" --dtypes bf16 --forward-tiles 8192 16384 32768 \
       2>&1 | grep -v Warn | tee "$out/tune_fwd.log"
-    python3 benchmarks/bench_kernels.py --out "$out/last_axis" --quick --impls triton cuda --cases "last axis" \
-      2>&1 | grep -v Warn | tee "$out/last_axis.log" | grep "x floor"
+    python3 benchmarks/bench_kernels.py --out "$out/last_axis" --quick --impls triton cuda \
+      --cases "last axis" "short rows" 2>&1 | grep -v Warn | tee "$out/last_axis.log" | grep "x floor"
     python3 benchmarks/tune_cuda.py --out "$out/tune_cuda_last" --cases "last axis" --dtypes fp32 bf16 \
       --forward-blocks 0 3 16 65536 2>&1 | grep -v Warn | tee "$out/tune_cuda_last.log" | grep "x floor"
     python3 benchmarks/tune_triton.py --out "$out/tune_triton_last" --cases "last axis" --dtypes fp32 bf16 \
