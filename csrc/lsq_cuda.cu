@@ -76,6 +76,9 @@ int g_forward_blocks_per_sm = 0;
 int g_split_blocks_per_sm = 0;
 int forward_blocks_per_sm() { return g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardBlocksPerSm; }
 int split_blocks_per_sm() { return g_split_blocks_per_sm > 0 ? g_split_blocks_per_sm : kSplitBlocksPerSm; }
+int forward_column_blocks_per_sm() {
+  return g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardColumnBlocksPerSm;
+}
 // Backward blocks that loop over tiles may load the next tile (half the usual tile, so that two fit the
 // registers) before the current tile's math: set_cuda_launch's prefetch, 0 = this default, 1 = off, 2 = on.
 // Off until measured on a GPU (the Triton backend's 16-bit loop gained 1-3% fwd+bwd from it on H200).
@@ -722,8 +725,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& scale, at::Tensor& y,
   if (aligned && inner_channel_vectors<VEC>(scale, C, I)) {
     using Cols = ForwardColumns<VEC>;
     const int64_t blocks_c = (C + Cols::kWidth - 1) / Cols::kWidth;
-    const int64_t per_sm = g_forward_blocks_per_sm > 0 ? g_forward_blocks_per_sm : kForwardColumnBlocksPerSm;
-    const int n_splits = split_count(blocks_c, (O + Cols::kRowStep - 1) / Cols::kRowStep, num_sms(), per_sm);
+    const int n_splits = split_count(blocks_c, (O + Cols::kRowStep - 1) / Cols::kRowStep, num_sms(),
+                                     forward_column_blocks_per_sm());
     lsq_fwd_columns_kernel<T, VEC><<<dim3(static_cast<unsigned>(blocks_c), static_cast<unsigned>(n_splits)), kThreads,
                                      0, stream>>>(x.data_ptr<T>(), scale.data_ptr<float>(), y.data_ptr<T>(), O, C,
                                                   n_splits, qn, qp, fast);
