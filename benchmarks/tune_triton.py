@@ -42,6 +42,9 @@ KNOBS = [
     ("row-warps", "_ROW_TILE_WARPS", True, int, "warps of the backward's whole-row tiles"),
     ("backward-fast-div", "_FAST_DIV_BACKWARD", False, str, "where the backward uses the fast division: rows, "
                                                               "one-tile, loops or all"),
+    ("row-block-waste", "_ROW_BLOCK_MAX_WASTE", False, float, "lanes per element a row block may spend past a "
+                                                                "row's end (e.g. 1.1)"),
+    ("rows-forward-tiles", "_ROWS_FORWARD_TILE_BYTES", True, int, "tile bytes per tensor of the ROWS forward"),
     ("row-split", "_ROW_TILE_SPLIT", False, lambda v: bool(int(v)), "whole-row tiles as two blocks (0/1)"),
     ("prefetch", "_PREFETCH", True, lambda v: bool(int(v)), "split backward programs load the next tile before "
                                                              "the current tile's math (0/1)"),
@@ -50,7 +53,7 @@ KNOBS = [
     ("rows-width", "_ROWS_TILE_WIDTH_BYTES", False, int, "bytes of adjacent channels per ROWS tile (innermost "
                                                           "channels)"),
     ("rows-backward-tile", "_ROWS_BACKWARD_TILE", False, int, "elements per ROWS backward tile, at most"),
-    ("rows-prefetch", "_ROWS_PREFETCH", False, lambda v: bool(int(v)), "split ROWS backward programs load the next "
+    ("rows-prefetch", "_ROWS_PREFETCH", True, lambda v: bool(int(v)), "split ROWS backward programs load the next "
                                                                        "tile before the current tile's math (0/1)"),
 ]
 

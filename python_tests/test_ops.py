@@ -469,7 +469,7 @@ def test_triton_backward_prefetch(backend, device, dtype, shapes, axis, triton_s
     """``_PREFETCH`` (``_ROWS_PREFETCH`` for innermost channels): split backward programs that load their next
     tile before the current tile's math (the last prefetch masked off) give the oracle's results around every tie
     and bound, masked tiles included."""
-    triton_settings(_PREFETCH={4: True, 2: True}, _ROWS_PREFETCH=True)
+    triton_settings(_PREFETCH={4: True, 2: True}, _ROWS_PREFETCH={4: True, 2: True})
     x, s, dy = _near_tie_case(shapes[device == "cuda"], axis, dtype, device)
     check(x, s, dy, backend, 4, True, axis)
 
@@ -485,6 +485,19 @@ def test_triton_forward_tile_sizes(backend, device, dtype, tile_bytes, shape, ax
     triton_settings(_FORWARD_TILE_BYTES={4: tile_bytes, 2: tile_bytes})
     x, s, dy = _near_tie_case(shape, axis, dtype, device)
     check(x, s, dy, backend, 4, True, axis)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("waste", [1.10, 1.5], ids=lambda w: f"waste{w}")
+@pytest.mark.parametrize("shapes", [pytest.param(((3, 6, 7, 7), (64, 40, 14, 14)), id="short-rows"),
+                                    pytest.param(((3, 5, 100), (8, 300, 100)), id="rows-of-100")])
+def test_triton_row_block_waste(backend, device, dtype, waste, shapes, triton_settings):
+    """``_ROW_BLOCK_MAX_WASTE``: short rows in a few small blocks (1.10) or one masked block per row (1.5) give
+    the oracle's results around every tie and bound, forward and backward."""
+    triton_settings(_ROW_BLOCK_MAX_WASTE=waste)
+    x, s, dy = _near_tie_case(shapes[device == "cuda"], 1, dtype, device)
+    check(x, s, dy, backend, 4, True, 1)
 
 
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)

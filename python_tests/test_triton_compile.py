@@ -47,7 +47,10 @@ for dtype, even, fast_div in itertools.product(["fp32", "bf16", "fp16"], [True, 
     # innermost channels: ROWS tiles of 512 bytes of adjacent channels x rows
     width = 128 if dtype == "fp32" else 256
     rows = dict(common, BLOCK_C=width, ROWS=True)
-    compile_one(triton_lsq._lsq_fwd_kernel, FWD, dtype, dict(rows, BLOCK_I=4096 // width, INTERPRETED_BF16=False))
+    size = 4 if dtype == "fp32" else 2
+    rows_forward_tile = triton_lsq._ROWS_FORWARD_TILE_BYTES[size] // size
+    compile_one(triton_lsq._lsq_fwd_kernel, FWD, dtype, dict(rows, BLOCK_I=rows_forward_tile // width,
+                                                              INTERPRETED_BF16=False))
     for final, prefetch in ((True, False), (False, False), (False, True)):  # only split ROWS programs prefetch
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(rows, BLOCK_I=triton_lsq._ROWS_BACKWARD_TILE // width,
                                                                   FINAL=final, TAIL_I=0, TAIL_EVEN=False,

@@ -297,17 +297,24 @@ _ROW_TILE_WARPS = {4: 8, 2: 8}
 # Whole-row tiles as two power-of-two blocks (no masked lanes in the first; see _bwd_tiles) instead of one
 # next_power_of_2(I) block: measured on H100, 512x512x3x3 fwd+bwd fp32 1.195 -> 1.145x floor, bf16 1.685 -> 1.423.
 _ROW_TILE_SPLIT = True
+# Lanes per element a row block may spend (masked lanes past a row's end): blocks shrink until a row's blocks
+# waste at most this. Short rows (a 14x14 feature map's 196 elements) then take 16-element blocks, 32 bytes of
+# bf16 per channel per access.
+_ROW_BLOCK_MAX_WASTE = 1.10
 # Innermost channels (I == 1, a transposed Linear weight) take row-block tiles (_tile_offsets' ROWS): this many
 # bytes of adjacent channels (one warp's 16-byte accesses) x as many rows as the tile holds, so that a scale and
 # its reciprocal, loaded and computed per channel, serve every row of the tile instead of one element.
 _ROWS_TILE_WIDTH_BYTES = 512
-# Elements of a ROWS backward tile at most, and no prefetch there: under the 64-register cap (sm_90, Triton 3.6)
-# the loop spilled 48-96 bytes at 4096 elements and 24-72 bytes with prefetch at 2048; at 2048 without it, none.
-# That leaves a 16-bit thread one 16-byte vector of x and of dy in flight per iteration, and the bf16 backward
-# ran at 1.6x the same bytes' time on the H200 (RESULTS.md, "Innermost channel axis: the new kernels"); whether
-# prefetch or larger tiles pay for their spills is for tune_triton.py (--rows-prefetch, --rows-backward-tile).
+# Elements of a ROWS backward tile at most: under the 64-register cap (sm_90, Triton 3.6) the loop spilled 48-96
+# bytes at 4096 elements, none at 2048. Measured on H200 (RESULTS.md, "Innermost channel axis: the column
+# forward"), 4096x11008 last axis, backward x floor, 2048 / 4096 elements: fp32 1.180 / 1.234, bf16 1.620 / 1.620.
 _ROWS_BACKWARD_TILE = 2048
-_ROWS_PREFETCH = False
+# Split ROWS backward programs prefetch their next tile by element size. Same run, 2048-element tiles, off / on:
+# fp32 1.180 / 1.278, bf16 1.620 / 1.563 (bf16 spills 32 bytes with it and still gains).
+_ROWS_PREFETCH = {4: False, 2: True}
+# ROWS forward tile bytes per tensor: a ROWS tile's channels load their scales and reciprocals once per tile, so
+# the tile is taller than other layouts'. Same run, bf16 forward x floor, 8 / 16 / 32 KB: 1.472 / 1.336 / 1.290.
+_ROWS_FORWARD_TILE_BYTES = {4: 32768, 2: 32768}
 
 
 def _for_size(table: dict, x: Tensor) -> int:
@@ -321,14 +328,15 @@ def _tile(x: Tensor, table: Optional[dict] = None) -> int:
 
 
 def _block_i(inner: int, tile: int) -> int:
-    """Largest power-of-two row block (<= tile) that wastes at most 10% of lanes on a row's last block."""
+    """Largest power-of-two row block (<= tile) that wastes at most ``_ROW_BLOCK_MAX_WASTE`` of lanes on a row's
+    last block."""
     b = min(tile, triton.next_power_of_2(inner))
     if b < 16:
         return b
     best, best_waste = b, float("inf")
     while b >= 16:
         waste = triton.cdiv(inner, b) * b / inner
-        if waste <= 1.10:
+        if waste <= _ROW_BLOCK_MAX_WASTE:
             return b
         if waste < best_waste:
             best, best_waste = b, waste
@@ -457,9 +465,9 @@ def forward(x: Tensor, scale: Tensor, y: Tensor, qn: int, qp: int, axis: Optiona
     O, C, I = channel_view(x, axis)
     if x.numel() == 0:
         return
-    tile = _tile(x, _FORWARD_TILE_BYTES)
     min_programs = 4 * _device_sms(x)  # small tensors: smaller tiles, so that the grid fills the GPU
     rows = _rows(O, C, I)
+    tile = _tile(x, _ROWS_FORWARD_TILE_BYTES if rows else _FORWARD_TILE_BYTES)
     if rows:
         bc, bi, _ = _rows_tile_shape(O, C, tile, _ROWS_TILE_WIDTH_BYTES // x.element_size())
         tiles_i = 1
@@ -500,7 +508,7 @@ def backward(
     tiles_per_cb, even = _launch_extent(rows, O, C, I, bc, bi, tiles_i)
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
-    prefetch = (_ROWS_PREFETCH if rows else _for_size(_PREFETCH, x)) and not final
+    prefetch = _for_size(_ROWS_PREFETCH if rows else _PREFETCH, x) and not final
     _lsq_bwd_kernel[(num_cb, n_splits)](
         x, dy, scale, dx, out, O, C, I, tiles_i, tiles_per_cb, n_splits, float(qn), float(qp), float(g),
         BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=even, FAST_DIV=fast_div,
