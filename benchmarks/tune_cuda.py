@@ -39,8 +39,7 @@ def main():
     ap.add_argument("--split-blocks", nargs="+", type=int, default=[0],
                     help="backward split blocks per SM (0: built-in)")
     ap.add_argument("--prefetch", nargs="+", default=["default"], choices=["default", "0", "1"],
-                    help="looping backward blocks prefetch their next tile, short-row blocks read rows ahead "
-                         "(default: built-in)")
+                    help="looping backward blocks prefetch their next tile (default: built-in)")
     args = ap.parse_args()
     prefetch = {"default": None, "0": False, "1": True}
     settings = [(f"division={d}, forward_blocks={f}, split_blocks={b}, prefetch={p}",

@@ -42,8 +42,8 @@ KNOBS = [
     ("row-warps", "_ROW_TILE_WARPS", True, int, "warps of the backward's whole-row tiles"),
     ("backward-fast-div", "_FAST_DIV_BACKWARD", False, str, "where the backward uses the fast division: rows, "
                                                               "one-tile, loops or all"),
-    ("row-block-waste", "_ROW_BLOCK_MAX_WASTE", False, float, "lanes per element a row block may spend past a "
-                                                                "row's end (e.g. 1.1)"),
+    ("short-row-waste", "_SHORT_ROW_MAX_WASTE", False, float, "lanes per element a short row's single block may "
+                                                                "spend (1.1: short rows in small blocks)"),
     ("rows-forward-tiles", "_ROWS_FORWARD_TILE_BYTES", True, int, "tile bytes per tensor of the ROWS forward"),
     ("row-split", "_ROW_TILE_SPLIT", False, lambda v: bool(int(v)), "whole-row tiles as two blocks (0/1)"),
     ("prefetch", "_PREFETCH", True, lambda v: bool(int(v)), "split backward programs load the next tile before "

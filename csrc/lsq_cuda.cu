@@ -84,13 +84,9 @@ int forward_column_blocks_per_sm() {
 // Backward blocks that loop over tiles may load the next tile (half the usual tile, so that two fit the
 // registers) before the current tile's math: set_cuda_launch's prefetch, 0 = this default, 1 = off, 2 = on.
 // Off until measured on a GPU (the Triton backend's 16-bit loop gained 1-3% fwd+bwd from it on H200).
-// Short-row blocks (lsq_bwd_short_kernel) read kShortRowsAhead of their rows before the first one's math when
-// on, one row at a time when off; on by default: one row is kSlots elements of x and dy per thread in flight.
 constexpr bool kPrefetch = false;
-constexpr bool kShortRowsPrefetch = true;
 int g_prefetch = 0;
 bool prefetch() { return g_prefetch == 0 ? kPrefetch : g_prefetch == 2; }
-bool short_rows_prefetch() { return g_prefetch == 0 ? kShortRowsPrefetch : g_prefetch == 2; }
 
 // v, opaque to the compiler from here on, and (the memory clobber) ordered after the loads issued before it: an
 // instruction that uses the scale stalls its warp until the scale has arrived, so nothing that uses it (the
@@ -524,49 +520,27 @@ __global__ void __launch_bounds__(kThreads, 4) lsq_bwd_one_tile_kernel(
 // always sees position k of that span (channel k / I) and keeps its sums in registers across rows.
 constexpr int kSlots = kSmallRow / kThreads;
 
-constexpr int kShortRowsAhead = 2;
-
-// Rows o = blockIdx.y, + n_splits, ... in that order whatever AHEAD is (AHEAD of them loaded before their math),
-// so the sums, and the bits of the scale gradient, do not depend on it.
-template <bool FAST, int AHEAD, typename T>
+template <bool FAST, typename T>
 __device__ __forceinline__ void short_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                            const float (&sc)[kSlots], const float (&r)[kSlots], float (&acc)[kSlots],
                                            int64_t c0, int64_t span, int64_t O, int64_t C, int64_t I, int n_splits,
                                            float qn, float qp) {
-  for (int64_t o0 = blockIdx.y; o0 < O; o0 += static_cast<int64_t>(n_splits) * AHEAD) {
-    T xv[AHEAD][kSlots], gv[AHEAD][kSlots];
+  for (int64_t o = blockIdx.y; o < O; o += n_splits) {
+    const int64_t base = (o * C + c0) * I;
 #pragma unroll
-    for (int u = 0; u < AHEAD; ++u) {
-      const int64_t o = o0 + static_cast<int64_t>(u) * n_splits;
-      const int64_t base = (o * C + c0) * I;
-#pragma unroll
-      for (int j = 0; j < kSlots; ++j) {
-        const int64_t k = j * kThreads + threadIdx.x;
-        if (o < O && k < span) {
-          xv[u][j] = x[base + k];
-          gv[u][j] = dy[base + k];
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < AHEAD; ++u) {
-      const int64_t o = o0 + static_cast<int64_t>(u) * n_splits;
-      const int64_t base = (o * C + c0) * I;
-#pragma unroll
-      for (int j = 0; j < kSlots; ++j) {
-        const int64_t k = j * kThreads + threadIdx.x;
-        if (o < O && k < span) {
-          T d;
-          acc[j] += lsq_grad<FAST>(xv[u][j], gv[u][j], sc[j], r[j], qn, qp, d);
-          dx[base + k] = d;
-        }
+    for (int j = 0; j < kSlots; ++j) {
+      const int64_t k = j * kThreads + threadIdx.x;
+      if (k < span) {
+        T d;
+        acc[j] += lsq_grad<FAST>(x[base + k], dy[base + k], sc[j], r[j], qn, qp, d);
+        dx[base + k] = d;
       }
     }
   }
 }
 
-template <typename T, int AHEAD>
-__global__ void __launch_bounds__(kThreads, 4) lsq_bwd_short_kernel(
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lsq_bwd_short_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ s, T* __restrict__ dx,
     float* __restrict__ out, int64_t O, int64_t C, int64_t I, int64_t cb, int n_splits, float qn, float qp,
     float g, bool final_write, bool allow_fast) {
@@ -586,9 +560,9 @@ __global__ void __launch_bounds__(kThreads, 4) lsq_bwd_short_kernel(
   }
   // One division variant for the whole block: a per-element choice would keep both in the loop.
   if (__syncthreads_and(allow_fast && ok)) {
-    short_rows<true, AHEAD>(dy, x, dx, sc, r, acc, c0, span, O, C, I, n_splits, qn, qp);
+    short_rows<true>(dy, x, dx, sc, r, acc, c0, span, O, C, I, n_splits, qn, qp);
   } else {
-    short_rows<false, AHEAD>(dy, x, dx, sc, r, acc, c0, span, O, C, I, n_splits, qn, qp);
+    short_rows<false>(dy, x, dx, sc, r, acc, c0, span, O, C, I, n_splits, qn, qp);
   }
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) sums[j * kThreads + threadIdx.x] = acc[j];
@@ -885,12 +859,8 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
                                                                   final_write, fast);
   } else if (short_rows) {
     const bool fast = allow_fast(O <= n_splits ? kFastBackwardOneTile : kFastBackwardLoop);
-    if (short_rows_prefetch())
-      lsq_bwd_short_kernel<T, kShortRowsAhead><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb,
-                                                                              n_splits, qn, qp, g, final_write, fast);
-    else
-      lsq_bwd_short_kernel<T, 1><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb, n_splits, qn, qp,
-                                                                g, final_write, fast);
+    lsq_bwd_short_kernel<T><<<grid, kThreads, 0, stream>>>(dyp, xp, sp, dxp, outp, O, C, I, cb, n_splits, qn, qp, g,
+                                                           final_write, fast);
   } else if (prefetching) {
     constexpr int PU = RowTiles<VEC>::kPrefetchU;
     const int64_t tiles_i = vec_tiles.prefetch_tiles_i;

@@ -490,13 +490,20 @@ def test_triton_forward_tile_sizes(backend, device, dtype, tile_bytes, shape, ax
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("waste", [1.10, 1.5], ids=lambda w: f"waste{w}")
-@pytest.mark.parametrize("shapes", [pytest.param(((3, 6, 7, 7), (64, 40, 14, 14)), id="short-rows"),
+@pytest.mark.parametrize("shapes", [pytest.param(((3, 6, 14, 14), (64, 40, 14, 14)), id="short-rows"),
                                     pytest.param(((3, 5, 100), (8, 300, 100)), id="rows-of-100")])
-def test_triton_row_block_waste(backend, device, dtype, waste, shapes, triton_settings):
-    """``_ROW_BLOCK_MAX_WASTE``: short rows in a few small blocks (1.10) or one masked block per row (1.5) give
+def test_triton_short_row_blocks(backend, device, dtype, waste, shapes, triton_settings):
+    """``_SHORT_ROW_MAX_WASTE``: short rows in several small blocks (1.10) or one masked block per row (1.5) give
     the oracle's results around every tie and bound, forward and backward."""
-    triton_settings(_ROW_BLOCK_MAX_WASTE=waste)
-    x, s, dy = _near_tie_case(shapes[device == "cuda"], 1, dtype, device)
+    import triton
+
+    from gaqat_kernels.kernels import triton_lsq
+
+    triton_settings(_SHORT_ROW_MAX_WASTE=waste)
+    shape = shapes[device == "cuda"]
+    row = math.prod(shape[2:])
+    assert (triton_lsq._block_i(row, 4096) == triton.next_power_of_2(row)) == (waste == 1.5)
+    x, s, dy = _near_tie_case(shape, 1, dtype, device)
     check(x, s, dy, backend, 4, True, 1)
 
 

@@ -297,10 +297,12 @@ _ROW_TILE_WARPS = {4: 8, 2: 8}
 # Whole-row tiles as two power-of-two blocks (no masked lanes in the first; see _bwd_tiles) instead of one
 # next_power_of_2(I) block: measured on H100, 512x512x3x3 fwd+bwd fp32 1.195 -> 1.145x floor, bf16 1.685 -> 1.423.
 _ROW_TILE_SPLIT = True
-# Lanes per element a row block may spend (masked lanes past a row's end): blocks shrink until a row's blocks
-# waste at most this. Short rows (a 14x14 feature map's 196 elements) then take 16-element blocks, 32 bytes of
-# bf16 per channel per access.
-_ROW_BLOCK_MAX_WASTE = 1.10
+# Rows no longer than a program's threads (a 14x14 feature map's 196 elements) take one block per row where it
+# spends at most this many lanes per element; longer rows, and short rows past it, take the largest block that
+# spends at most 1.10 (196: 16-element blocks, 32 bytes of bf16 per channel per access). Measured on H200,
+# 64x512x14x14 per-channel along axis 1 (RESULTS.md, "Innermost channel axis: the column forward"), fwd+bwd x
+# floor, 1.10 / 1.5: fp32 4.47 / 3.40, bf16 6.84 / 5.51.
+_SHORT_ROW_MAX_WASTE = 1.5
 # Innermost channels (I == 1, a transposed Linear weight) take row-block tiles (_tile_offsets' ROWS): this many
 # bytes of adjacent channels (one warp's 16-byte accesses) x as many rows as the tile holds, so that a scale and
 # its reciprocal, loaded and computed per channel, serve every row of the tile instead of one element.
@@ -328,15 +330,15 @@ def _tile(x: Tensor, table: Optional[dict] = None) -> int:
 
 
 def _block_i(inner: int, tile: int) -> int:
-    """Largest power-of-two row block (<= tile) that wastes at most ``_ROW_BLOCK_MAX_WASTE`` of lanes on a row's
-    last block."""
+    """Power-of-two row block (<= tile): a short row's whole row (``_SHORT_ROW_MAX_WASTE``), otherwise the largest
+    that wastes at most 10% of lanes on a row's last block."""
     b = min(tile, triton.next_power_of_2(inner))
-    if b < 16:
+    if b < 16 or (b <= _NUM_WARPS * 32 and b / inner <= _SHORT_ROW_MAX_WASTE):
         return b
     best, best_waste = b, float("inf")
     while b >= 16:
         waste = triton.cdiv(inner, b) * b / inner
-        if waste <= _ROW_BLOCK_MAX_WASTE:
+        if waste <= 1.10:
             return b
         if waste < best_waste:
             best, best_waste = b, waste
