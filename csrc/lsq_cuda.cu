@@ -527,12 +527,22 @@ __device__ __forceinline__ void short_rows(const T* __restrict__ dy, const T* __
                                            float qn, float qp) {
   for (int64_t o = blockIdx.y; o < O; o += n_splits) {
     const int64_t base = (o * C + c0) * I;
+    // Every slot's loads before the first store: interleaved, nvcc kept one load of each in flight.
+    T xv[kSlots], gv[kSlots];
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const int64_t k = j * kThreads + threadIdx.x;
+      if (k < span) {
+        xv[j] = x[base + k];
+        gv[j] = dy[base + k];
+      }
+    }
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
       const int64_t k = j * kThreads + threadIdx.x;
       if (k < span) {
         T d;
-        acc[j] += lsq_grad<FAST>(x[base + k], dy[base + k], sc[j], r[j], qn, qp, d);
+        acc[j] += lsq_grad<FAST>(xv[j], gv[j], sc[j], r[j], qn, qp, d);
         dx[base + k] = d;
       }
     }
