@@ -300,22 +300,22 @@ _ROW_TILE_SPLIT = True
 # Rows no longer than a program's threads (a 14x14 feature map's 196 elements) take one block per row where it
 # spends at most this many lanes per element; longer rows, and short rows past it, take the largest block that
 # spends at most 1.10 (196: 16-element blocks, 32 bytes of bf16 per channel per access). Measured on H200,
-# 64x512x14x14 per-channel along axis 1 (RESULTS.md, "Innermost channel axis: the column forward"), fwd+bwd x
-# floor, 1.10 / 1.5: fp32 4.47 / 3.40, bf16 6.84 / 5.51.
+# 64x512x14x14 per-channel along axis 1, fwd+bwd x floor at 1.10 / 1.5: fp32 4.47 / 3.40, bf16 6.84 / 5.51
+# (RESULTS.md, "Innermost channel axis: the column forward, and short rows", as the three settings below).
 _SHORT_ROW_MAX_WASTE = 1.5
 # Innermost channels (I == 1, a transposed Linear weight) take row-block tiles (_tile_offsets' ROWS): this many
 # bytes of adjacent channels (one warp's 16-byte accesses) x as many rows as the tile holds, so that a scale and
 # its reciprocal, loaded and computed per channel, serve every row of the tile instead of one element.
 _ROWS_TILE_WIDTH_BYTES = 512
 # Elements of a ROWS backward tile at most: under the 64-register cap (sm_90, Triton 3.6) the loop spilled 48-96
-# bytes at 4096 elements, none at 2048. Measured on H200 (RESULTS.md, "Innermost channel axis: the column
-# forward"), 4096x11008 last axis, backward x floor, 2048 / 4096 elements: fp32 1.180 / 1.234, bf16 1.620 / 1.620.
+# bytes at 4096 elements, none at 2048. Measured on H200, 4096x11008 last axis, backward x floor, 2048 / 4096
+# elements: fp32 1.180 / 1.234, bf16 1.620 / 1.620.
 _ROWS_BACKWARD_TILE = 2048
 # Split ROWS backward programs prefetch their next tile by element size. Same run, 2048-element tiles, off / on:
 # fp32 1.180 / 1.278, bf16 1.620 / 1.563 (bf16 spills 32 bytes with it and still gains).
 _ROWS_PREFETCH = {4: False, 2: True}
 # ROWS forward tile bytes per tensor: a ROWS tile's channels load their scales and reciprocals once per tile, so
-# the tile is taller than other layouts'. Same run, bf16 forward x floor, 8 / 16 / 32 KB: 1.472 / 1.336 / 1.290.
+# taller tiles pay. Forward x floor at 16 / 32 / 64 KB: fp32 1.138 / 1.138 / 1.164, bf16 1.333 / 1.285 / 1.366.
 _ROWS_FORWARD_TILE_BYTES = {4: 32768, 2: 32768}
 
 
