@@ -4,9 +4,8 @@
 # step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
-# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton and CUDA questions of RESULTS.md: 16-bit
-# forward tiles; innermost channels and short rows side by side; on innermost channels, the CUDA forward's blocks
-# per SM, Triton's backward tile and prefetch, and the eager Triton host time per call, profiled).
+# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton question of RESULTS.md, the split grid's
+# rounding on innermost channels and short rows, then the quick benchmark of both backends).
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -48,19 +47,12 @@ fi
 if [[ $mode == tune ]]; then
   if [[ -n ${TUNE_ARGS:-} ]]; then
     python3 benchmarks/tune_triton.py --out "$out" $TUNE_ARGS 2>&1 | grep -v Warn | tee "$out/tune.log"
-  else  # the open questions (RESULTS.md): 16-bit forward tile bytes (Triton); both backends on innermost channels
-    python3 benchmarks/tune_triton.py --out "$out/tune_fwd" --dtypes bf16 --forward-tiles 8192 16384 32768 \
-      2>&1 | grep -v Warn | tee "$out/tune_fwd.log"
-    python3 benchmarks/bench_kernels.py --out "$out/last_axis" --quick --impls triton cuda \
-      --cases "last axis" "short rows" 2>&1 | grep -v Warn | tee "$out/last_axis.log" | grep "x floor"
-    python3 benchmarks/tune_cuda.py --out "$out/tune_cuda_last" --cases "last axis" --dtypes fp32 bf16 \
-      --forward-blocks 0 3 16 65536 2>&1 | grep -v Warn | tee "$out/tune_cuda_last.log" | grep "x floor"
-    python3 benchmarks/tune_triton.py --out "$out/tune_triton_last" --cases "last axis" --dtypes fp32 bf16 \
-      --rows-backward-tile 2048 4096 --rows-prefetch 0 1 2>&1 | grep -v Warn | tee "$out/tune_triton_last.log" \
-      | grep "x floor"
-    for case in "last axis" "act 64x256"; do  # eager Triton: host time per call, and where it goes
-      python3 benchmarks/profile_op.py --out "$out/profile" --case "$case" --dtype bf16 2>&1 | grep -v Warn
-    done
+  else  # the open question (RESULTS.md): Triton's split grid in one wave (--one-wave 1) or rounded up, where the
+    # channel blocks do not divide the program slots; then both backends on every case with today's defaults
+    python3 benchmarks/tune_triton.py --out "$out/tune_one_wave" --cases "last axis" "short rows" --dtypes fp32 bf16 \
+      --one-wave 0 1 2>&1 | grep -v Warn | tee "$out/tune_one_wave.log" | grep "x floor"
+    python3 benchmarks/bench_kernels.py --out "$out/quick" --quick --impls triton cuda 2>&1 | grep -v Warn \
+      | tee "$out/quick.log" | grep "x floor"
   fi
 fi
 if [[ $mode == conflict || $mode == all ]]; then

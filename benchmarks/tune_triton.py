@@ -39,6 +39,8 @@ KNOBS = [
     ("warps", "_NUM_WARPS", False, int, "warps per program"),
     ("split-tiles", "_SPLIT_TILE_BYTES", True, int, "tile bytes per tensor of split backward programs"),
     ("splits", "_SPLIT_PROGRAMS_PER_SM", True, int, "split programs per SM"),
+    ("one-wave", "_SPLIT_ONE_WAVE", False, lambda v: bool(int(v)), "split counts rounded down to one wave of "
+                                                                    "programs (1) or up (0)"),
     ("row-warps", "_ROW_TILE_WARPS", True, int, "warps of the backward's whole-row tiles"),
     ("backward-fast-div", "_FAST_DIV_BACKWARD", False, str, "where the backward uses the fast division: rows, "
                                                               "one-tile, loops or all"),

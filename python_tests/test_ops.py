@@ -489,6 +489,30 @@ def test_triton_forward_tile_sizes(backend, device, dtype, tile_bytes, shape, ax
 
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("one_wave", [True, False], ids=["rounded-down", "rounded-up"])
+@pytest.mark.parametrize("shapes", [pytest.param(((200, 600), (3000, 1100)), id="inner-channel-rows")])
+def test_triton_split_counts(backend, device, dtype, one_wave, shapes, triton_settings):
+    """``_SPLIT_ONE_WAVE``: split counts per channel block rounded down (one wave of programs) or up give the
+    oracle's results; the two settings give different grids on these shapes (3 or 5 channel blocks on the CPU's
+    16 program slots, 58 or 105 split against 59 or 106 on the GPU's)."""
+    from gaqat_kernels.kernels import triton_lsq
+
+    shape = shapes[device == "cuda"]
+    x, s, dy = _near_tie_case(shape, 1, dtype, device)
+    t = triton_lsq
+    sizes = (t._device_sms(x), t._tile(x), t._tile(x, t._SPLIT_TILE_BYTES), t._for_size(t._SPLIT_PROGRAMS_PER_SM, x),
+             t._ROWS_TILE_WIDTH_BYTES // x.element_size())
+
+    def splits(wave):
+        triton_settings(_SPLIT_ONE_WAVE=wave)
+        return t._rows_plan(*shape, *sizes)[4]
+
+    assert splits(not one_wave) != splits(one_wave)
+    check(x, s, dy, backend, 4, True, 1)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("waste", [1.10, 1.5], ids=lambda w: f"waste{w}")
 @pytest.mark.parametrize("shapes", [pytest.param(((3, 6, 14, 14), (64, 40, 14, 14)), id="short-rows"),
                                     pytest.param(((3, 5, 100), (8, 300, 100)), id="rows-of-100")])

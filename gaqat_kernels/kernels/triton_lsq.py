@@ -270,6 +270,12 @@ _FAST_DIV_BACKWARD = "loops"
 # 1.054x floor, 8x4096x4096 1.035 -> 1.031; 16-bit 1.118 -> 1.093 and 1.061 -> 1.045).
 _TILE_BYTES = {4: 16384, 2: 8192}
 _SPLIT_PROGRAMS_PER_SM = {4: 4, 2: 4}
+# Split counts per channel block: rounded up (False, every figure in RESULTS.md so far), or rounded down so that
+# num_channel_blocks x splits <= programs per SM x SMs, one wave. Rounded up, a channel-block count that does not
+# divide 4 x 132 leaves a second wave of a few programs, each as long as the first wave's (4096x11008 last axis,
+# bf16: 43 blocks x 13 = 559 programs for 528 slots). Per-tensor (one block) is the same either way. Not yet
+# measured on a GPU: `tune_triton.py --one-wave 0 1` (gpu_check.sh tune).
+_SPLIT_ONE_WAVE = False
 _NUM_WARPS = 8  # measured on H100: 4 warps made every backward slower, by up to 3x with large tiles
 # Registers per thread of backward programs, except those that visit one tile with IEEE division: 64 keeps four
 # 8-warp programs resident per SM (64K registers), the split count above. Left to itself, Triton 3.6 gives the
@@ -409,8 +415,14 @@ def _plan(O: int, C: int, I: int, sms: int, tile: int, split_tile: int, splits_p
     bc, bi, tiles_i = _tile_shape(C, I, split_tile)
     num_cb = triton.cdiv(C, bc)
     tiles = O * tiles_i
-    n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
+    n_splits = _split_count(tiles, num_cb, splits_per_sm * sms)
     return (bc, bi, tiles_i, num_cb, n_splits) + _backward_division(tiles <= n_splits) + (_NUM_WARPS, 0)
+
+
+def _split_count(tiles: int, num_cb: int, programs: int) -> int:
+    """Programs over which each of ``num_cb`` channel blocks splits its ``tiles``, about ``programs`` in all."""
+    per_block = programs // num_cb if _SPLIT_ONE_WAVE else triton.cdiv(programs, num_cb)
+    return max(1, min(tiles, per_block))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -424,7 +436,7 @@ def _rows_plan(O: int, C: int, sms: int, tile: int, split_tile: int, splits_per_
     n_splits = 1
     if num_cb < 2 * sms:
         bc, bi, tiles = _rows_tile_shape(O, C, split_tile, width)
-        n_splits = max(1, min(tiles, triton.cdiv(splits_per_sm * sms, num_cb)))
+        n_splits = _split_count(tiles, num_cb, splits_per_sm * sms)
     return (bc, bi, 1, num_cb, n_splits) + _backward_division(tiles <= n_splits) + (_NUM_WARPS, 0)
 
 
