@@ -307,7 +307,7 @@ _ROW_TILE_SPLIT = True
 # spends at most this many lanes per element; longer rows, and short rows past it, take the largest block that
 # spends at most 1.10 (196: 16-element blocks, 32 bytes of bf16 per channel per access). Measured on H200,
 # 64x512x14x14 per-channel along axis 1, fwd+bwd x floor at 1.10 / 1.5: fp32 4.47 / 3.40, bf16 6.84 / 5.51
-# (RESULTS.md, "Innermost channel axis: the column forward, and short rows", as the three settings below).
+# (RESULTS.md, "Innermost channel axis: the column forward, and short rows", as are the ROWS settings below).
 _SHORT_ROW_MAX_WASTE = 1.5
 # Innermost channels (I == 1, a transposed Linear weight) take row-block tiles (_tile_offsets' ROWS): this many
 # bytes of adjacent channels (one warp's 16-byte accesses) x as many rows as the tile holds, so that a scale and
@@ -336,8 +336,8 @@ def _tile(x: Tensor, table: Optional[dict] = None) -> int:
 
 
 def _block_i(inner: int, tile: int) -> int:
-    """Power-of-two row block (<= tile): a short row's whole row (``_SHORT_ROW_MAX_WASTE``), otherwise the largest
-    that wastes at most 10% of lanes on a row's last block."""
+    """Power-of-two row block (<= tile): one block for a whole short row (``_SHORT_ROW_MAX_WASTE``), otherwise the
+    largest that wastes at most 10% of lanes on a row's last block."""
     b = min(tile, triton.next_power_of_2(inner))
     if b < 16 or (b <= _NUM_WARPS * 32 and b / inner <= _SHORT_ROW_MAX_WASTE):
         return b
