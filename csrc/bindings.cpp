@@ -69,8 +69,8 @@ void lsq_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& s
 
 void conflict_update(const at::Tensor& task, const at::Tensor& smooth, const at::Tensor& offsets, at::Tensor& signs,
                      at::Tensor& ema, at::Tensor& step, at::Tensor& counter, at::Tensor& stats, at::Tensor& frozen,
-                     double decay, double log2_decay, double flip_weight, double threshold, int64_t warmup,
-                     int64_t top_k) {
+                     double decay, double log2_decay, double flip_weight, double enter, double stay, int64_t warmup,
+                     int64_t top_k, int64_t rule, double spread_floor) {
   const int64_t n = task.numel(), s = offsets.numel() - 1;
   auto on = [&](const at::Tensor& t, at::ScalarType type, int64_t numel, const char* name) {
     TORCH_CHECK(t.is_cuda() && t.device() == task.device() && t.scalar_type() == type && t.is_contiguous() &&
@@ -87,9 +87,10 @@ void conflict_update(const at::Tensor& task, const at::Tensor& smooth, const at:
   on(stats, at::kFloat, 7 * s, "stats");
   on(frozen, at::kBool, s, "frozen");
   TORCH_CHECK(s >= 1, "offsets: expected at least one segment");
+  TORCH_CHECK(rule >= 0 && rule <= 2, "rule: expected 0 (absolute), 1 (zscore) or 2 (ratio), got ", rule);
 #ifdef GAQAT_WITH_CUDA
   conflict_update_cuda(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, log2_decay,
-                       flip_weight, threshold, warmup, top_k);
+                       flip_weight, enter, stay, warmup, top_k, rule, spread_floor);
 #else
   TORCH_CHECK(false, "gaqat_kernels._C was built without CUDA");
 #endif

@@ -1,7 +1,7 @@
 // CUDA: one step of the gradient-conflict tracker in one launch, one block per segment (one layer's
 // quantizer scales). Each block reduces its segment in a fixed tree (deterministic), updates the running
-// average and the freeze decision; the last block to finish ranks the disorders when a top-k limit
-// applies and advances the step counter. The math is reference.conflict_update_reference's.
+// average; the last block to finish decides the freeze mask (mean and spread of the disorders for the
+// relative rules, ranks when a top-k limit applies) and advances the step counter. The math is reference.conflict_update_reference's.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,7 +12,8 @@ namespace gaqat {
 namespace {
 
 constexpr int kConflictThreads = 256;
-constexpr int kSums = 6;  // conflicts, dot, |task|^2, |smooth|^2, task flips, smooth flips
+constexpr int kSums = 6;
+constexpr int kZscore = 1, kRatio = 2;  // reference.FREEZE_RULES order; 0: absolute  // conflicts, dot, |task|^2, |smooth|^2, task flips, smooth flips
 
 __device__ __forceinline__ int sign_of(float v) { return (v > 0.f) - (v < 0.f); }  // NaN -> 0
 
@@ -20,7 +21,8 @@ __global__ void conflict_update_kernel(const float* __restrict__ task, const flo
                                        const int64_t* __restrict__ offsets, int8_t* __restrict__ signs,
                                        int64_t n, float* __restrict__ ema, int64_t* step_ptr, int* counter,
                                        float* stats, uint8_t* frozen, int n_seg, float decay, float log2_decay,
-                                       float flip_weight, float threshold, int64_t warmup, int64_t top_k) {
+                                       float flip_weight, float enter, float stay, int64_t warmup, int64_t top_k,
+                                       int rule, float spread_floor) {
   const int seg = blockIdx.x;
   const int64_t start = offsets[seg], end = offsets[seg + 1];
   const int64_t step = *step_ptr;
@@ -65,24 +67,45 @@ __global__ void conflict_update_kernel(const float* __restrict__ task, const flo
     ema[seg] = m;
     float* row = stats + seg * 7;
     row[0] = c; row[1] = cosine; row[2] = nt; row[3] = ns; row[4] = ft; row[5] = fs; row[6] = disorder;
-    frozen[seg] = (step >= warmup && disorder > threshold) ? 1 : 0;  // final unless top-k limits it
     __threadfence();
     is_last = atomicAdd(counter, 1) == n_seg - 1;
   }
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  if (top_k < n_seg) {
-    const volatile float* d = stats;
-    for (int i = threadIdx.x; i < n_seg; i += blockDim.x) {
-      const float di = d[i * 7 + 6];
+  // The last block decides the whole mask: the relative rules need the mean and spread of D over all
+  // segments, the hysteresis the previous mask (untouched by the other blocks).
+  const volatile float* d = stats;
+  __shared__ float mean, spread;
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int j = 0; j < n_seg; ++j) total += d[j * 7 + 6];
+    mean = __fdiv_rn(total, static_cast<float>(n_seg));
+    float squares = 0.f;
+    if (rule == kZscore) {
+      for (int j = 0; j < n_seg; ++j) {
+        const float dev = d[j * 7 + 6] - mean;
+        squares += dev * dev;
+      }
+    }
+    spread = rule == kZscore ? __fsqrt_rn(__fdiv_rn(squares, static_cast<float>(n_seg))) : mean;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_seg; i += blockDim.x) {
+    const float di = d[i * 7 + 6];
+    float score = di;
+    if (rule == kZscore) score = spread > spread_floor ? __fdiv_rn(di - mean, spread) : 0.f;
+    if (rule == kRatio) score = mean > spread_floor ? __fdiv_rn(di, mean) - 1.f : 0.f;
+    bool keep = step >= warmup && (score > enter || (frozen[i] != 0 && score > stay));
+    if (top_k < n_seg) {
       int64_t rank = 0;
       for (int j = 0; j < n_seg; ++j) {
         const float dj = d[j * 7 + 6];
         rank += (dj > di || (dj == di && j < i)) ? 1 : 0;
       }
-      frozen[i] = (step >= warmup && di > threshold && rank < top_k) ? 1 : 0;
+      keep = keep && rank < top_k;
     }
+    frozen[i] = keep ? 1 : 0;
   }
   if (threadIdx.x == 0) {
     *step_ptr = step + 1;
@@ -95,7 +118,8 @@ __global__ void conflict_update_kernel(const float* __restrict__ task, const flo
 void conflict_update_cuda(const at::Tensor& task, const at::Tensor& smooth, const at::Tensor& offsets,
                           at::Tensor& signs, at::Tensor& ema, at::Tensor& step, at::Tensor& counter,
                           at::Tensor& stats, at::Tensor& frozen, double decay, double log2_decay,
-                          double flip_weight, double threshold, int64_t warmup, int64_t top_k) {
+                          double flip_weight, double enter, double stay, int64_t warmup, int64_t top_k,
+                          int64_t rule, double spread_floor) {
   const int n_seg = static_cast<int>(offsets.numel() - 1);
   const at::cuda::CUDAGuard guard(task.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -104,7 +128,8 @@ void conflict_update_cuda(const at::Tensor& task, const at::Tensor& smooth, cons
       task.numel(), ema.data_ptr<float>(), step.data_ptr<int64_t>(), counter.data_ptr<int>(),
       stats.data_ptr<float>(), reinterpret_cast<uint8_t*>(frozen.data_ptr<bool>()), n_seg,
       static_cast<float>(decay), static_cast<float>(log2_decay), static_cast<float>(flip_weight),
-      static_cast<float>(threshold), warmup, top_k);
+      static_cast<float>(enter), static_cast<float>(stay), warmup, top_k,
+      static_cast<int>(rule), static_cast<float>(spread_floor));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -41,7 +41,8 @@ void set_cuda_launch(int64_t forward_blocks_per_sm, int64_t split_blocks_per_sm,
 void conflict_update_cuda(const at::Tensor& task, const at::Tensor& smooth, const at::Tensor& offsets,
                           at::Tensor& signs, at::Tensor& ema, at::Tensor& step, at::Tensor& counter,
                           at::Tensor& stats, at::Tensor& frozen, double decay, double log2_decay,
-                          double flip_weight, double threshold, int64_t warmup, int64_t top_k);
+                          double flip_weight, double enter, double stay, int64_t warmup, int64_t top_k,
+                          int64_t rule, double spread_floor);
 #endif
 
 // round(clamp(v, qn, qp)) with ties to even; NaN stays NaN (comparisons with NaN are false).

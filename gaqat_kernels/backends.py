@@ -18,6 +18,8 @@ from torch import Tensor
 from .kernels import extension
 from .kernels.layout import channel_view
 from .kernels.reference import (
+    FREEZE_RULES,
+    SPREAD_FLOOR,
     conflict_update_reference,
     reference_backward,
     reference_forward,
@@ -134,19 +136,34 @@ def get(name: str) -> Backend:
     raise ValueError(f"backend: {name!r} is not a concrete backend")
 
 
-CONFLICT_BACKENDS = ("auto", "reference", "triton")
+# The conflict ops accept every backend name. The extension has no CPU kernel for them, so "cpu" runs the
+# reference (torch's vectorised reductions; on CPU, Triton is only the interpreter), and segment_conflict's
+# "cuda" runs the Triton kernel (the extension's CUDA conflict kernel is the tracker's).
+CONFLICT_BACKENDS = BACKENDS
+CONFLICT_ALIASES = {"cpu": "reference", "cuda": "triton"}
+
+
+def _resolve_alias(name: str, x: Tensor, concrete: tuple) -> str:
+    reason = _unusable_reason(name, x)
+    if reason is not None:
+        raise ValueError(f"backend: {name!r} is not available for this input: {reason}")
+    if name not in concrete:
+        name = CONFLICT_ALIASES[name]
+        reason = _unusable_reason(name, x)
+        if reason is not None:
+            raise ValueError(f"backend: {name!r} (which runs this op for the requested backend) is not available "
+                             f"for this input: {reason}")
+    return name
 
 
 def resolve_conflict(name: str, x: Tensor) -> str:
-    """The backend that runs ``segment_conflict`` on ``x``: reference or triton (auto: triton on CUDA)."""
+    """The backend that runs ``segment_conflict`` on ``x``: reference or triton (auto: triton on CUDA;
+    ``CONFLICT_ALIASES`` maps cpu and cuda)."""
     if name not in CONFLICT_BACKENDS:
         raise ValueError(f"backend: segment_conflict has backends {CONFLICT_BACKENDS}, got {name!r}")
     if name == "auto":
         return "triton" if _unusable_reason("triton", x) is None and x.is_cuda else "reference"
-    reason = _unusable_reason(name, x)
-    if reason is not None:
-        raise ValueError(f"backend: {name!r} is not available for this input: {reason}")
-    return name
+    return _resolve_alias(name, x, ("reference", "triton"))
 
 
 def conflict_kernel(name: str) -> Callable:
@@ -158,11 +175,12 @@ def conflict_kernel(name: str) -> Callable:
     return lambda task, smooth, offsets, out: out.copy_(segment_conflict_reference(task, smooth, offsets))
 
 
-TRACKER_BACKENDS = ("auto", "reference", "triton", "cuda")
+TRACKER_BACKENDS = BACKENDS
 
 
 def resolve_tracker(name: str, x: Tensor) -> str:
-    """The backend that runs ``conflict_update`` on ``x`` (auto: cuda, else triton on CUDA; else reference)."""
+    """The backend that runs ``conflict_update`` on ``x`` (auto: cuda, else triton on CUDA; else reference;
+    "cpu" runs the reference, see ``CONFLICT_ALIASES``)."""
     if name not in TRACKER_BACKENDS:
         raise ValueError(f"backend: the conflict tracker has backends {TRACKER_BACKENDS}, got {name!r}")
     if name == "auto":
@@ -170,35 +188,34 @@ def resolve_tracker(name: str, x: Tensor) -> str:
             if _unusable_reason(candidate, x) is None:
                 return candidate
         return "reference"
-    reason = _unusable_reason(name, x)
-    if reason is not None:
-        raise ValueError(f"backend: {name!r} is not available for this input: {reason}")
-    return name
+    return _resolve_alias(name, x, ("reference", "triton", "cuda"))
 
 
 def _reference_tracker(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, flip_weight,
-                       threshold, warmup, top_k):
-    out = conflict_update_reference(task, smooth, offsets, signs, ema, step, decay=decay, flip_weight=flip_weight,
-                                    threshold=threshold, warmup=warmup, top_k=top_k)
+                       threshold, warmup, top_k, rule, hysteresis):
+    out = conflict_update_reference(task, smooth, offsets, signs, ema, step, frozen, decay=decay,
+                                    flip_weight=flip_weight, threshold=threshold, warmup=warmup, top_k=top_k,
+                                    rule=rule, hysteresis=hysteresis)
     for dst, src in zip((stats, frozen, signs, ema), out):
         dst.copy_(src)
     step.add_(1)
 
 
 def _cuda_tracker(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, flip_weight, threshold,
-                  warmup, top_k):
+                  warmup, top_k, rule, hysteresis):
     if offsets.numel() == 1:
         step.add_(1)
         return
     log2_decay = math.log2(decay) if decay > 0 else -math.inf
     extension.MODULE.conflict_update(task, smooth, offsets, signs.reshape(-1), ema, step, counter,
                                      stats.reshape(-1), frozen, decay, log2_decay, flip_weight, threshold,
-                                     warmup, top_k)
+                                     threshold - hysteresis, warmup, top_k, FREEZE_RULES.index(rule),
+                                     SPREAD_FLOOR)
 
 
 def tracker_kernel(name: str) -> Callable:
     """``fn(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, flip_weight, threshold,
-    warmup, top_k)`` of a concrete tracker backend; updates the state tensors in place."""
+    warmup, top_k, rule, hysteresis)`` of a concrete tracker backend; updates the state tensors in place."""
     if name == "triton":
         from .kernels import triton_conflict
 

@@ -324,27 +324,30 @@ def segment_conflict(task: Tensor, smooth: Tensor, offsets: Tensor, *, backend: 
                          mutates_args=("signs", "ema", "step", "counter", "stats", "frozen"))
 def _conflict_update_op(task: Tensor, smooth: Tensor, offsets: Tensor, signs: Tensor, ema: Tensor, step: Tensor,
                         counter: Tensor, stats: Tensor, frozen: Tensor, decay: float, flip_weight: float,
-                        threshold: float, warmup: int, top_k: int, backend: str) -> None:
+                        threshold: float, warmup: int, top_k: int, rule: str, hysteresis: float,
+                        backend: str) -> None:
     backends.tracker_kernel(backend)(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay,
-                                     flip_weight, threshold, warmup, top_k)
+                                     flip_weight, threshold, warmup, top_k, rule, hysteresis)
 
 
 @_conflict_update_op.register_fake
 def _(task, smooth, offsets, signs, ema, step, counter, stats, frozen, decay, flip_weight, threshold, warmup,
-      top_k, backend):
+      top_k, rule, hysteresis, backend):
     return None
 
 
 def conflict_update(task: Tensor, smooth: Tensor, offsets: Tensor, state, *, decay: float, flip_weight: float,
-                    threshold: float, warmup: int, top_k: int, backend: str = "auto") -> None:
+                    threshold: float, warmup: int, top_k: int, rule: str = "absolute", hysteresis: float = 0.0,
+                    backend: str = "auto") -> None:
     """One step of the stateful conflict tracker, in place on ``state`` (a ``ConflictState``), one launch.
 
     ``task``/``smooth``/``offsets`` follow ``segment_conflict``'s contract. Afterwards ``state.stats``
     (float32 (S, 7)) holds this step's statistics and ``state.frozen`` (bool (S,)) the freeze mask; the
-    math is written out in ``kernels.reference.conflict_update_reference``. Use it through
+    math is written out in ``kernels.reference.conflict_update_reference`` (``rule``/``hysteresis``: see
+    ``kernels.reference.freeze_mask``). Use it through
     ``gaqat_kernels.algorithms.ConflictTracker``, which owns the state and checks the arguments.
     """
     concrete = backends.resolve_tracker(backend, task)
     _conflict_update_op(task, smooth, offsets, state.signs, state.ema, state.step, state.counter, state.stats,
                         state.frozen, float(decay), float(flip_weight), float(threshold), int(warmup),
-                        int(top_k), concrete)
+                        int(top_k), str(rule), float(hysteresis), concrete)

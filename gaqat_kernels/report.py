@@ -25,8 +25,12 @@ import numpy as np
 
 # The training-script arguments that make another method of the same algorithm name.
 VARIANT_ARGS = {"sam": ("rho",), "lsq_sam": ("rho",), "sagm": ("rho", "sagm_alpha"),
-                "gaqat": ("rho", "threshold", "decay", "warmup_fraction", "gaqat_max_frozen_fraction"),
-                "fqat": ("rho", "threshold", "decay", "warmup_fraction", "max_frozen_fraction")}
+                "gaqat": ("rho", "freeze_rule", "threshold", "hysteresis", "decay", "warmup_fraction",
+                          "gaqat_max_frozen_fraction"),
+                "fqat": ("rho", "freeze_rule", "threshold", "hysteresis", "decay", "warmup_fraction",
+                         "max_frozen_fraction")}
+# What an argument that older runs lack meant then (the freezing rule was the absolute bar 0.5, no hysteresis).
+LEGACY_VALUES = {"freeze_rule": "absolute", "hysteresis": 0.0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,13 +43,20 @@ def _defaults() -> Dict:
 def algorithm_label(args: Dict) -> str:
     """``args["algorithm"]``, followed by ``(key=value, ...)`` for every ``VARIANT_ARGS`` argument of that
     algorithm that differs from the training script's default, so that variants never share a row or an EoQ.
-    Arguments a run's ``args`` lacks (older runs) count as the default."""
+    Arguments a run's ``args`` lacks (older runs) count as ``LEGACY_VALUES`` says, else as the default; the
+    threshold and hysteresis count against the defaults of the run's freezing rule."""
+    from .algorithms import DEFAULT_HYSTERESIS, DEFAULT_THRESHOLD
+
     name = args["algorithm"]
-    defaults = _defaults()
+    defaults = dict(_defaults())
+    rule = args.get("freeze_rule", LEGACY_VALUES["freeze_rule"])
+    if rule in DEFAULT_THRESHOLD:
+        defaults.update(threshold=DEFAULT_THRESHOLD[rule], hysteresis=DEFAULT_HYSTERESIS[rule])
+    legacy = {} if "freeze_rule" in args else dict(LEGACY_VALUES, threshold=DEFAULT_THRESHOLD["absolute"])
     changed = []
     for key in VARIANT_ARGS.get(name, ()):
         default = defaults[key]
-        value = args.get(key, default)
+        value = args.get(key, legacy.get(key, default))
         if value != default:
             changed.append(f"{key}={value}")
     return f"{name} ({', '.join(changed)})" if changed else name

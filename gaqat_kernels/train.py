@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .algorithms import CUDAGraphStep, build_algorithm
+from .algorithms import DEFAULT_HYSTERESIS, DEFAULT_RULE, DEFAULT_THRESHOLD, CUDAGraphStep, build_algorithm
 from .data import DATASETS, DomainBatches, FileDomain, MultiDomainDataset, TensorDomain, get_dataset, seed_hash
 from .data.device_augment import decode_domains
+from .kernels.reference import FREEZE_RULES
 from .distributed import DistributedContext, init_from_env, shutdown
 from .models import ARCHS, build_model
 from .nn import find_unsigned_inputs, initialize_quantizers, quantize_model
@@ -74,7 +75,12 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="DomainBed: Adam")
     p.add_argument("--rho", type=float, default=0.05, help="SAM radius (SAM paper's default)")
     p.add_argument("--sagm-alpha", type=float, default=0.001, help="SAGM's alpha (sagm only)")
-    p.add_argument("--threshold", type=float, default=0.5, help="GAQAT/FQAT disorder threshold")
+    p.add_argument("--freeze-rule", default=DEFAULT_RULE, choices=FREEZE_RULES, help="GAQAT/FQAT: what the "
+                   "threshold bars: zscore = (D - mean) / std over the layers, ratio = D / mean - 1, absolute = D")
+    p.add_argument("--threshold", type=float, default=None, help="GAQAT/FQAT: a layer freezes when its score "
+                   f"exceeds this (default per rule: {DEFAULT_THRESHOLD})")
+    p.add_argument("--hysteresis", type=float, default=None, help="GAQAT/FQAT: a frozen layer thaws when its score "
+                   f"falls to threshold - hysteresis (default per rule: {DEFAULT_HYSTERESIS})")
     p.add_argument("--decay", type=float, default=0.9, help="GAQAT/FQAT disorder EMA decay")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="GAQAT/FQAT: no freezing during this "
                    "fraction of the quantized steps")
@@ -121,6 +127,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args.batch_size = args.batch_size or (64 if mnist else 32)
     args.lr = args.lr if args.lr is not None else (1e-3 if mnist else 5e-5)
     args.checkpoint_freq = args.checkpoint_freq or (100 if mnist else 300)
+    args.threshold = DEFAULT_THRESHOLD[args.freeze_rule] if args.threshold is None else args.threshold
+    args.hysteresis = DEFAULT_HYSTERESIS[args.freeze_rule] if args.hysteresis is None else args.hysteresis
     for name in ("w_bits", "a_bits"):
         bits = getattr(args, name)
         if not (bits == 0 or 2 <= bits <= 8):
@@ -216,7 +224,7 @@ def _algorithm(model, args, quant_steps: int, quantized: bool):
         kwargs["alpha"] = args.sagm_alpha
     if name in ("gaqat", "fqat"):
         cap = args.gaqat_max_frozen_fraction if name == "gaqat" else args.max_frozen_fraction
-        kwargs.update(threshold=args.threshold, decay=args.decay, backend=args.backend, log_every=args.log_every,
+        kwargs.update(rule=args.freeze_rule, threshold=args.threshold, hysteresis=args.hysteresis, decay=args.decay, backend=args.backend, log_every=args.log_every,
                       warmup_steps=int(args.warmup_fraction * quant_steps), max_frozen_fraction=cap)
     return build_algorithm(name, model, base_optimizer=base, **kwargs)
 
@@ -471,8 +479,8 @@ def all_frozen_notice(records: List[Dict], threshold: float) -> Optional[str]:
     disorder = [r["disorder"] for r in newest]
     return (f"gaqat-train: at step {step} the scales of all {len(newest)} quantized layers are frozen (disorder "
             f"{min(disorder):.2f}-{max(disorder):.2f}, above --threshold {threshold:g}); training goes on with fixed "
-            "scales. A --threshold inside that range, or --gaqat-max-frozen-fraction, freezes only the most "
-            "disordered layers.")
+            "scales. --freeze-rule zscore (freezing the layers that stand out), a --threshold inside that range, "
+            "or --gaqat-max-frozen-fraction freezes only the most disordered layers.")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:

@@ -48,7 +48,7 @@ def set_constructed_gradients(alg, conflicting):
 def test_conflicting_layer_is_frozen_agreeing_ones_are_not(cls):
     model = small_model()
     kwargs = dict(max_frozen_fraction=0.34) if cls is FQAT else {}
-    alg = cls(model, lr=0.1, threshold=0.4, **kwargs)
+    alg = cls(model, lr=0.1, rule="absolute", threshold=0.4, **kwargs)
     set_constructed_gradients(alg, conflicting={1})
     alg.between_passes()
     assert alg.tracker.state.frozen.tolist() == [False, True, False]
@@ -62,7 +62,7 @@ def test_conflicting_layer_is_frozen_agreeing_ones_are_not(cls):
 @pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
 def test_max_frozen_fraction_limits_the_number_of_frozen_layers(cls):
     model = small_model()
-    alg = cls(model, lr=0.1, threshold=0.4, max_frozen_fraction=0.34)
+    alg = cls(model, lr=0.1, rule="absolute", threshold=0.4, max_frozen_fraction=0.34)
     set_constructed_gradients(alg, conflicting={0, 1, 2})
     alg.between_passes()
     assert alg.tracker.state.frozen.tolist() == [True, False, False]  # equal disorder: the earliest layer
@@ -71,17 +71,23 @@ def test_max_frozen_fraction_limits_the_number_of_frozen_layers(cls):
             assert torch.all(s.grad == (0.0 if k == 0 else -1.0))
 
 
-def test_gaqat_freezes_every_conflicting_layer_by_default():
-    alg = GAQAT(small_model(), lr=0.1, threshold=0.4)
+def test_absolute_rule_freezes_every_conflicting_layer_the_default_rule_only_outliers():
+    alg = GAQAT(small_model(), lr=0.1, rule="absolute", threshold=0.4)
     set_constructed_gradients(alg, conflicting={0, 1, 2})
     alg.between_passes()
     assert alg.tracker.state.frozen.tolist() == [True, True, True]
+    for conflicting, expected in (({0, 1, 2}, [False] * 3), ({2}, [False, False, True])):
+        alg = GAQAT(small_model(), lr=0.1)  # zscore: the layer(s) a standard deviation above the mean
+        assert alg.tracker.rule == "zscore"
+        set_constructed_gradients(alg, conflicting=conflicting)
+        alg.between_passes()
+        assert alg.tracker.state.frozen.tolist() == expected
 
 
 def test_never_freezing_gaqat_is_sam():
     x, y = batch()
     a, b = small_model(), small_model()
-    gaqat = GAQAT(a, lr=0.1, momentum=0.9, rho=0.05, threshold=2.0)  # disorder <= 1: never frozen
+    gaqat = GAQAT(a, lr=0.1, momentum=0.9, rho=0.05, rule="absolute", threshold=2.0)  # disorder <= 1: never frozen
     sam = SAMTraining(b, lr=0.1, momentum=0.9, rho=0.05)
     for _ in range(3):
         la, lb = gaqat.step(closure_for(a, x, y)), sam.step(closure_for(b, x, y))
@@ -96,7 +102,7 @@ def test_always_frozen_parameters_do_not_move(cls):
     model = small_model()
     model(x)  # initialise the step sizes first, so that freezing is visible against that state
     kwargs = dict(max_frozen_fraction=1.0) if cls is FQAT else {}
-    alg = cls(model, lr=0.1, threshold=-1.0, warmup_steps=1, **kwargs)  # plain SGD: a zero gradient stands still
+    alg = cls(model, lr=0.1, rule="absolute", threshold=-1.0, warmup_steps=1, **kwargs)  # plain SGD: a zero gradient stands still
     alg.step(closure_for(model, x, y))  # warm-up step: everything moves
     before = copy.deepcopy(model)
     for _ in range(2):
@@ -142,11 +148,11 @@ def test_statistics_are_logged_every_n_steps(tmp_path):
 def test_state_dict_resumes_identically():
     x, y = batch()
     a = small_model()
-    alg = GAQAT(a, lr=0.1, momentum=0.9, threshold=0.3)
+    alg = GAQAT(a, lr=0.1, momentum=0.9, rule="absolute", threshold=0.3)
     for _ in range(2):
         alg.step(closure_for(a, x, y))
     b = copy.deepcopy(a)
-    resumed = GAQAT(b, lr=0.1, momentum=0.9, threshold=0.3)
+    resumed = GAQAT(b, lr=0.1, momentum=0.9, rule="absolute", threshold=0.3)
     resumed.load_state_dict(copy.deepcopy(alg.state_dict()))
     for _ in range(2):
         alg.step(closure_for(a, x, y))
@@ -167,7 +173,7 @@ def test_training_steps_never_synchronise(name, tracker_backend):
         pytest.skip(f"{tracker_backend} not available")
     model = small_model("cuda", conv=True)
     x, y = batch("cuda", conv=True)
-    alg = build_algorithm(name, model, lr=0.05, momentum=0.9, threshold=0.2, log_every=1, backend=tracker_backend)
+    alg = build_algorithm(name, model, lr=0.05, momentum=0.9, rule="absolute", threshold=0.2, log_every=1, backend=tracker_backend)
     alg.step(closure_for(model, x, y))  # first step: lazy initialisation, Triton compilation, allocator warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -182,7 +188,7 @@ def test_training_steps_never_synchronise(name, tracker_backend):
 
 def test_one_argument_set_serves_every_algorithm():
     for name in ALGORITHMS:
-        build_algorithm(name, small_model(), lr=0.1, rho=0.05, threshold=0.3, warmup_steps=2, log_every=1,
+        build_algorithm(name, small_model(), lr=0.1, rho=0.05, rule="absolute", threshold=0.3, warmup_steps=2, log_every=1,
                         max_frozen_fraction=0.5)
 
 
@@ -203,7 +209,7 @@ def test_cuda_graph_steps_equal_eager_steps(name, optimizer, monkeypatch):
         model = small_model("cuda", conv=True)
         kwargs = dict(lr=0.05, momentum=0.9) if optimizer == "sgd" else dict(lr=1e-3, capturable=True)
         base = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
-        alg = build_algorithm(name, model, base_optimizer=base, threshold=0.2, log_every=1, **kwargs)
+        alg = build_algorithm(name, model, base_optimizer=base, rule="absolute", threshold=0.2, log_every=1, **kwargs)
         step = CUDAGraphStep(alg, lambda x, y: nn.functional.cross_entropy(model(x), y))
         losses = []
         for x, y in batches:

@@ -7,7 +7,7 @@ import torch
 
 import gaqat_kernels as gk
 from gaqat_kernels.algorithms import ConflictTracker
-from gaqat_kernels.kernels.reference import conflict_update_reference
+from gaqat_kernels.kernels.reference import conflict_update_reference, freeze_score
 
 
 def tracker_backends():
@@ -27,6 +27,13 @@ def random_gradients(n, gen, flip_half=True):
     return task, torch.randn(n, generator=gen).abs() * sign * task.sign()
 
 
+RULES = [
+    pytest.param("absolute", 0.3, 0.0, id="absolute"),
+    pytest.param("zscore", 0.5, 0.4, id="zscore"),
+    pytest.param("ratio", 0.02, 0.03, id="ratio"),
+]
+
+
 def run_against_reference(lengths, backend, device, steps=4, **kwargs):
     gen = torch.Generator().manual_seed(sum(lengths) + len(lengths))
     tracker = ConflictTracker(lengths, device=device, backend=backend, **kwargs)
@@ -36,16 +43,20 @@ def run_against_reference(lengths, backend, device, steps=4, **kwargs):
     for _ in range(steps):
         task, smooth = random_gradients(n, gen)
         tracker.state.stats.fill_(float("nan"))  # poison: every entry must be written
+        before = tracker.state.frozen.cpu().clone()
         frozen = tracker.update(task.to(device), smooth.to(device)).cpu()
         stats, ref_frozen, signs, ema = conflict_update_reference(
-            task, smooth, offsets, signs, ema, step, decay=tracker.decay, flip_weight=tracker.flip_weight,
-            threshold=tracker.threshold, warmup=tracker.warmup_steps, top_k=tracker.top_k)
+            task, smooth, offsets, signs, ema, step, before, decay=tracker.decay, flip_weight=tracker.flip_weight,
+            threshold=tracker.threshold, warmup=tracker.warmup_steps, top_k=tracker.top_k, rule=tracker.rule,
+            hysteresis=tracker.hysteresis)
         step += 1
         got = tracker.stats.cpu()
         for col in (0, 4, 5):  # counts over lengths: exact
             assert torch.equal(got[:, col], stats[:, col])
         torch.testing.assert_close(got, stats, rtol=2e-6, atol=1e-6)
-        decided = (stats[:, 6] - tracker.threshold).abs() > 1e-5  # far from the threshold: must agree
+        score = freeze_score(stats[:, 6], tracker.rule)
+        bars = (tracker.threshold, tracker.threshold - tracker.hysteresis)
+        decided = ((score - bars[0]).abs() > 1e-4) & ((score - bars[1]).abs() > 1e-4)  # far from both bars
         assert torch.equal(frozen[decided], ref_frozen[decided]) or tracker.top_k < s
         if tracker.top_k < s:
             assert int(frozen.sum()) <= tracker.top_k
@@ -61,8 +72,10 @@ def run_against_reference(lengths, backend, device, steps=4, **kwargs):
     pytest.param([3000, 2, 1025, 64], id="long"),
 ])
 @pytest.mark.parametrize("max_frozen", [None, 1], ids=["no-limit", "top1"])
-def test_matches_reference(backend, device, lengths, max_frozen):
-    run_against_reference(lengths, backend, device, threshold=0.3, warmup_steps=1, max_frozen=max_frozen)
+@pytest.mark.parametrize("rule,threshold,hysteresis", RULES)
+def test_matches_reference(backend, device, lengths, max_frozen, rule, threshold, hysteresis):
+    run_against_reference(lengths, backend, device, threshold=threshold, warmup_steps=1, max_frozen=max_frozen,
+                          rule=rule, hysteresis=hysteresis)
 
 
 @pytest.mark.parametrize("backend,device", tracker_backends())
@@ -71,6 +84,48 @@ def test_thousands_of_segments(backend, device):
     count = 2100 if device == "cuda" or backend == "reference" else 700  # the interpreter runs programs one by one
     lengths = torch.randint(0, 30, (count,), generator=gen).tolist()
     run_against_reference(lengths, backend, device, steps=2, threshold=0.3, max_frozen=500)
+    run_against_reference(lengths, backend, device, steps=2, rule="zscore", threshold=0.5)
+
+
+def gradients_with_conflict(fractions, length=20, device="cpu"):
+    """task = 1 everywhere; in each layer the first round(f * length) smoothness gradients are -1, the rest +1:
+    conflict fraction exactly f, cosine 1 - 2f, no flips from one step to the next."""
+    smooth = torch.ones(len(fractions), length)
+    for k, f in enumerate(fractions):
+        smooth[k, :round(f * length)] = -1.0
+    return torch.ones(len(fractions) * length, device=device), smooth.reshape(-1).to(device)
+
+
+# With decay 0 and flip weight 0 the disorder is this step's conflict fraction, so each rule's score is known.
+@pytest.mark.parametrize("backend,device", tracker_backends())
+@pytest.mark.parametrize("rule,threshold,hysteresis", [
+    pytest.param("zscore", 1.0, 0.5, id="zscore"),
+    pytest.param("ratio", 0.5, 0.4, id="ratio"),
+    pytest.param("absolute", 0.5, 0.2, id="absolute"),
+])
+def test_only_outliers_freeze_and_hysteresis_holds_them(backend, device, rule, threshold, hysteresis):
+    tracker = ConflictTracker([20] * 8, device=device, backend=backend, rule=rule, threshold=threshold,
+                              hysteresis=hysteresis, decay=0.0, flip_weight=0.0)
+    # one outlier (z = sqrt(7), ratio 1.9, D = 0.8): exactly it freezes
+    assert tracker.update(*gradients_with_conflict([0.2] * 7 + [0.8], device=device)).cpu().tolist() == [False] * 7 + [True]
+    # five layers at one level (z = 0.77, ratio 0.23, D = 0.4): between both bars, so only the frozen one stays
+    step2 = tracker.update(*gradients_with_conflict([0.2] * 3 + [0.4] * 5, device=device)).cpu().tolist()
+    assert step2 == [False] * 7 + [True]
+    # it falls below the thawing bar (z = -sqrt(7), ratio -0.15, D = 0.25), the others stay under the entry bar
+    assert not tracker.update(*gradients_with_conflict([0.3] * 7 + [0.25], device=device)).cpu().any()
+
+
+@pytest.mark.parametrize("backend,device", tracker_backends())
+@pytest.mark.parametrize("rule", ["zscore", "ratio"])
+def test_uniform_model_freezes_none(backend, device, rule):
+    # every layer has disorder 1/3 (lengths 3, 6, 9, 12: the fractions round to the same float), any bar >= 0
+    lengths = [3, 6, 9, 12]
+    tracker = ConflictTracker(lengths, device=device, backend=backend, rule=rule, threshold=0.0, decay=0.9)
+    task = torch.ones(sum(lengths), device=device)
+    smooth = torch.cat([torch.tensor([-1.0] * (n // 3) + [1.0] * (n - n // 3)) for n in lengths]).to(device)
+    for _ in range(5):
+        assert not tracker.update(task, smooth).cpu().any()
+    assert len(set(tracker.stats[:, 6].tolist())) == 1
 
 
 @pytest.mark.parametrize("backend,device", tracker_backends())
@@ -146,6 +201,8 @@ def test_state_dict_round_trip():
     (dict(decay=1.0), "decay"),
     (dict(flip_weight=1.5), "flip_weight"),
     (dict(threshold=float("nan")), "threshold"),
+    (dict(rule="median"), "rule"),
+    (dict(rule="zscore", hysteresis=-0.1), "hysteresis"),
     (dict(warmup_steps=-1), "warmup_steps"),
     (dict(max_frozen=-2), "max_frozen"),
 ])
@@ -163,4 +220,4 @@ def test_bad_gradients():
     with pytest.raises(ValueError, match="smooth"):
         tracker.update(torch.zeros(5), torch.zeros(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="backend"):
-        ConflictTracker([3, 2], backend="cpu").update(torch.zeros(5), torch.zeros(5))
+        ConflictTracker([3, 2], backend="tpu").update(torch.zeros(5), torch.zeros(5))

@@ -39,9 +39,10 @@ def test_every_algorithm_runs(tmp_path, algorithm):
 
 
 def test_gaqat_says_once_when_every_layer_is_frozen(tmp_path, capsys):
-    """--threshold 0 freezes every layer once warm-up ends: the run says so once, naming the disorder range and
+    """--freeze-rule absolute --threshold 0 freezes every layer once warm-up ends: the run says so once, naming the disorder range and
     the flags that freeze fewer layers; with the default threshold on digits no layer freezes and nothing is said."""
-    run(tmp_path, "all", "--algorithm", "gaqat", "--steps", "9", "--threshold", "0", "--log-every", "1")
+    run(tmp_path, "all", "--algorithm", "gaqat", "--steps", "9", "--freeze-rule", "absolute", "--threshold", "0",
+        "--log-every", "1")
     err = capsys.readouterr().err
     assert err.count("quantized layers are frozen") == 1 and "--gaqat-max-frozen-fraction" in err
     assert "above --threshold 0" in err

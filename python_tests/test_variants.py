@@ -25,6 +25,10 @@ def args_of(*argv):
     (["--algorithm", "fqat"], "fqat"),
     (["--algorithm", "fqat", "--gaqat-max-frozen-fraction", "0.5"], "fqat"),
     (["--algorithm", "fqat", "--max-frozen-fraction", "0.5"], "fqat (max_frozen_fraction=0.5)"),
+    (["--algorithm", "gaqat", "--freeze-rule", "ratio"], "gaqat (freeze_rule=ratio)"),
+    (["--algorithm", "gaqat", "--freeze-rule", "absolute", "--threshold", "0.6"],
+     "gaqat (freeze_rule=absolute, threshold=0.6)"),
+    (["--algorithm", "gaqat", "--threshold", "1.5", "--hysteresis", "0.2"], "gaqat (threshold=1.5, hysteresis=0.2)"),
     (["--algorithm", "lsq_sam", "--rho", "0.1"], "lsq_sam (rho=0.1)"),
     (["--algorithm", "lsq", "--rho", "0.1", "--threshold", "0.9"], "lsq"),  # neither argument matters to LSQ
 ], ids=lambda v: v if isinstance(v, str) else None)
@@ -33,9 +37,13 @@ def test_algorithm_label(argv, label):
 
 
 def test_older_runs_without_the_arguments_count_as_defaults():
-    assert report.algorithm_label({"algorithm": "gaqat"}) == "gaqat"
+    # before --freeze-rule every run used the absolute bar 0.5 without hysteresis
+    assert report.algorithm_label({"algorithm": "gaqat"}) == "gaqat (freeze_rule=absolute)"
+    assert report.algorithm_label({"algorithm": "gaqat", "threshold": 0.57}) == \
+        "gaqat (freeze_rule=absolute, threshold=0.57)"
+    assert report.algorithm_label({"algorithm": "gaqat", "freeze_rule": "zscore", "threshold": 1.0}) == "gaqat"
     # runs before --gaqat-max-frozen-fraction recorded FQAT's cap for GAQAT too, which GAQAT never used
-    assert report.algorithm_label({"algorithm": "gaqat", "max_frozen_fraction": 0.25}) == "gaqat"
+    assert report.algorithm_label({"algorithm": "gaqat", "max_frozen_fraction": 0.25}) == "gaqat (freeze_rule=absolute)"
 
 
 def row(args, domain, acc):

@@ -8,13 +8,13 @@ from typing import Dict
 from torch import nn
 
 from .base import ERM, SAMTraining, TrainingAlgorithm
-from .conflict import STAT_NAMES, ConflictTracker
+from .conflict import DEFAULT_HYSTERESIS, DEFAULT_RULE, DEFAULT_THRESHOLD, STAT_NAMES, ConflictTracker
 from .freezing import FQAT, GAQAT
 from .graphed import CUDAGraphStep
 from .sam import SAM
 from .stats_log import ConflictLog
 
-FREEZING_ARGUMENTS = ("decay", "flip_weight", "threshold", "warmup_steps", "log_every", "backend",
+FREEZING_ARGUMENTS = ("decay", "flip_weight", "rule", "threshold", "hysteresis", "warmup_steps", "log_every", "backend",
                      "max_frozen_fraction")
 ALGORITHMS: Dict[str, type] = {"erm": ERM, "sam": SAMTraining, "sagm": SAMTraining, "gaqat": GAQAT, "fqat": FQAT}
 
@@ -39,4 +39,5 @@ def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
 
 
 __all__ = ["SAM", "ERM", "SAMTraining", "GAQAT", "FQAT", "TrainingAlgorithm", "ConflictTracker", "ConflictLog",
-           "STAT_NAMES", "ALGORITHMS", "build_algorithm", "CUDAGraphStep"]
+           "STAT_NAMES", "ALGORITHMS", "build_algorithm", "CUDAGraphStep", "DEFAULT_RULE", "DEFAULT_THRESHOLD",
+           "DEFAULT_HYSTERESIS"]

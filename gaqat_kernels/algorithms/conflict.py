@@ -8,8 +8,16 @@ one flat buffer (one segment per layer), and in one kernel launch, with no host 
    step (f_task, f_smooth);
 2. updates the running average of the raw disorder  r = (1 - flip_weight) * c + flip_weight * (f_task +
    f_smooth) / 2  and bias-corrects it into the disorder D (an EMA with ``decay``);
-3. writes the freeze mask: after ``warmup_steps`` updates, a layer is frozen while D > ``threshold``,
-   limited to the ``max_frozen`` most disordered layers (ties: the earlier layer).
+3. writes the freeze mask: after ``warmup_steps`` updates, a layer is frozen while its score passes
+   ``threshold`` (entering) or ``threshold - hysteresis`` (staying), limited to the ``max_frozen`` most
+   disordered layers (ties: the earlier layer). The score is, by ``rule``:
+
+       absolute:  D                                   (a fixed bar; selective only if tuned per model)
+       zscore:    (D - mean_l D) / std_l D             (outliers among this step's layers)
+       ratio:     D / mean_l D - 1                     (relative excess over the layers' mean)
+
+   with mean and population std over the layers at this step, so the relative rules follow the model and
+   the training phase without a hand-set level; a model whose layers all have the same D freezes none.
 
 This is our reading of GAQAT's "gradient disorder" and selective freezing (arXiv 2412.05551) and FQAT's
 disorder-guided adaptive freezing (arXiv 2509.00859); their method sections were not available to us, so
@@ -31,8 +39,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..kernels.reference import bias_corrected_disorder, freeze_mask
+from ..kernels.reference import FREEZE_RULES, bias_corrected_disorder, freeze_mask
 from ..ops import conflict_update
+
+# Per rule, in the rule's units: the entry bar, and the thawing margin below it (half a standard deviation;
+# 2% of the mean disorder). The absolute rule's 0.5 is the original bar (every PACS layer is above it).
+DEFAULT_RULE = "zscore"  # GAQAT's and FQAT's (see benchmarks/RESULTS.md, "Freezing rule ablation")
+DEFAULT_THRESHOLD = {"absolute": 0.5, "zscore": 1.0, "ratio": 0.05}
+DEFAULT_HYSTERESIS = {"absolute": 0.0, "zscore": 0.5, "ratio": 0.02}
 
 STAT_NAMES = ("conflict", "cosine", "task_norm", "smooth_norm", "task_flips", "smooth_flips", "disorder")
 
@@ -57,7 +71,10 @@ class ConflictTracker:
         device: where the state lives (the scales' device).
         decay: EMA decay of the disorder, in [0, 1).
         flip_weight: weight of the sign-flip rate against the conflict fraction in the raw disorder, [0, 1].
-        threshold: a layer may be frozen while its disorder exceeds this.
+        rule: "absolute", "zscore" or "ratio": what ``threshold`` is compared with (see the module docstring).
+        threshold: a layer freezes when its score exceeds this; None: ``DEFAULT_THRESHOLD[rule]``.
+        hysteresis: a frozen layer thaws only when its score falls to ``threshold - hysteresis``; None:
+            ``DEFAULT_HYSTERESIS[rule]``.
         warmup_steps: updates before any layer is frozen (statistics are still tracked).
         max_frozen: at most this many layers frozen per step (the most disordered); None: no limit.
         backend: "auto", "reference", "triton" or "cuda" (auto: cuda, else triton on GPUs; reference on CPU).
@@ -67,7 +84,8 @@ class ConflictTracker:
     """
 
     def __init__(self, sizes: Sequence[int], *, device="cpu", decay: float = 0.9, flip_weight: float = 0.5,
-                 threshold: float = 0.5, warmup_steps: int = 0, max_frozen: Optional[int] = None,
+                 rule: str = "absolute", threshold: Optional[float] = None, hysteresis: Optional[float] = None,
+                 warmup_steps: int = 0, max_frozen: Optional[int] = None,
                  backend: str = "auto", sync_ranks: Optional[bool] = None, process_group=None):
         sizes = list(sizes)
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
@@ -76,14 +94,21 @@ class ConflictTracker:
             raise ValueError(f"decay: expected a number in [0, 1), got {decay!r}")
         if not (isinstance(flip_weight, (int, float)) and 0 <= flip_weight <= 1):
             raise ValueError(f"flip_weight: expected a number in [0, 1], got {flip_weight!r}")
+        if rule not in FREEZE_RULES:
+            raise ValueError(f"rule: expected one of {FREEZE_RULES}, got {rule!r}")
+        threshold = DEFAULT_THRESHOLD[rule] if threshold is None else threshold
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
+        hysteresis = DEFAULT_HYSTERESIS[rule] if hysteresis is None else hysteresis
+        if not (isinstance(hysteresis, (int, float)) and math.isfinite(hysteresis) and hysteresis >= 0):
+            raise ValueError(f"hysteresis: expected a finite number >= 0, got {hysteresis!r}")
         if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
             raise ValueError(f"warmup_steps: expected a non-negative int, got {warmup_steps!r}")
         if max_frozen is not None and not (isinstance(max_frozen, int) and max_frozen >= 0):
             raise ValueError(f"max_frozen: expected None or a non-negative int, got {max_frozen!r}")
         self.sizes = sizes
         self.decay, self.flip_weight, self.threshold = float(decay), float(flip_weight), float(threshold)
+        self.rule, self.hysteresis = rule, float(hysteresis)
         self.warmup_steps = warmup_steps
         self.top_k = len(sizes) if max_frozen is None else min(max_frozen, len(sizes))
         self.backend = backend
@@ -116,11 +141,12 @@ class ConflictTracker:
                                  f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
             if t.device != self.offsets.device:
                 raise ValueError(f"{name}: expected it on the tracker's device {self.offsets.device}, got {t.device}")
+        before = self.state.frozen.clone() if self._world_size() > 1 else None
         conflict_update(task.contiguous(), smooth.contiguous(), self.offsets, self.state, decay=self.decay,
                         flip_weight=self.flip_weight, threshold=self.threshold, warmup=self.warmup_steps,
-                        top_k=self.top_k, backend=self.backend)
-        if self._world_size() > 1:
-            self._agree_across_ranks()
+                        top_k=self.top_k, rule=self.rule, hysteresis=self.hysteresis, backend=self.backend)
+        if before is not None:
+            self._agree_across_ranks(before)
         return self.state.frozen
 
     def _world_size(self) -> int:
@@ -130,7 +156,7 @@ class ConflictTracker:
             return 1
         return dist.get_world_size(self.process_group)
 
-    def _agree_across_ranks(self) -> None:
+    def _agree_across_ranks(self, before: Tensor) -> None:
         """One all-reduce of ``[stats | ema]``, then the mask from the averaged disorder (same on every rank)."""
         state, n = self.state, self.state.stats.numel()
         packed = torch.cat([state.stats.reshape(-1), state.ema])
@@ -140,8 +166,8 @@ class ConflictTracker:
         state.ema.copy_(packed[n:])
         disorder = bias_corrected_disorder(state.ema, state.step, self.decay)
         state.stats[:, STAT_NAMES.index("disorder")] = disorder
-        state.frozen.copy_(freeze_mask(disorder, state.step - 1, threshold=self.threshold,
-                                       warmup=self.warmup_steps, top_k=self.top_k))
+        state.frozen.copy_(freeze_mask(disorder, state.step - 1, before, rule=self.rule, threshold=self.threshold,
+                                       hysteresis=self.hysteresis, warmup=self.warmup_steps, top_k=self.top_k))
 
     @property
     def stats(self) -> Tensor:

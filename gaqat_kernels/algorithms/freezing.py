@@ -4,11 +4,13 @@ Both run SAM's two passes, then (between the second backward and the update) fee
 scale gradients to a ``ConflictTracker`` (one launch, no host sync) and zero the gradients of the layers
 it marks frozen, so this step's update leaves them alone:
 
-* GAQAT (arXiv 2412.05551): freezes the *scale* gradients of every layer whose disorder D exceeds
-  ``threshold`` (after ``warmup_steps``); a layer thaws as soon as D falls back to or below it. Optionally
-  (``max_frozen_fraction``) only the most disordered of them, for when every layer's D exceeds the threshold.
+* GAQAT (arXiv 2412.05551): freezes the *scale* gradients of the layers whose disorder D stands out among
+  the model's layers (after ``warmup_steps``): by default ``rule="zscore"``, D more than ``threshold``
+  standard deviations above the layers' mean, thawing below ``threshold - hysteresis``. ``rule="absolute"``
+  is a fixed bar on D (it froze every PACS layer at 0.5), ``"ratio"`` a relative excess over the mean.
+  Optionally (``max_frozen_fraction``) at most that fraction of layers, the most disordered.
 * FQAT (arXiv 2509.00859): freezes *whole layers* (weight, bias and scales), at most the
-  ``max_frozen_fraction`` most disordered quantized layers with D above ``threshold``, re-chosen every step.
+  ``max_frozen_fraction`` most disordered quantized layers that pass the same rule, re-chosen every step.
 
 The disorder (see ``conflict.py``) is our reading of both papers; the equations are in
 ``kernels.reference.conflict_update_reference``. Freezing zeroes the gradient: a base optimizer with
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..nn.convert import layer_scales, quantized_layers
 from .base import SAMTraining
-from .conflict import ConflictTracker
+from .conflict import DEFAULT_RULE, ConflictTracker
 from .stats_log import ConflictLog
 
 
@@ -35,8 +37,9 @@ class GAQAT(SAMTraining):
         model: a model with quantized layers (``gaqat_kernels.nn.quantize_model``).
         base_optimizer: optimizer class; ``**optimizer_kwargs`` go to it (lr, momentum, ...).
         rho, adaptive, alpha: SAM's radius, ASAM, SAGM (see ``SAMTraining``).
-        decay, flip_weight, threshold, warmup_steps: the tracker's disorder EMA and freezing rule
-            (``ConflictTracker``); warm-up defaults to 0 here, the training script uses 10% of the steps.
+        decay, flip_weight, rule, threshold, hysteresis, warmup_steps: the tracker's disorder EMA and freezing
+            rule (``ConflictTracker``; None: the rule's default); the rule defaults to ``DEFAULT_RULE`` here,
+            warm-up to 0 (the training script uses 10% of the steps).
         max_frozen_fraction: None (no limit) or a number in [0, 1]: each step at most
             ``max(1, floor(fraction * layers))`` layers (0: none), the most disordered above ``threshold``.
         log_every: record per-layer statistics every this many steps (0: never); see ``log``.
@@ -48,7 +51,8 @@ class GAQAT(SAMTraining):
 
     def __init__(self, model: nn.Module, base_optimizer: type = torch.optim.SGD, *, rho: float = 0.05,
                  adaptive: bool = False, alpha: Optional[float] = None, decay: float = 0.9,
-                 flip_weight: float = 0.5, threshold: float = 0.5, warmup_steps: int = 0, log_every: int = 0,
+                 flip_weight: float = 0.5, rule: str = DEFAULT_RULE, threshold: Optional[float] = None,
+                 hysteresis: Optional[float] = None, warmup_steps: int = 0, log_every: int = 0,
                  backend: str = "auto", max_frozen_fraction: Optional[float] = None, **optimizer_kwargs):
         if max_frozen_fraction is not None and not (isinstance(max_frozen_fraction, (int, float))
                                                     and 0 <= max_frozen_fraction <= 1):
@@ -65,9 +69,9 @@ class GAQAT(SAMTraining):
         self.scales = [s for _, m in layers for s in layer_scales(m)]
         sizes = [sum(s.numel() for s in layer_scales(m)) for _, m in layers]
         device = self.scales[0].device
-        self.tracker = ConflictTracker(sizes, device=device, decay=decay, flip_weight=flip_weight,
-                                       threshold=threshold, warmup_steps=warmup_steps, max_frozen=max_frozen,
-                                       backend=backend)
+        self.tracker = ConflictTracker(sizes, device=device, decay=decay, flip_weight=flip_weight, rule=rule,
+                                       threshold=threshold, hysteresis=hysteresis, warmup_steps=warmup_steps,
+                                       max_frozen=max_frozen, backend=backend)
         # Scale gradients are multiplied by a per-element 0/1 factor (one multi-tensor kernel, equal shapes);
         # FQAT's other layer parameters by a per-parameter factor.
         self._scale_sizes = [p.numel() for p in self.scales]
@@ -117,7 +121,7 @@ class FQAT(GAQAT):
     """SAM + LSQ QAT with disorder-guided adaptive freezing of whole layers (FQAT).
 
     Same arguments as ``GAQAT``; ``max_frozen_fraction`` defaults to 0.25 here: each step at most
-    ``max(1, floor(fraction * layers))`` layers, the most disordered ones above ``threshold``, are frozen.
+    ``max(1, floor(fraction * layers))`` layers, the most disordered ones that pass the rule, are frozen.
     """
 
     name = "fqat"

@@ -163,8 +163,9 @@ def signs_of(g: Tensor) -> Tensor:
 
 
 def conflict_update_reference(
-    task: Tensor, smooth: Tensor, offsets: Tensor, signs: Tensor, ema: Tensor, step: Tensor, *,
-    decay: float, flip_weight: float, threshold: float, warmup: int, top_k: int,
+    task: Tensor, smooth: Tensor, offsets: Tensor, signs: Tensor, ema: Tensor, step: Tensor, frozen: Tensor, *,
+    decay: float, flip_weight: float, threshold: float, warmup: int, top_k: int, rule: str = "absolute",
+    hysteresis: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One step of the stateful conflict tracker, functionally: the oracle of ``conflict_update``.
 
@@ -173,6 +174,7 @@ def conflict_update_reference(
         signs: int8 (2, N), the previous step's signs of ``task`` and ``smooth`` (zeros before the first step).
         ema: float32 (S,), the running (not bias-corrected) average m of the raw disorder.
         step: int64 (1,), how many updates came before this one.
+        frozen: bool (S,), the previous step's freeze mask (for the hysteresis of ``freeze_mask``).
 
     Returns ``(stats, frozen, new_signs, new_ema)``; ``stats`` is float32 (S, 7) with columns
     conflict fraction c, cosine, ||task||, ||smooth||, flip fractions f_task and f_smooth, disorder D:
@@ -180,10 +182,9 @@ def conflict_update_reference(
         r_t = (1 - flip_weight) * c_t + flip_weight * (f_task + f_smooth) / 2       raw disorder
         m_t = decay * m_{t-1} + (1 - decay) * r_t                                   running average
         D_t = m_t / (1 - decay^(t+1))                                               bias-corrected
-        frozen = (t >= warmup) & (D_t > threshold) & (rank of D_t < top_k)
+        frozen = freeze_mask(D_t, t, frozen, rule, threshold, hysteresis, warmup, top_k)
 
-    where the rank counts segments with a larger D (ties: the lower index ranks first). A flip is an
-    element whose sign is the opposite of its sign at the previous step (zeros and NaN never flip).
+    A flip is an element whose sign is the opposite of its sign at the previous step (zeros and NaN never flip).
     """
     n_seg = offsets.numel() - 1
     base = segment_conflict_reference(task.float(), smooth.float(), offsets)
@@ -199,9 +200,10 @@ def conflict_update_reference(
     raw = (1 - fw) * base[:, 0] + fw * (0.5 * (flips[0] + flips[1]))
     new_ema = d * ema + (1 - d) * raw
     disorder = bias_corrected_disorder(new_ema, step + 1, decay)
-    frozen = freeze_mask(disorder, step, threshold=threshold, warmup=warmup, top_k=top_k)
+    new_frozen = freeze_mask(disorder, step, frozen, rule=rule, threshold=threshold, hysteresis=hysteresis,
+                             warmup=warmup, top_k=top_k)
     stats = torch.cat([base, flips.T, disorder[:, None]], dim=1)
-    return stats, frozen, new_signs, new_ema
+    return stats, new_frozen, new_signs, new_ema
 
 
 def bias_corrected_disorder(ema: Tensor, updates: Tensor, decay: float) -> Tensor:
@@ -210,14 +212,52 @@ def bias_corrected_disorder(ema: Tensor, updates: Tensor, decay: float) -> Tenso
     return ema / (1 - torch.exp2(updates.to(torch.float32) * log_decay))
 
 
-def freeze_mask(disorder: Tensor, step: Tensor, *, threshold: float, warmup: int, top_k: int) -> Tensor:
-    """bool (S,): ``(step >= warmup) & (D > threshold) & (rank of D < top_k)``.
+FREEZE_RULES = ("absolute", "zscore", "ratio")
 
-    The rank of a segment counts the segments with a larger D (ties: the lower index ranks first).
+# Disorder is a fraction in [0, 1]: a spread at or below this is float32 rounding of equal values.
+SPREAD_FLOOR = 1e-6
+
+
+def freeze_score(disorder: Tensor, rule: str) -> Tensor:
+    """float32 (S,): the score that ``freeze_mask`` compares with the threshold, by ``rule``.
+
+    ``absolute``: D itself. ``zscore``: (D - mean) / std over the segments (population std; 0 for every
+    segment when std <= SPREAD_FLOOR, so a uniform model has no outliers). ``ratio``: D / mean - 1 (0 when
+    mean <= SPREAD_FLOOR). Mean and std are plain float32 sums over the segments, as the kernels compute them.
     """
+    if rule not in FREEZE_RULES:
+        raise ValueError(f"rule: expected one of {FREEZE_RULES}, got {rule!r}")
+    d = disorder.to(torch.float32)
+    if rule == "absolute" or d.numel() == 0:
+        return d
+    n = float(d.numel())
+    mean = d.sum() / n
+    zero = torch.zeros_like(d)
+    if rule == "ratio":
+        return torch.where(mean > SPREAD_FLOOR, d / torch.where(mean > SPREAD_FLOOR, mean, 1.0) - 1.0, zero)
+    std = torch.sqrt(((d - mean) ** 2).sum() / n)
+    return torch.where(std > SPREAD_FLOOR, (d - mean) / torch.where(std > SPREAD_FLOOR, std, 1.0), zero)
+
+
+def freeze_mask(disorder: Tensor, step: Tensor, frozen: Tensor, *, rule: str = "absolute", threshold: float,
+                hysteresis: float = 0.0, warmup: int, top_k: int) -> Tensor:
+    """bool (S,): which segments are frozen after this step.
+
+        score  = freeze_score(D, rule)
+        frozen = (step >= warmup) & (score > threshold | frozen_before & score > threshold - hysteresis)
+                 & (rank of D < top_k)
+
+    A segment freezes when its score passes ``threshold`` and thaws only when it falls to ``threshold -
+    hysteresis`` (no flapping at the boundary). The rank of a segment counts the segments with a larger D
+    (ties: the lower index ranks first).
+    """
+    score = freeze_score(disorder, rule)
     n_seg = disorder.numel()
     larger = disorder[None, :] > disorder[:, None]
     index = torch.arange(n_seg, device=disorder.device)
     tie_first = (disorder[None, :] == disorder[:, None]) & (index[None, :] < index[:, None])
     rank = (larger | tie_first).sum(dim=1)
-    return (step >= warmup) & (disorder > threshold) & (rank < top_k)
+    f32 = functools.partial(torch.tensor, dtype=torch.float32, device=disorder.device)
+    enter, stay = f32(threshold), f32(threshold - hysteresis)  # as the kernels get them
+    passes = (score > enter) | (frozen.to(torch.bool) & (score > stay))
+    return (step >= warmup) & passes & (rank < top_k)

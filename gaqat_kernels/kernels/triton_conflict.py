@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import FREEZE_RULES, SPREAD_FLOOR
+
 
 @triton.jit
 def _segment_conflict_kernel(task_ptr, smooth_ptr, offsets_ptr, out_ptr, BLOCK: tl.constexpr):
@@ -58,8 +60,9 @@ def segment_conflict(task: Tensor, smooth: Tensor, offsets: Tensor, out: Tensor)
 
 @triton.jit
 def _conflict_update_kernel(task_ptr, smooth_ptr, offsets_ptr, signs_ptr, n, ema_ptr, step_ptr, counter_ptr,
-                            stats_ptr, frozen_ptr, n_seg, decay, log2_decay, flip_weight, threshold, warmup,
-                            top_k, BLOCK: tl.constexpr, RANK_BLOCK: tl.constexpr):
+                            stats_ptr, frozen_ptr, n_seg, n_seg_f, decay, log2_decay, flip_weight, enter, stay, warmup,
+                            top_k, spread_floor, RULE: tl.constexpr, BLOCK: tl.constexpr,
+                            RANK_BLOCK: tl.constexpr):
     seg = tl.program_id(0)
     start = tl.load(offsets_ptr + seg)
     end = tl.load(offsets_ptr + seg + 1)
@@ -109,19 +112,40 @@ def _conflict_update_kernel(task_ptr, smooth_ptr, offsets_ptr, signs_ptr, n, ema
     tl.store(row + 4, ft)
     tl.store(row + 5, fs)
     tl.store(row + 6, disorder)
-    eligible = (step >= warmup) & (disorder > threshold)
-    tl.store(frozen_ptr + seg, eligible.to(tl.uint8))  # final unless a top-k limit applies (below)
-    # The last program to finish sees every segment's D (acq_rel atomic; the barrier orders this
-    # program's own stores first), ranks them when top_k limits the count, and advances the step.
+    # The last program to finish sees every segment's D (acq_rel atomic; the barrier orders this program's
+    # own stores first): it decides the whole mask (the relative rules need the mean and spread over all
+    # segments, the hysteresis the previous mask) and advances the step.
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if done == n_seg - 1:
         tl.debug_barrier()
-        if top_k < n_seg:
+        total = tl.zeros([RANK_BLOCK], dtype=tl.float32)
+        for i0 in range(0, n_seg, RANK_BLOCK):
+            i = i0 + tl.arange(0, RANK_BLOCK)
+            total += tl.load(stats_ptr + i * 7 + 6, mask=i < n_seg, other=0.0, cache_modifier=".cg")
+        mean = tl.div_rn(tl.sum(total, axis=0), n_seg_f)
+        spread = mean
+        if RULE == 1:
+            squares = tl.zeros([RANK_BLOCK], dtype=tl.float32)
             for i0 in range(0, n_seg, RANK_BLOCK):
                 i = i0 + tl.arange(0, RANK_BLOCK)
                 mi = i < n_seg
-                di = tl.load(stats_ptr + i * 7 + 6, mask=mi, other=0.0, cache_modifier=".cg")
+                dev = tl.load(stats_ptr + i * 7 + 6, mask=mi, other=0.0, cache_modifier=".cg") - mean
+                squares += tl.where(mi, dev * dev, 0.0)
+            spread = tl.sqrt_rn(tl.div_rn(tl.sum(squares, axis=0), n_seg_f))
+        for i0 in range(0, n_seg, RANK_BLOCK):
+            i = i0 + tl.arange(0, RANK_BLOCK)
+            mi = i < n_seg
+            di = tl.load(stats_ptr + i * 7 + 6, mask=mi, other=0.0, cache_modifier=".cg")
+            if RULE == 0:
+                score = di
+            elif RULE == 1:
+                score = tl.where(spread > spread_floor, tl.div_rn(di - mean, tl.where(spread > spread_floor, spread, 1.0)), 0.0)
+            else:
+                score = tl.where(mean > spread_floor, tl.div_rn(di, tl.where(mean > spread_floor, mean, 1.0)) - 1.0, 0.0)
+            before = tl.load(frozen_ptr + i, mask=mi, other=0) != 0
+            keep = (step >= warmup) & ((score > enter) | (before & (score > stay)))
+            if top_k < n_seg:
                 rank = tl.zeros([RANK_BLOCK], dtype=tl.int32)
                 for j0 in range(0, n_seg, RANK_BLOCK):
                     j = j0 + tl.arange(0, RANK_BLOCK)
@@ -129,15 +153,15 @@ def _conflict_update_kernel(task_ptr, smooth_ptr, offsets_ptr, signs_ptr, n, ema
                     dj = tl.load(stats_ptr + j * 7 + 6, mask=mj, other=0.0, cache_modifier=".cg")
                     ahead = (dj[None, :] > di[:, None]) | ((dj[None, :] == di[:, None]) & (j[None, :] < i[:, None]))
                     rank += tl.sum((ahead & mj[None, :]).to(tl.int32), axis=1)
-                keep = (step >= warmup) & (di > threshold) & (rank < top_k)
-                tl.store(frozen_ptr + i, keep.to(tl.uint8), mask=mi)
+                keep = keep & (rank < top_k)
+            tl.store(frozen_ptr + i, keep.to(tl.uint8), mask=mi)
         tl.store(step_ptr, step + 1)
         tl.store(counter_ptr, 0)
 
 
 def conflict_update(task: Tensor, smooth: Tensor, offsets: Tensor, signs: Tensor, ema: Tensor, step: Tensor,
                     counter: Tensor, stats: Tensor, frozen: Tensor, decay: float, flip_weight: float,
-                    threshold: float, warmup: int, top_k: int) -> None:
+                    threshold: float, warmup: int, top_k: int, rule: str, hysteresis: float) -> None:
     """One tracker step in one launch (see ``reference.conflict_update_reference`` for the math)."""
     n_seg = offsets.numel() - 1
     if n_seg == 0:
@@ -145,6 +169,6 @@ def conflict_update(task: Tensor, smooth: Tensor, offsets: Tensor, signs: Tensor
         return
     log2_decay = math.log2(decay) if decay > 0 else -math.inf
     _conflict_update_kernel[(n_seg,)](
-        task, smooth, offsets, signs, task.numel(), ema, step, counter, stats, frozen.view(torch.uint8), n_seg,
-        decay, log2_decay, flip_weight, threshold, warmup, min(top_k, n_seg), BLOCK=512, RANK_BLOCK=64,
-        num_warps=4)
+        task, smooth, offsets, signs, task.numel(), ema, step, counter, stats, frozen.view(torch.uint8), n_seg, float(n_seg),
+        decay, log2_decay, flip_weight, threshold, threshold - hysteresis, warmup, min(top_k, n_seg),
+        SPREAD_FLOOR, RULE=FREEZE_RULES.index(rule), BLOCK=512, RANK_BLOCK=64, num_warps=4)
