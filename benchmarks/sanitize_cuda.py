@@ -1,4 +1,4 @@
-"""Runs the CUDA and Triton kernels on odd sizes and layouts; meant to be run under compute-sanitizer. The CUDA
+"""Runs the CUDA and Triton kernels (LSQ and the conflict tracker) on odd sizes and layouts; meant to be run under compute-sanitizer. The CUDA
 backend runs each case with its looping backward blocks prefetching and not (``extension.cuda_launch``).
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_cuda.py
@@ -22,6 +22,9 @@ def main():
     for backend, setting in runs:
         with setting():
             run_cases(backend)
+    for backend in ("cuda", "triton"):
+        if backend in gk.available_backends():
+            run_tracker(backend)
     torch.cuda.synchronize()
     print("sanitize_cuda: all cases ran")
 
@@ -40,6 +43,18 @@ def run_cases(backend):
                 s = (torch.rand(c, device="cuda") + 0.1).requires_grad_()
                 y = gk.lsq_fake_quant(x, s, bits=4, signed=True, axis=axis, backend=backend)
                 y.backward(torch.randn_like(y))
+
+
+def run_tracker(backend):
+    """Tracker steps with every freezing rule, empty and long segments, and a top-k cap (the last block's pass)."""
+    from gaqat_kernels.algorithms import ConflictTracker
+
+    sizes = [0, 1, 3000, 7, 0, 513] * 30
+    for rule in ("absolute", "zscore", "ratio"):
+        for cap in (None, 5):
+            tracker = ConflictTracker(sizes, device="cuda", backend=backend, rule=rule, max_frozen=cap)
+            for _ in range(3):
+                tracker.update(torch.randn(sum(sizes), device="cuda"), torch.randn(sum(sizes), device="cuda"))
 
 
 if __name__ == "__main__":
