@@ -1,16 +1,20 @@
 """How much GAQAT / FQAT froze: one markdown row per run from its ``conflict.jsonl`` (the per-layer statistics
 the training script logs every ``--log-every`` steps).
 
-    python benchmarks/conflict_summary.py runs/pacs/pacs_w4/PACS_gaqat_w4a4_t0_s2 [RUN_DIR ...]
+    python benchmarks/conflict_summary.py runs/pacs/pacs_w4/PACS_gaqat_w4a4_t0_s2 [RUN_DIR ...] \
+        [--counts freeze_counts.json] [--plot conflict.png]
 
 A freezing rule only differs from plain LSQ+SAM where it freezes some layers and not others, so the table says
 how many layers were frozen (at the last record, and on average from the first record with any frozen layer
 on), and the statistics that decided it, averaged over layers and records: disorder D, conflict fraction,
-cosine, and the sign-flip fractions of the task and smoothness gradients.
+cosine, and the sign-flip fractions of the task and smoothness gradients. ``--counts`` keeps the number of
+frozen layers per record of every run (a few kB instead of each run's multi-MB ``conflict.jsonl``), ``--plot``
+draws it over the steps, one line per run; either reads back a counts file given in place of run folders.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import defaultdict
@@ -39,6 +43,7 @@ def summarize(run_dir: str) -> Dict:
     end = by_step[steps[-1]]
     return {
         "run": os.path.basename(os.path.normpath(run_dir)),
+        "counts": [[step, n] for step, n in zip(steps, frozen)],
         "layers": len(end),
         "records": len(steps),
         "first_freeze_step": None if first is None else steps[first],
@@ -61,11 +66,44 @@ def table(summaries: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_counts(counts: Dict[str, List[List[int]]], layers: Dict[str, int], path: str) -> None:
+    """Frozen layers over the steps, one line per run (matplotlib, without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for run, rows in sorted(counts.items()):
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=0.8, label=f"{run} ({layers[run]} layers)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("layers frozen")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="run folders holding conflict.jsonl")
-    text = table([summarize(d) for d in p.parse_args(argv).runs])
-    print(text)
+    p.add_argument("runs", nargs="+", help="run folders holding conflict.jsonl (or a --counts file, for --plot)")
+    p.add_argument("--counts", default=None, help="write the frozen-layer counts of every run to this JSON file")
+    p.add_argument("--plot", default=None, help="draw the frozen-layer counts over the steps into this image")
+    args = p.parse_args(argv)
+    if len(args.runs) == 1 and args.runs[0].endswith(".json"):
+        saved = json.load(open(args.runs[0]))
+        counts, layers, text = saved["counts"], saved["layers"], ""
+    else:
+        summaries = [summarize(d) for d in args.runs]
+        counts = {s["run"]: s["counts"] for s in summaries}
+        layers = {s["run"]: s["layers"] for s in summaries}
+        text = table(summaries)
+        print(text)
+    if args.counts:
+        with open(args.counts, "w") as f:
+            json.dump({"counts": counts, "layers": layers}, f)
+    if args.plot:
+        plot_counts(counts, layers, args.plot)
     return text
 
 
