@@ -4,7 +4,7 @@
 # step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
-# tune: benchmarks/tune_triton.py with TUNE_ARGS (default: the open Triton question of RESULTS.md, the split grid's
+# tune: benchmarks/tools/tune_triton.py with TUNE_ARGS (default: the open Triton question of RESULTS.md, the split grid's
 # rounding on innermost channels and short rows, then the quick benchmark of both backends).
 # Logs and results go to $OUT (the device tool's output folder) or ./bench_out.
 set -uo pipefail
@@ -33,7 +33,7 @@ if [[ $mode == test || $mode == all ]]; then
   rc=${PIPESTATUS[0]}
 fi
 if [[ $mode == sanitize || $mode == all ]]; then
-  compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize_cuda.py > "$out/sanitize.log" 2>&1
+  compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/tools/sanitize_cuda.py > "$out/sanitize.log" 2>&1
   echo "compute-sanitizer memcheck exit code: $?"; tail -3 "$out/sanitize.log"
 fi
 if [[ $mode == bench || $mode == all ]]; then
@@ -46,10 +46,10 @@ if [[ $mode == bench || $mode == all ]]; then
 fi
 if [[ $mode == tune ]]; then
   if [[ -n ${TUNE_ARGS:-} ]]; then
-    python3 benchmarks/tune_triton.py --out "$out" $TUNE_ARGS 2>&1 | grep -v Warn | tee "$out/tune.log"
+    python3 benchmarks/tools/tune_triton.py --out "$out" $TUNE_ARGS 2>&1 | grep -v Warn | tee "$out/tune.log"
   else  # the open question (RESULTS.md): Triton's split grid in one wave (--one-wave 1) or rounded up, where the
     # channel blocks do not divide the program slots; then both backends on every case with today's defaults
-    python3 benchmarks/tune_triton.py --out "$out/tune_one_wave" --cases "last axis" "short rows" --dtypes fp32 bf16 \
+    python3 benchmarks/tools/tune_triton.py --out "$out/tune_one_wave" --cases "last axis" "short rows" --dtypes fp32 bf16 \
       --one-wave 0 1 2>&1 | grep -v Warn | tee "$out/tune_one_wave.log" | grep "x floor"
     python3 benchmarks/bench_kernels.py --out "$out/quick" --quick --impls triton cuda 2>&1 | grep -v Warn \
       | tee "$out/quick.log" | grep "x floor"

@@ -351,15 +351,19 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return v;
 }
 
-// Thread 0 writes the block's sum: g times it as channel c's gradient (one split), or the raw sum as split
-// `split`'s partial of channel c.
+// Channel c's summed scale gradient: g times it as the gradient itself (one split), or the raw sum as split
+// `split`'s partial (sum_partials_* add the splits and apply g). Every backward kernel writes through this.
+__device__ __forceinline__ void write_channel_sum(float* __restrict__ out, float total, int64_t c, int64_t split,
+                                                  int64_t C, float g, bool final_write) {
+  if (final_write) out[c] = total * g;
+  else out[split * C + c] = total;
+}
+
+// Thread 0 writes the block's sum as channel c's (write_channel_sum).
 __device__ __forceinline__ void write_block_sum(float acc, float* smem, float* __restrict__ out, int64_t c, int split,
                                                 int64_t C, float g, bool final_write) {
   acc = block_sum(acc, smem);
-  if (threadIdx.x == 0) {
-    if (final_write) out[c] = acc * g;
-    else out[static_cast<int64_t>(split) * C + c] = acc;
-  }
+  if (threadIdx.x == 0) write_channel_sum(out, acc, c, split, C, g, final_write);
 }
 
 // Long rows (and per-tensor): block (c, split) walks tiles of channel c's rows; tile t is row t / tiles_i,
@@ -580,8 +584,7 @@ __global__ void __launch_bounds__(kThreads) lsq_bwd_short_kernel(
   // A channel's I sums: a warp each (lanes stride the row, then a fixed-order shuffle) where rows are long enough
   // that one thread's serial walk would keep the block waiting, a thread each otherwise.
   const auto write = [&](int64_t cl, float total) {
-    if (final_write) out[c0 + cl] = total * g;
-    else out[static_cast<int64_t>(blockIdx.y) * C + c0 + cl] = total;
+    write_channel_sum(out, total, c0 + cl, blockIdx.y, C, g, final_write);
   };
   if (I >= 32) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -672,8 +675,7 @@ __global__ void __launch_bounds__(kThreads, 3) lsq_bwd_columns_kernel(
     float total = 0.f;
 #pragma unroll
     for (int q = 0; q < kColRows; ++q) total += sums[q][k];
-    if (final_write) out[c0 + k] = total * g;
-    else out[static_cast<int64_t>(blockIdx.y) * C + c0 + k] = total;
+    write_channel_sum(out, total, c0 + k, blockIdx.y, C, g, final_write);
   }
 }
 

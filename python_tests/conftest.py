@@ -13,3 +13,15 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:  # the fuzz tests' budgets (test_fuzz.py); --hypothesis-profile=long picks the other one
+    from hypothesis import HealthCheck, settings
+
+    _checks = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, database=None,
+                              suppress_health_check=_checks)
+    settings.register_profile("long", max_examples=10_000, derandomize=True, deadline=None, database=None,
+                              suppress_health_check=_checks)
+    settings.load_profile("ci")
+except ImportError:
+    pass

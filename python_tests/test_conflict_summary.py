@@ -1,4 +1,4 @@
-"""benchmarks/conflict_summary.py reads what ConflictLog writes and counts frozen layers as stated."""
+"""benchmarks/experiments/conflict_summary.py reads what ConflictLog writes and counts frozen layers as stated."""
 import os
 import sys
 
@@ -8,7 +8,7 @@ import torch
 from gaqat_kernels.algorithms.conflict import STAT_NAMES
 from gaqat_kernels.algorithms.stats_log import ConflictLog
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "experiments"))
 import conflict_summary  # noqa: E402
 
 

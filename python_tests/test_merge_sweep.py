@@ -1,4 +1,4 @@
-"""benchmarks/merge_sweep.py: a device call's finished runs land once in the tables' folder and in the carried
+"""benchmarks/experiments/merge_sweep.py: a device call's finished runs land once in the tables' folder and in the carried
 folder, repeats and unfinished runs apart, and the carried folder can be rebuilt from the tables' folder."""
 import json
 import os
@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "experiments"))
 import merge_sweep  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/pack_weights.py: packing is lossless for any length (the 4-byte planes are padded) and shrinks
+"""benchmarks/tools/pack_weights.py: packing is lossless for any length (the 4-byte planes are padded) and shrinks
 float32 weights more than compressing their bytes in file order."""
 import lzma
 import os
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tools"))
 import pack_weights  # noqa: E402
 
 

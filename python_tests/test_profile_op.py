@@ -1,11 +1,11 @@
-"""benchmarks/profile_op.py: --case must name exactly one kernel-benchmark case, and the error lists them."""
+"""benchmarks/tools/profile_op.py: --case must name exactly one kernel-benchmark case, and the error lists them."""
 import os
 import sys
 
 import pytest
 
 pytest.importorskip("triton")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tools"))
 import profile_op  # noqa: E402
 
 

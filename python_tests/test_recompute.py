@@ -1,15 +1,19 @@
 """Quantized layers that recompute their quantized input in backward (nn.recompute): the same outputs and
 gradients as the composed layer, and one activation-sized tensor fewer kept for backward."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 from gaqat_kernels import available_backends
-from gaqat_kernels.memory import saved_tensor_bytes
 from gaqat_kernels.nn import QuantConv2d, QuantLinear, initialize_quantizers, quantize_model
 from helpers import backend_params
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tools"))
+from saved_memory import saved_tensor_bytes  # noqa: E402
 
 
 def _pair(layer: nn.Module):

@@ -1,9 +1,9 @@
-"""benchmarks/sass_loop_mix.py reads cuobjdump's SASS listing: kernels by name fragments, the first loop's
+"""benchmarks/tools/sass_loop_mix.py reads cuobjdump's SASS listing: kernels by name fragments, the first loop's
 instructions (backward branch to its target), opcodes past predicates."""
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tools"))
 import sass_loop_mix  # noqa: E402
 
 LISTING = """

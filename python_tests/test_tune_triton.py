@@ -1,4 +1,4 @@
-"""benchmarks/tune_triton.py: every knob names a setting the Triton backend has (per element size where the knob
+"""benchmarks/tools/tune_triton.py: every knob names a setting the Triton backend has (per element size where the knob
 says so), and a sweep's setting is undone afterwards, the cached launch plans with it."""
 import os
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tools"))
 import tune_triton  # noqa: E402
 from gaqat_kernels.kernels import triton_lsq  # noqa: E402
 

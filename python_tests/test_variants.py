@@ -9,7 +9,7 @@ import pytest
 from gaqat_kernels import eoq, report
 from gaqat_kernels.train import parse_args
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "experiments"))
 import sweep_dg  # noqa: E402
 
 

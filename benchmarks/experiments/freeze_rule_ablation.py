@@ -6,14 +6,14 @@ beside LSQ+SAM and the absolute rule, seed 0.
 import glob, json, sys
 def rows(pattern):
     return {r["test_domain"]: r for r in map(lambda f: json.load(open(f)), glob.glob(pattern))}
-D = "benchmarks/results/dg_freeze_rule_ablation"
+D = "benchmarks/experiments/results/dg_freeze_rule_ablation"
 settings = [
-    ("PACS", "LSQ+SAM (dg_pacs)", "benchmarks/results/dg_pacs/PACS_lsq_sam_w4a4_t*_s0/results.json"),
-    ("PACS", "GAQAT absolute 0.5 (dg_pacs)", "benchmarks/results/dg_pacs/PACS_gaqat_w4a4_t*_s0/results.json"),
+    ("PACS", "LSQ+SAM (dg_pacs)", "benchmarks/experiments/results/dg_pacs/PACS_lsq_sam_w4a4_t*_s0/results.json"),
+    ("PACS", "GAQAT absolute 0.5 (dg_pacs)", "benchmarks/experiments/results/dg_pacs/PACS_gaqat_w4a4_t*_s0/results.json"),
     ("PACS", "GAQAT zscore 1.0", f"{D}/pacs_w4_zscore1.0/*/results.json"),
     ("PACS", "GAQAT ratio 0.05", f"{D}/pacs_w4_ratio0.05/*/results.json"),
-    ("RotatedMNIST", "LSQ+SAM (dg_h100_sweep)", "benchmarks/results/dg_h100_sweep/RotatedMNIST_lsq_sam_w4a4_t*_s0.json"),
-    ("RotatedMNIST", "GAQAT absolute 0.5 (dg_h100_sweep)", "benchmarks/results/dg_h100_sweep/RotatedMNIST_gaqat_w4a4_t*_s0.json"),
+    ("RotatedMNIST", "LSQ+SAM (dg_h100_sweep)", "benchmarks/experiments/results/dg_h100_sweep/RotatedMNIST_lsq_sam_w4a4_t*_s0.json"),
+    ("RotatedMNIST", "GAQAT absolute 0.5 (dg_h100_sweep)", "benchmarks/experiments/results/dg_h100_sweep/RotatedMNIST_gaqat_w4a4_t*_s0.json"),
     ("RotatedMNIST", "GAQAT zscore 1.0", f"{D}/rmnist_w4_zscore1.0/*/results.json"),
     ("RotatedMNIST", "GAQAT ratio 0.05", f"{D}/rmnist_w4_ratio0.05/*/results.json"),
 ]

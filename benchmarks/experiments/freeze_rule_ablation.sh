@@ -8,7 +8,7 @@ start=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 W=.data/weights/efficientnet-lite0-57934424.pth
 if [[ -f .data/wgz/efficientnet-lite0-57934424.pth.bsxz && ! -f $W ]]; then
-  mkdir -p .data/weights && python3 benchmarks/pack_weights.py unpack .data/wgz/efficientnet-lite0-57934424.pth.bsxz $W
+  mkdir -p .data/weights && python3 benchmarks/tools/pack_weights.py unpack .data/wgz/efficientnet-lite0-57934424.pth.bsxz $W
 fi
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
 mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
@@ -17,15 +17,15 @@ DL=${ABL_DEADLINE:-500}
 extra="--cuda-graph --backend triton --skip-train-in-eval"
 if [[ $mode == pacs ]]; then
   common="--suite pacs_w4 --algorithms gaqat --seeds 0 --data-root .data/pacs128 --pretrained $W --no-eoq --deadline-s $DL"
-  python3 benchmarks/sweep_dg.py --out runs/abl_z10 $common --test-domains ${ABL_Z_DOMAINS:-0 1 2 3} --parallel 4 \
+  python3 benchmarks/experiments/sweep_dg.py --out runs/abl_z10 $common --test-domains ${ABL_Z_DOMAINS:-0 1 2 3} --parallel 4 \
     --extra --freeze-rule zscore --threshold 1.0 $extra > "$out/abl_pacs_z10.log" 2>&1 &
-  python3 benchmarks/sweep_dg.py --out runs/abl_r05 $common --test-domains ${ABL_R_DOMAINS:-0 1} --parallel 4 \
+  python3 benchmarks/experiments/sweep_dg.py --out runs/abl_r05 $common --test-domains ${ABL_R_DOMAINS:-0 1} --parallel 4 \
     --extra --freeze-rule ratio --threshold 0.05 $extra > "$out/abl_pacs_r05.log" 2>&1 &
 else
   common="--suite rmnist_w4 --algorithms gaqat --seeds 0 --data-root .data/mnist --no-eoq --deadline-s $DL"
-  python3 benchmarks/sweep_dg.py --out runs/abl_rm_z10 $common --parallel 6 \
+  python3 benchmarks/experiments/sweep_dg.py --out runs/abl_rm_z10 $common --parallel 6 \
     --extra --freeze-rule zscore --threshold 1.0 $extra > "$out/abl_rm_z10.log" 2>&1 &
-  python3 benchmarks/sweep_dg.py --out runs/abl_rm_r05 $common --parallel 6 \
+  python3 benchmarks/experiments/sweep_dg.py --out runs/abl_rm_r05 $common --parallel 6 \
     --extra --freeze-rule ratio --threshold 0.05 $extra > "$out/abl_rm_r05.log" 2>&1 &
 fi
 if [[ ${ABL_TESTS:-1} == 1 ]]; then
@@ -35,7 +35,7 @@ if [[ ${ABL_TESTS:-1} == 1 ]]; then
   timeout 240 python3 -m pytest python_tests/test_tracker.py python_tests/test_backend_vocabulary.py python_tests/test_conflict.py \
     python_tests/test_algorithms.py python_tests/test_distributed.py -q -p no:cacheprovider > "$out/tests.log" 2>&1; echo "tests rc $?"; tail -4 "$out/tests.log"
   echo "tests done at $(( $(date +%s) - start )) s"
-  compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize_cuda.py > "$out/sanitize.log" 2>&1
+  compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/tools/sanitize_cuda.py > "$out/sanitize.log" 2>&1
   echo "compute-sanitizer exit $?"; tail -2 "$out/sanitize.log"
 fi
 wait

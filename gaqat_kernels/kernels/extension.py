@@ -84,7 +84,7 @@ def cuda_launch(forward_blocks_per_sm: int = 0, split_blocks_per_sm: int = 0,
     grid-stride loop covers the rest; with an innermost channel axis, blocks that loop down their rows) and split a channel's backward tiles over up to ``split_blocks_per_sm``
     blocks per SM when the channels alone do not fill the GPU; 0 keeps the built-in value. ``prefetch`` (None:
     built-in) makes backward blocks that loop over tiles load each next tile, of half the usual size, before the
-    current tile's math. For benchmarks (``benchmarks/tune_cuda.py``): y and dx do not change, the scale
+    current tile's math. For benchmarks (``benchmarks/tools/tune_cuda.py``): y and dx do not change, the scale
     gradient's summation order may. Not thread-safe: it sets a process-wide switch."""
     for name, value, top in (("forward_blocks_per_sm", forward_blocks_per_sm, 1 << 16),
                              ("split_blocks_per_sm", split_blocks_per_sm, 64)):

@@ -263,7 +263,7 @@ _FAST_DIV_FORWARD = True
 # 64x256x56x56 from 1.189 ("rows", IEEE) to 1.161 and 8x4096x4096 from 1.114 to 1.089; fast division in
 # one-tile programs costs 4096x4096 1.188 -> 1.201 and 11008x4096 1.122 -> 1.141.
 _FAST_DIV_BACKWARD = "loops"
-# Launch constants by element size, measured on H100 (``benchmarks/tune_triton.py``, RESULTS.md). Tile bytes
+# Launch constants by element size, measured on H100 (``benchmarks/tools/tune_triton.py``, RESULTS.md). Tile bytes
 # per tensor: fp32 16 KB (64 bytes per thread at 8 warps); 16-bit 8 KB, whose backward ran 6-9% faster than
 # with 16 KB (fewer registers per thread, more programs resident). Split programs per SM, for channel blocks
 # whose tiles are split over programs (per-tensor): 4, resident in one wave (fp32 64x256x56x56 fwd+bwd 1.060 ->

@@ -1,7 +1,7 @@
 """How much GAQAT / FQAT froze: one markdown row per run from its ``conflict.jsonl`` (the per-layer statistics
 the training script logs every ``--log-every`` steps).
 
-    python benchmarks/conflict_summary.py runs/pacs/pacs_w4/PACS_gaqat_w4a4_t0_s2 [RUN_DIR ...] \
+    python benchmarks/experiments/conflict_summary.py runs/pacs/pacs_w4/PACS_gaqat_w4a4_t0_s2 [RUN_DIR ...] \
         [--counts freeze_counts.json] [--plot conflict.png]
 
 A freezing rule only differs from plain LSQ+SAM where it freezes some layers and not others, so the table says
@@ -21,7 +21,7 @@ from collections import defaultdict
 from statistics import mean
 from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 from gaqat_kernels.plots import read_jsonl  # noqa: E402
 
 COLUMNS = ("run", "layers", "records", "first freeze step", "frozen at end", "mean frozen after first freeze",

@@ -5,7 +5,7 @@ The kernel benchmark's "eager" column is host-bound wherever the host needs long
 CUDA activities) and writes, per backend, the ops by self CPU time and the GPU kernels, so the gap can be placed:
 our Python, Triton's launcher, the custom-op dispatch or the autograd engine.
 
-    python benchmarks/profile_op.py --out bench_out --case "last axis" --dtype bf16 [--backends triton cuda]
+    python benchmarks/tools/profile_op.py --out bench_out --case "last axis" --dtype bf16 [--backends triton cuda]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 import gaqat_kernels as gk
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: the harness
 from bench_kernels import CASES, DTYPES, make_inputs  # noqa: E402
 
 

@@ -4,8 +4,8 @@ Float32 weights barely compress byte by byte (gzip: 18.3 -> 17.3 MB for Efficien
 equal rank (sign/exponent, high and low mantissa) do: grouping them into four planes before xz gives 15.8 MB,
 which is what lets the PACS images, the weights and the repository travel in one call. Lossless for any file.
 
-    python benchmarks/pack_weights.py pack .data/weights/F.pth .data/wgz/F.pth.bsxz
-    python benchmarks/pack_weights.py unpack .data/wgz/F.pth.bsxz .data/weights/F.pth
+    python benchmarks/tools/pack_weights.py pack .data/weights/F.pth .data/wgz/F.pth.bsxz
+    python benchmarks/tools/pack_weights.py unpack .data/wgz/F.pth.bsxz .data/weights/F.pth
 """
 import argparse
 import lzma

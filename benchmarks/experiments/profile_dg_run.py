@@ -1,8 +1,8 @@
 """Where a DomainBed-style training step spends the GPU: step time and top kernels of the training script's own
 model, data and algorithm, per precision / memory format, on a CUDA GPU (one process, nothing else running).
 
-    python benchmarks/profile_dg_run.py --data-root .data/mnist --algorithm gaqat --precision fp32 bf16
-    python benchmarks/profile_dg_run.py --dataset PACS --data-root .data/pacs128 --precision fp32 \
+    python benchmarks/experiments/profile_dg_run.py --data-root .data/mnist --algorithm gaqat --precision fp32 bf16
+    python benchmarks/experiments/profile_dg_run.py --dataset PACS --data-root .data/pacs128 --precision fp32 \
         --extra --image-size 128 --pretrained .data/weights/efficientnet-lite0-57934424.pth
 
 For each setting: the CUDA-graph step time (what a sweep run replays 5001 times), the eager step time, and
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 from torch import nn
@@ -24,8 +25,9 @@ from gaqat_kernels.models import build_model
 from gaqat_kernels.nn import find_unsigned_inputs
 from gaqat_kernels.train import ALGORITHMS, _algorithm, _quantize, load_data, parse_args
 
-from bench_conflict import timed  # benchmarks/ is on the path when this runs as a script
-from bench_train_step import as_step
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: the harness
+from bench_conflict import timed  # noqa: E402
+from bench_train_step import as_step  # noqa: E402
 
 
 def build_step(argv, dataset, channels_last: bool, mode: str):

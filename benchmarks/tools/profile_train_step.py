@@ -1,18 +1,21 @@
 """Recomputed against stored quantized inputs, one configuration: step time (graph and eager) and a
 torch.profiler table of the eager step per implementation, on a CUDA GPU.
 
-    python benchmarks/profile_train_step.py --model resnet50 --precision bf16 --algorithm erm
+    python benchmarks/tools/profile_train_step.py --model resnet50 --precision bf16 --algorithm erm
 
 Uses bench_train_step's models and steps; prints the tables (top kernels by GPU time, top ops by host time).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_train_step import build, make_step, measure  # benchmarks/ is on the path when this runs as a script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: the harness
+from bench_train_step import build, make_step, measure  # noqa: E402
 
 
 def main() -> None:

@@ -2,18 +2,41 @@
 vs recomputed, ``nn.recompute``). Device-independent (it counts tensors, it does not time anything), so it
 runs on a CPU; the activations kept for backward are what makes eager QAT's peak memory exceed FP's.
 
-    python benchmarks/saved_memory.py [--models resnet18 resnet50] [--batch 8] [--size 224]
+    python benchmarks/tools/saved_memory.py [--models resnet18 resnet50] [--batch 8] [--size 224]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+from typing import Callable
 
 import torch
+from torch import Tensor, nn
 
-from gaqat_kernels.memory import saved_tensor_bytes
 from gaqat_kernels.models import build_model
 from gaqat_kernels.nn import QuantConv2d, QuantLinear, initialize_quantizers, quantize_model
+
+
+def saved_tensor_bytes(model: nn.Module, forward: Callable[[nn.Module], Tensor]) -> int:
+    """Bytes of the distinct storages that autograd saves for backward while ``forward(model)`` runs.
+
+    Parameters are left out (they exist anyway); a storage saved by several nodes (a ReLU's output that is
+    also the next layer's input) counts once. It counts tensors and times nothing, so CPU figures hold for
+    the GPU too.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(model)
+    del out
+    return sum(storages.values())
 
 
 def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:

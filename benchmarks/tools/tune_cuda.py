@@ -4,7 +4,7 @@ The settings are the extension's process-wide switches (``extension.cuda_divisio
 for every combination, the forward and forward+backward device time as multiples of the copy-bandwidth floor,
 beside PyTorch's same-bytes bound.
 
-    python benchmarks/tune_cuda.py --out bench_out [--cases act] [--dtypes fp32 bf16] [--division plan ieee fast]
+    python benchmarks/tools/tune_cuda.py --out bench_out [--cases act] [--dtypes fp32 bf16] [--division plan ieee fast]
         [--forward-blocks 8 65536] [--split-blocks 4 8] [--prefetch default 0 1]
 
 A knob left out keeps the built-in value (0 = the built-in launch value).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call of a leave-one-domain-out sweep (benchmarks/sweep_dg.py), packed for the trip back.
-#   bash benchmarks/sweep_gpu.sh NAME [sweep_dg.py arguments...]
+# One device call of a leave-one-domain-out sweep (benchmarks/experiments/sweep_dg.py), packed for the trip back.
+#   bash benchmarks/experiments/sweep_gpu.sh NAME [sweep_dg.py arguments...]
 # Runs share the GPU through CUDA MPS when the box has it (without MPS, processes time-slice the GPU and
 # many small runs barely overlap). Finished runs already under runs/NAME (carried from an earlier call) are
 # skipped. The results without model files and checkpoints (with each run's test_probs.pt, what EoQ needs) go to
@@ -14,7 +14,7 @@
 # models (model.pt, not the checkpoints) as $OUT/sweep_NAME_models.tar.part-aa, -ab, ... (15 MiB parts, under the
 # device tool's per-file limit); `cat sweep_NAME_models.tar.part-* | tar xf -` in the repository root puts them
 # back under runs/NAME (EoQ itself needs only test_probs.pt).
-# Weights carried packed as .data/wgz/F.bsxz (benchmarks/pack_weights.py; the whole carry must stay under the device
+# Weights carried packed as .data/wgz/F.bsxz (benchmarks/tools/pack_weights.py; the whole carry must stay under the device
 # tool's 64 MiB) are unpacked to .data/weights/F first, unless already there (kept on a warm machine between calls).
 set -uo pipefail
 name=$1; shift
@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/swe
 for packed in .data/wgz/*.bsxz; do
   [[ -f $packed ]] || continue
   target=.data/weights/$(basename "${packed%.bsxz}")
-  [[ -f $target ]] || { mkdir -p .data/weights && python3 benchmarks/pack_weights.py unpack "$packed" "$target"; }
+  [[ -f $target ]] || { mkdir -p .data/weights && python3 benchmarks/tools/pack_weights.py unpack "$packed" "$target"; }
 done
 mps=0
 if [[ ${SWEEP_MPS:-1} == 1 ]] && command -v nvidia-cuda-mps-control >/dev/null; then
@@ -37,7 +37,7 @@ if [[ ${SWEEP_MPS:-1} == 1 ]] && command -v nvidia-cuda-mps-control >/dev/null; 
   fi
 fi
 echo "MPS: $mps; commit ${GAQAT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee -a "$out/sweep_$name.log"
-python3 benchmarks/sweep_dg.py --out "runs/$name" "$@" 2>&1 | tee -a "$out/sweep_$name.log"
+python3 benchmarks/experiments/sweep_dg.py --out "runs/$name" "$@" 2>&1 | tee -a "$out/sweep_$name.log"
 rc=${PIPESTATUS[0]}
 [[ $mps == 1 ]] && echo quit | nvidia-cuda-mps-control
 tar czf "$out/sweep_$name.tar.gz" --exclude=model.pt --exclude=checkpoint.pt --exclude='*.tmp' --exclude='*.png' \

@@ -4,7 +4,7 @@ For each combination of settings, the forward and forward+backward device time (
 the kernel benchmark's cases, as multiples of the copy-bandwidth floor, beside PyTorch's same-bytes bound. The
 settings are module globals of ``triton_lsq`` (see KNOBS); this script only sets them for its own process.
 
-    python benchmarks/tune_triton.py --out bench_out [--cases conv] [--dtypes bf16] [--tiles 8192 16384]
+    python benchmarks/tools/tune_triton.py --out bench_out [--cases conv] [--dtypes bf16] [--tiles 8192 16384]
         [--forward-tiles 8192 16384] [--split-tiles 4096 8192]
         [--warps 4 8] [--splits 4 8] [--row-warps 8 16] [--backward-fast-div rows one-tile loops all]
         [--backward-max-registers 64 none]
@@ -29,7 +29,7 @@ import torch
 import gaqat_kernels as gk
 from gaqat_kernels.kernels import triton_lsq
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: the harness
 from bench_kernels import CASES, DTYPES, SAME_BYTES, copy_bandwidth, make_inputs, same_bytes, time_modes  # noqa: E402
 
 # option, triton_lsq attribute, keyed by element size, value type, help

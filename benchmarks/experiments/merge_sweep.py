@@ -2,7 +2,7 @@
 ... when it was split to come back) where the next call and the
 tables need them, so that no finished run is lost or run twice.
 
-    python benchmarks/merge_sweep.py /work/.device/3/sweep_pacs.tar.gz --results benchmarks/results/dg_pacs \
+    python benchmarks/experiments/merge_sweep.py /work/.device/3/sweep_pacs.tar.gz --results benchmarks/experiments/results/dg_pacs \
         --carry runs/pacs [--full runs/pacs_all]
 
 For every run of the tar with a ``results.json``:

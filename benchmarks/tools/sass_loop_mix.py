@@ -1,7 +1,7 @@
 """Instruction mix of each kernel's first loop in ``cuobjdump -sass`` output: what one iteration issues.
 
     cuobjdump -sass lsq.o > lsq.sass
-    python benchmarks/sass_loop_mix.py lsq.sass lsq_bwd_row_kernel ELi8ELi2ELb0E
+    python benchmarks/tools/sass_loop_mix.py lsq.sass lsq_bwd_row_kernel ELi8ELi2ELb0E
 
 prints, for every kernel whose mangled name holds all the given fragments, its instruction count, the loop
 (from the first backward branch's target to that branch) and the loop's opcodes by count. Compares code

@@ -1,6 +1,6 @@
 """Condenses a kernels.json from bench_kernels.py into one markdown row per case: ×floor of each implementation.
 
-    python benchmarks/summarize_kernels.py benchmarks/results/kernels_h100_<commit>.json [more.json ...] [--mode graph|eager]
+    python benchmarks/tools/summarize_kernels.py benchmarks/results/kernels_h100_<commit>.json [more.json ...] [--mode graph|eager]
 
 Rows of a later file replace those of an earlier one with the same case, dtype, bits and implementation.
 """

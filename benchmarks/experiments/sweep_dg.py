@@ -1,6 +1,6 @@
 """Leave-one-domain-out sweeps of the training script on one GPU, several runs at a time.
 
-    python benchmarks/sweep_dg.py --suite rmnist_erm --data-root .data/mnist --out runs/sweep [--parallel 6]
+    python benchmarks/experiments/sweep_dg.py --suite rmnist_erm --data-root .data/mnist --out runs/sweep [--parallel 6]
 
 Suites (every test domain; ``--seeds`` sets both --seed and --trial-seed, as DomainBed's trials):
   rmnist_erm, cmnist_erm   FP ERM with DomainBed's CNN and recipe (5001 steps, Adam 1e-3, batch 64/domain)
