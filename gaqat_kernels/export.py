@@ -4,8 +4,8 @@
 weight is stored as its integer codes ``q = round_half_even(clamp(w / s, qn, qp))`` packed into bytes (2, 3, 4
 bits: a little-endian bit stream of ``q - qn``; 8 bits: int8) plus the float32 per-channel scales; activation
 quantizers stay (their learned scale fake-quantizes the input exactly as in evaluation). The packed layers
-dequantize once per call (``q * s`` in float32), which is bit for bit the fake-quant weight, so the converted
-model computes what the trained model evaluated.
+dequantize once (``q * s`` in float32, cached per dtype and device), which is bit for bit the fake-quant weight,
+so the converted model computes what the trained model evaluated.
 
 ``save(model, path)`` writes a safetensors file (the format is written here, no extra dependency) whose
 ``__metadata__`` holds a JSON description of every packed layer; ``load(path, model)`` rebuilds the packed
@@ -110,7 +110,17 @@ class _PackedLayer(nn.Module):
     def _input_and_weight(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
-        return x, self.packed.dequantize().to(x.dtype)
+        return x, self.dense_weight(x.dtype, x.device)
+
+    def dense_weight(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The dequantized weight, computed once per (dtype, device, packed buffers) and cached: a packed
+        model is for inference, so unpacking every call would cost more than the fake quantizer it replaces.
+        The cache is not part of the state dict; it is rebuilt when the packed buffers are replaced."""
+        key = (dtype, device, self.packed.qweight.data_ptr(), self.packed.scale.data_ptr(), self.packed.scale._version)
+        cached = getattr(self, "_dense", None)
+        if cached is None or cached[0] != key:
+            self._dense = (key, self.packed.dequantize().to(device=device, dtype=dtype))
+        return self._dense[1]
 
 
 class PackedConv2d(_PackedLayer):
@@ -256,3 +266,10 @@ def load(path: str, model: nn.Module) -> nn.Module:
         if isinstance(m, LSQQuantizer):
             m._init_pending = False  # the loaded scale is the trained one
     return out.eval()
+
+
+def to_onnx(model: nn.Module, example_inputs, path: str, **kwargs) -> Dict:
+    """ONNX with integer Q/DQ weights and activation Q/DQ pairs; see ``gaqat_kernels.onnx_export.to_onnx``."""
+    from .onnx_export import to_onnx as export_onnx
+
+    return export_onnx(model, example_inputs, path, **kwargs)

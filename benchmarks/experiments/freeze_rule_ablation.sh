@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Freezing-rule ablation beside the GPU tests.  bash .data/abl.sh rmnist|pacs   (ABL_DEADLINE, ABL_TESTS=0/1)
+# Freezing-rule ablation beside the GPU tests.  bash benchmarks/experiments/freeze_rule_ablation.sh rmnist|pacs   (ABL_DEADLINE, ABL_TESTS=0/1)
 set -u
 mode=$1
 out=${OUT:-bench_out}; mkdir -p "$out" runs
