@@ -1,7 +1,8 @@
 // CUDA: one step of the gradient-conflict tracker in one launch, one block per segment (one layer's
 // quantizer scales). Each block reduces its segment in a fixed tree (deterministic), updates the running
 // average; the last block to finish decides the freeze mask (mean and spread of the disorders for the
-// relative rules, ranks when a top-k limit applies) and advances the step counter. The math is reference.conflict_update_reference's.
+// relative rules, ranks when a top-k limit applies) and advances the step counter. The math is
+// reference.conflict_update_reference's.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,8 +13,8 @@ namespace gaqat {
 namespace {
 
 constexpr int kConflictThreads = 256;
-constexpr int kSums = 6;
-constexpr int kZscore = 1, kRatio = 2;  // reference.FREEZE_RULES order; 0: absolute  // conflicts, dot, |task|^2, |smooth|^2, task flips, smooth flips
+constexpr int kSums = 6;  // conflicts, dot, |task|^2, |smooth|^2, task flips, smooth flips
+constexpr int kZscore = 1, kRatio = 2;  // reference.FREEZE_RULES order; 0: absolute
 
 __device__ __forceinline__ int sign_of(float v) { return (v > 0.f) - (v < 0.f); }  // NaN -> 0
 

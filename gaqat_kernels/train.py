@@ -224,7 +224,8 @@ def _algorithm(model, args, quant_steps: int, quantized: bool):
         kwargs["alpha"] = args.sagm_alpha
     if name in ("gaqat", "fqat"):
         cap = args.gaqat_max_frozen_fraction if name == "gaqat" else args.max_frozen_fraction
-        kwargs.update(rule=args.freeze_rule, threshold=args.threshold, hysteresis=args.hysteresis, decay=args.decay, backend=args.backend, log_every=args.log_every,
+        kwargs.update(rule=args.freeze_rule, threshold=args.threshold, hysteresis=args.hysteresis, decay=args.decay,
+                      backend=args.backend, log_every=args.log_every,
                       warmup_steps=int(args.warmup_fraction * quant_steps), max_frozen_fraction=cap)
     return build_algorithm(name, model, base_optimizer=base, **kwargs)
 

@@ -1,5 +1,5 @@
-"""Runs the CUDA and Triton kernels (LSQ and the conflict tracker) on odd sizes and layouts; meant to be run under compute-sanitizer. The CUDA
-backend runs each case with its looping backward blocks prefetching and not (``extension.cuda_launch``).
+"""Runs the CUDA and Triton kernels (LSQ and the conflict tracker) on odd sizes and layouts; meant to be run
+under compute-sanitizer. The CUDA backend runs each case with its looping backward blocks prefetching and not (``extension.cuda_launch``).
 
     compute-sanitizer --tool memcheck python benchmarks/tools/sanitize_cuda.py
 """

@@ -60,8 +60,8 @@ def segment_conflict(task: Tensor, smooth: Tensor, offsets: Tensor, out: Tensor)
 
 @triton.jit
 def _conflict_update_kernel(task_ptr, smooth_ptr, offsets_ptr, signs_ptr, n, ema_ptr, step_ptr, counter_ptr,
-                            stats_ptr, frozen_ptr, n_seg, n_seg_f, decay, log2_decay, flip_weight, enter, stay, warmup,
-                            top_k, spread_floor, RULE: tl.constexpr, BLOCK: tl.constexpr,
+                            stats_ptr, frozen_ptr, n_seg, n_seg_f, decay, log2_decay, flip_weight, enter, stay,
+                            warmup, top_k, spread_floor, RULE: tl.constexpr, BLOCK: tl.constexpr,
                             RANK_BLOCK: tl.constexpr):
     seg = tl.program_id(0)
     start = tl.load(offsets_ptr + seg)
@@ -140,9 +140,11 @@ def _conflict_update_kernel(task_ptr, smooth_ptr, offsets_ptr, signs_ptr, n, ema
             if RULE == 0:
                 score = di
             elif RULE == 1:
-                score = tl.where(spread > spread_floor, tl.div_rn(di - mean, tl.where(spread > spread_floor, spread, 1.0)), 0.0)
+                spread_ok = spread > spread_floor
+                score = tl.where(spread_ok, tl.div_rn(di - mean, tl.where(spread_ok, spread, 1.0)), 0.0)
             else:
-                score = tl.where(mean > spread_floor, tl.div_rn(di, tl.where(mean > spread_floor, mean, 1.0)) - 1.0, 0.0)
+                mean_ok = mean > spread_floor
+                score = tl.where(mean_ok, tl.div_rn(di, tl.where(mean_ok, mean, 1.0)) - 1.0, 0.0)
             before = tl.load(frozen_ptr + i, mask=mi, other=0) != 0
             keep = (step >= warmup) & ((score > enter) | (before & (score > stay)))
             if top_k < n_seg:
@@ -169,6 +171,6 @@ def conflict_update(task: Tensor, smooth: Tensor, offsets: Tensor, signs: Tensor
         return
     log2_decay = math.log2(decay) if decay > 0 else -math.inf
     _conflict_update_kernel[(n_seg,)](
-        task, smooth, offsets, signs, task.numel(), ema, step, counter, stats, frozen.view(torch.uint8), n_seg, float(n_seg),
-        decay, log2_decay, flip_weight, threshold, threshold - hysteresis, warmup, min(top_k, n_seg),
+        task, smooth, offsets, signs, task.numel(), ema, step, counter, stats, frozen.view(torch.uint8), n_seg,
+        float(n_seg), decay, log2_decay, flip_weight, threshold, threshold - hysteresis, warmup, min(top_k, n_seg),
         SPREAD_FLOOR, RULE=FREEZE_RULES.index(rule), BLOCK=512, RANK_BLOCK=64, num_warps=4)
