@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -20,11 +21,19 @@ from torch import Tensor
 from . import backends
 from .kernels import extension
 from .kernels.layout import as_dense, match_layout, output_like
-from .kernels.reference import default_grad_scale, quant_bounds
+from .kernels.reference import default_grad_scale, quant_bounds, reference_backward, reference_forward
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _checked = False
+
+# How lsq_fake_quant lowers under torch.compile (dynamo): "decomposed" traces the op's formulas as plain torch ops
+# (forward and backward, in an autograd.Function), which Inductor fuses with the neighbouring ops and schedules
+# itself; "custom_op" keeps the opaque custom op, i.e. the chosen backend's kernels inside the compiled graph.
+COMPILE_LOWERINGS = ("decomposed", "custom_op")
+_compile_lowering = os.environ.get("GAQAT_COMPILE_LOWERING", "decomposed")
+if _compile_lowering not in COMPILE_LOWERINGS:
+    raise ValueError(f"GAQAT_COMPILE_LOWERING: expected one of {COMPILE_LOWERINGS}, got {_compile_lowering!r}")
 
 
 @contextlib.contextmanager
@@ -40,6 +49,46 @@ def checked_mode(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _checked = previous
+
+
+@contextlib.contextmanager
+def compile_lowering(mode: str) -> Iterator[None]:
+    """Within this context, ``torch.compile`` traces ``lsq_fake_quant`` as ``mode`` (``COMPILE_LOWERINGS``; default
+    "decomposed", or the environment's ``GAQAT_COMPILE_LOWERING``). Read while tracing: compile inside it."""
+    global _compile_lowering
+    if mode not in COMPILE_LOWERINGS:
+        raise ValueError(f"mode: expected one of {COMPILE_LOWERINGS}, got {mode!r}")
+    previous, _compile_lowering = _compile_lowering, mode
+    try:
+        yield
+    finally:
+        _compile_lowering = previous
+
+
+def _dynamo_compiling() -> bool:
+    is_dynamo = getattr(torch.compiler, "is_dynamo_compiling", None)
+    return is_dynamo() if is_dynamo is not None else torch.compiler.is_compiling()
+
+
+class _DecomposedFakeQuant(torch.autograd.Function):
+    """The op as plain torch ops, for Inductor: ``reference_forward`` / ``reference_backward``, the contract's
+    formulas (IEEE float32 division, half-to-even ``torch.round``, inclusive STE bounds, the scale used as stored,
+    the LSQ gradient scale, NaN kept in its channel). Inductor fuses the backward's elementwise terms into the
+    per-channel sum, so no full-size float32 temporary needs to reach memory; only the sum order differs from the
+    kernels (the scale gradient agrees to float rounding, y and dx bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qn, qp, axis, grad_scale):
+        ctx.save_for_backward(x, scale)
+        ctx.config = (qn, qp, axis, grad_scale)
+        return reference_forward(x, scale, qn, qp, axis)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale = ctx.saved_tensors
+        dx, ds = reference_backward(dy, x, scale, *ctx.config)
+        return (dx if ctx.needs_input_grad[0] else None, ds if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
 
 
 def checked_mode_on() -> bool:
@@ -209,7 +258,8 @@ def lsq_fake_quant(
         bits: 2..8. signed: range ``[-2^(b-1), 2^(b-1)-1]`` if True, else ``[0, 2^b-1]``.
         axis: None for per-tensor, else the channel dimension (negative allowed).
         grad_scale: multiplier on the scale gradient; None is LSQ's ``1/sqrt(n * qp)``, n = elements per scale.
-        backend: "auto", "reference", "triton", "cuda" or "cpu" (see ``available_backends()``).
+        backend: "auto", "reference", "triton", "cuda" or "cpu" (see ``available_backends()``). Under
+            ``torch.compile`` the op is traced as plain torch ops by default (``compile_lowering``), for any backend.
 
     Returns:
         ``y`` with x's shape and dtype. Backward: ``dx = dy`` where ``qn <= x/s <= qp`` (inclusive) else 0;
@@ -221,6 +271,9 @@ def lsq_fake_quant(
     if _checked and not compiling:
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError("scale: checked mode requires every scale to be finite and > 0")
+    if compiling and _compile_lowering == "decomposed" and _dynamo_compiling():
+        qn, qp, g = kernel_args(x, bits, signed, axis, grad_scale)
+        return _DecomposedFakeQuant.apply(x, scale, qn, qp, axis, g)
     if concrete in ("cpu", "cuda"):
         if not compiling and plain_eager(x, scale):
             qn, qp, g = kernel_args(x, bits, signed, axis, grad_scale)

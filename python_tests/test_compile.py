@@ -1,0 +1,79 @@
+"""torch.compile of quantized models (CPU Inductor): the decomposed lowering leaves no custom op in the graph,
+fullgraph compiles of ResNet-18 and a QuantLinear MLP give eager's loss and gradients, and later steps reuse
+the compiled code (no recompiles)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gaqat_kernels import ops
+from gaqat_kernels.models import build_model
+from gaqat_kernels.nn import quantize_model
+
+
+def graph_code(fn, *args):
+    """The FX code Dynamo hands its backend for ``fn(*args)`` (forward graph, before AOT)."""
+    codes = []
+
+    def backend(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return "\n".join(codes)
+
+
+@pytest.mark.parametrize("lowering,expected", [("decomposed", False), ("custom_op", True)])
+def test_lowering_decides_what_the_graph_holds(lowering, expected):
+    import gaqat_kernels as gk
+
+    x, s = torch.randn(4, 6), torch.rand(4) + 0.1
+    with ops.compile_lowering(lowering):
+        code = graph_code(lambda a, b: gk.lsq_fake_quant(a, b, bits=4, signed=True, axis=0, backend="reference"), x, s)
+    assert ("gaqat_kernels" in code) == expected, code
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mlp"])
+def test_fullgraph_training_loss_and_gradients_match_eager(arch):
+    torch.manual_seed(1)
+    if arch == "mlp":
+        model, x = mlp(), torch.randn(8, 12)
+    else:
+        model, x = build_model("resnet18", (3, 16, 16), 5), torch.randn(4, 3, 16, 16)
+    quantize_model(model, 4, 4, example_inputs=x, keep_first_last=False)
+    target = torch.randint(0, 5, (x.shape[0],))
+    model(x)  # initialise the scales eagerly
+    # eval-mode batch norm: with train-mode batch statistics the compiled and eager gradients of the quantized
+    # ResNet differ far beyond rounding for both lowerings (an open question, RESULTS.md "torch.compile")
+    model.eval()
+    compiled = copy.deepcopy(model)
+
+    def loss_of(m):
+        return lambda inp: nn.functional.cross_entropy(m(inp), target)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = torch.compile(loss_of(compiled), fullgraph=True)
+    for k in range(3):  # new inputs each step: same shapes, so the first compile serves them all
+        xk = x + 0.01 * k
+        results = []
+        for m, f in ((model, loss_of(model)), (compiled, step)):
+            m.zero_grad()
+            loss = f(xk)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+        (l0, g0), (l1, g1) = results
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+        # Inductor's sums round differently, which can move an activation across a rounding boundary of the next
+        # quantizer: per parameter the gradients agree to a norm-relative 5e-2, most to float rounding
+        errors = sorted(((b - a).norm() / a.norm().clamp_min(1e-30)).item() for a, b in zip(g0, g1))
+        assert errors[-1] < 5e-2 and errors[len(errors) // 2] < 1e-4, errors
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames == 1, f"{frames} graphs compiled for 3 steps (a recompile or a graph break)"
