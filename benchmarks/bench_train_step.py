@@ -35,17 +35,25 @@ import torch
 from torch import nn
 
 from bench_conflict import commit_id, timed  # benchmarks/ is on the path when this runs as a script
+from gaqat_kernels import ops
 from gaqat_kernels.algorithms import CUDAGraphStep, build_algorithm
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager
 from gaqat_kernels.nn import LSQQuantizer, quantize_model
+
+# compiled: FP, torch.compile of eager LSQ, our modules lowered as plain ops (the default) and as the opaque
+# custom op (cuda_custom_op: ops.compile_lowering("custom_op") while tracing)
+COMPILE_IMPLS = ["fp", "eager_lsq", "cuda", "cuda_custom_op"]
 
 SUITES = {
     # (model, impls, algorithms, precisions, modes)
     "resnet18": [("resnet18", ["fp", "eager_lsq", "triton", "cuda", "cuda_stored"], ["erm", "sam", "gaqat"],
                   ["fp32", "bf16"], ["eager", "graph"]),
-                 ("resnet18", ["fp", "eager_lsq", "cuda"], ["erm"], ["fp32"], ["compile"])],
+                 ("resnet18", COMPILE_IMPLS, ["erm", "sam", "gaqat"], ["fp32", "bf16"], ["compile"])],
     "resnet50": [("resnet50", ["fp", "eager_lsq", "cuda"], ["erm", "sam", "gaqat"], ["fp32", "bf16"],
-                  ["eager", "graph"])],
+                  ["eager", "graph"]),
+                 ("resnet50", COMPILE_IMPLS, ["erm", "sam", "gaqat"], ["fp32", "bf16"], ["compile"])],
+    "compile": [(m, COMPILE_IMPLS, ["erm", "sam", "gaqat"], ["fp32", "bf16"], ["compile"])
+                for m in ("resnet18", "resnet50")],
     "vit": [("vit_b_16", ["fp", "eager_lsq", "cuda"], ["erm", "sam"], ["fp32", "bf16"], ["eager", "graph"])],
     "quick": [("resnet18", ["fp", "cuda"], ["erm", "sam"], ["fp32"], ["eager", "graph"])],
     # eager only: memory (recomputed vs stored quantized inputs) and host-bound step time
@@ -72,7 +80,7 @@ def build(model_name: str, impl: str, batch: int):
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
     if impl != "fp":
-        backend = "cuda" if impl in ("eager_lsq", "cuda_stored") else impl
+        backend = "cuda" if impl in ("eager_lsq", "cuda_stored", "cuda_custom_op") else impl
         # eager_lsq stores too: the recomputing path would bypass the quantizers' forward
         quantize_model(model, 4, 4, example_inputs=x[:2], backend=backend,
                        recompute_quantized_input=impl not in ("eager_lsq", "cuda_stored"))
@@ -83,14 +91,19 @@ def build(model_name: str, impl: str, batch: int):
     return model, x, y
 
 
-def make_step(model, x, y, algorithm: str, precision: str, mode: str):
+def make_step(model, x, y, algorithm: str, precision: str, mode: str, impl: str = ""):
     net = torch.compile(model) if mode == "compile" else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     alg = build_algorithm(algorithm, model, base_optimizer=torch.optim.SGD, lr=0.01, momentum=0.9, rho=0.05,
                           threshold=0.5)
 
+    lowering = "custom_op" if impl == "cuda_custom_op" else "decomposed"
+
+    def lowering_context():
+        return ops.compile_lowering(lowering)
+
     def loss_fn(inputs, labels):
-        with autocast():
+        with autocast(), lowering_context():
             return nn.functional.cross_entropy(net(inputs), labels)
 
     return as_step(alg, loss_fn, x, y, mode)
@@ -113,7 +126,7 @@ def measure(config, rounds: int, steps: int, warmup: int) -> dict:
     model_name, impl, algorithm, precision, mode = config
     torch.cuda.empty_cache()
     model, x, y = build(model_name, impl, 64)
-    step = make_step(model, x, y, algorithm, precision, mode)
+    step = make_step(model, x, y, algorithm, precision, mode, impl)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
