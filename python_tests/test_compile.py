@@ -51,7 +51,7 @@ def test_fullgraph_training_loss_and_gradients_match_eager(arch):
     target = torch.randint(0, 5, (x.shape[0],))
     model(x)  # initialise the scales eagerly
     # eval-mode batch norm: with train-mode batch statistics the compiled and eager gradients of the quantized
-    # ResNet differ far beyond rounding for both lowerings (an open question, RESULTS.md "torch.compile")
+    # ResNet differ far beyond rounding for both lowerings (rounding flips behind batch norm, most likely: RESULTS.md)
     model.eval()
     compiled = copy.deepcopy(model)
 
