@@ -189,7 +189,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
+    # a part of the suites' grid (one device call cannot compile every row); each filter keeps the rows it names
+    for axis in ("models", "impls", "algorithms", "precisions", "modes"):
+        p.add_argument(f"--{axis}", nargs="+", default=None, help=f"only these {axis} of the suites")
     args = p.parse_args()
+    keep = {axis: set(getattr(args, axis)) for axis in ("models", "impls", "algorithms", "precisions", "modes")
+            if getattr(args, axis) is not None}
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cudnn.benchmark = True
     commit = commit_id()
@@ -204,6 +209,9 @@ def main() -> None:
                             if algorithm == "gaqat" and impl == "fp":
                                 continue
                             config = (model_name, impl, algorithm, precision, mode)
+                            if any(value not in keep.get(axis, {value}) for axis, value in
+                                   zip(("models", "impls", "algorithms", "precisions", "modes"), config)):
+                                continue
                             try:
                                 row = {**meta, **measure(config, args.rounds, args.steps, args.warmup)}
                             except Exception as e:  # one failing configuration must not lose the others

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU box: build the extension against its torch, run the GPU tests, compute-sanitizer, benchmark.
-#   bash benchmarks/gpu_check.sh [test|sanitize|bench|tune|conflict|step|ddp|all|none] [extra pytest args...]
-# step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit").
+#   bash benchmarks/gpu_check.sh [test|sanitize|bench|tune|conflict|step|export|ddp|all|none] [extra pytest args...]
+# step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit"; STEP_ARGS row filters; STEP_TESTS=0 skips its tests).
+# export: bench_export.py on the GPU at batch 1 and 64.
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
 # tune: benchmarks/tools/tune_triton.py with TUNE_ARGS (default: the open Triton question of RESULTS.md, the split grid's
@@ -58,11 +59,19 @@ fi
 if [[ $mode == conflict || $mode == all ]]; then
   python3 benchmarks/bench_conflict.py --out "$out" 2>&1 | tee "$out/bench_conflict.log" | tail -20
 fi
-if [[ $mode == step ]]; then  # training-step speed (STEP_SUITES, default resnet18)
-  python3 -m pytest python_tests/test_ops.py python_tests/test_algorithms.py python_tests/test_recompute.py -q -p no:cacheprovider \
-    -k "eager_path or cuda_graph or synchronise or recompute" 2>&1 | tee "$out/tests_step.log" | tail -4
-  rc=${PIPESTATUS[0]}
-  python3 benchmarks/bench_train_step.py --suite ${STEP_SUITES:-resnet18} --out "$out" > "$out/bench_step.log" 2>&1
+if [[ $mode == export ]]; then  # size and latency of the packed model and its ONNX file against fake quant (H100)
+  for batch in 1 64; do
+    python3 benchmarks/bench_export.py --device cuda --batch $batch --reps ${EXPORT_REPS:-20} 2>&1 | grep -v Warn \
+      | tee "$out/bench_export_cuda_b$batch.md"
+  done
+fi
+if [[ $mode == step ]]; then  # training-step speed (STEP_SUITES, default resnet18; STEP_ARGS: row filters, e.g. --models)
+  if [[ ${STEP_TESTS:-1} == 1 ]]; then
+    python3 -m pytest python_tests/test_ops.py python_tests/test_algorithms.py python_tests/test_recompute.py -q -p no:cacheprovider \
+      -k "eager_path or cuda_graph or synchronise or recompute" 2>&1 | tee "$out/tests_step.log" | tail -4
+    rc=${PIPESTATUS[0]}
+  fi
+  ${STEP_TIMEOUT:+timeout $STEP_TIMEOUT} python3 benchmarks/bench_train_step.py --suite ${STEP_SUITES:-resnet18} ${STEP_ARGS:-} --out "$out" > "$out/bench_step.log" 2>&1
   grep -v '^{' "$out/bench_step.log" | tail -80
 fi
 if [[ $mode == ddp ]]; then
