@@ -125,6 +125,9 @@ def as_step(alg, loss_fn, x, y, mode: str):
 def measure(config, rounds: int, steps: int, warmup: int) -> dict:
     model_name, impl, algorithm, precision, mode = config
     torch.cuda.empty_cache()
+    # every configuration compiles afresh: Dynamo's cache is per code object (ResNet.forward is shared by all
+    # rows), so without a reset the rows after its recompile limit (8) would silently run eager
+    torch._dynamo.reset()
     model, x, y = build(model_name, impl, 64)
     step = make_step(model, x, y, algorithm, precision, mode, impl)
     t0 = time.perf_counter()
@@ -134,9 +137,14 @@ def measure(config, rounds: int, steps: int, warmup: int) -> dict:
     warmup_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     times = [timed(step, steps) for _ in range(rounds)]
+    # a fast row must still train everything: every parameter got a finite, non-zero gradient in the last step
+    # (GAQAT zeroes the scale gradients of the layers it freezes)
+    grads = [p.grad for n, p in model.named_parameters()
+             if p.requires_grad and not (algorithm == "gaqat" and n.endswith("scale"))]
+    grads_ok = all(g is not None and bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in grads)
     row = {"model": model_name, "impl": impl, "algorithm": algorithm, "precision": precision, "mode": mode,
            "ms": statistics.median(times), "rounds_ms": times, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-           "warmup_s": warmup_s}
+           "warmup_s": warmup_s, "grads_ok": grads_ok}
     del step, model
     gc.collect()
     return row
