@@ -87,10 +87,8 @@ class _DecomposedFakeQuant(torch.autograd.Function):
     def backward(ctx, dy):
         x, scale = ctx.saved_tensors
         dx, ds = reference_backward(dy, x, scale, *ctx.config)
-        # both gradients unconditionally: this Function only runs inside Dynamo, where ctx.needs_input_grad reads
-        # False in torch 2.11 (AOTAutograd then fills zeros: every activation gradient was lost); what is not
-        # needed, AOTAutograd drops from the graph
-        return dx, ds, None, None, None, None
+        return (dx if ctx.needs_input_grad[0] else None, ds if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
 
 
 def checked_mode_on() -> bool:

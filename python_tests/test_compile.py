@@ -77,3 +77,26 @@ def test_fullgraph_training_loss_and_gradients_match_eager(arch):
         assert errors[-1] < 5e-2 and errors[len(errors) // 2] < 1e-4, errors
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames == 1, f"{frames} graphs compiled for 3 steps (a recompile or a graph break)"
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_op_keeps_both_gradients(backend):
+    """Dynamo's capture of the decomposed Function must keep it in autograd: in torch 2.11 a no-op dtype cast on
+    its output made every input gradient come back zero, with the forward still right."""
+    import gaqat_kernels as gk
+
+    gen = torch.Generator().manual_seed(3)
+    x, s = torch.randn(5, 3, 7, generator=gen), torch.rand(5, generator=gen) * 0.5 + 0.2
+
+    def f(a, b):
+        return gk.lsq_fake_quant(a, b, bits=4, signed=True, axis=0, backend="reference") * 2.0
+
+    torch._dynamo.reset()
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
+        a, b = x.clone().requires_grad_(), s.clone().requires_grad_()
+        fn(a, b).sum().backward()
+        grads.append((a.grad, b.grad))
+    (dx0, ds0), (dx1, ds1) = grads
+    assert dx0.abs().sum() > 0 and ds0.abs().sum() > 0
+    assert torch.equal(dx1, dx0) and torch.equal(ds1, ds0)

@@ -46,12 +46,18 @@ def broadcast_scale(scale: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
     return scale.reshape(shape)
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, with no ``.to`` call when it already is: under Dynamo in torch 2.11 a no-op ``.to`` on
+    an autograd.Function's output detaches the Function from autograd (every input gradient comes back zero)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def reference_forward(x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int]) -> Tensor:
     """``y = round_half_even(clamp(x / s, qn, qp)) * s`` in x's dtype; math in float32 (float64 for float64 x)."""
     cd = compute_dtype(x)
     s = broadcast_scale(scale, x, axis).to(cd)
     v = x.to(cd) / s
-    return (torch.round(torch.clamp(v, qn, qp)) * s).to(x.dtype)
+    return as_dtype(torch.round(torch.clamp(v, qn, qp)) * s, x.dtype)
 
 
 def reference_backward(
@@ -68,7 +74,7 @@ def reference_backward(
     v = x.to(cd) / s
     inside = (v >= qn) & (v <= qp)
     r = torch.round(torch.clamp(v, qn, qp))
-    dx = torch.where(inside, dy, torch.zeros((), dtype=dy.dtype, device=dy.device)).to(x.dtype)
+    dx = as_dtype(torch.where(inside, dy, torch.zeros((), dtype=dy.dtype, device=dy.device)), x.dtype)
     term = dy.to(cd) * (r - torch.where(inside, v, torch.zeros((), dtype=cd, device=v.device)))
     if axis is None:
         ds = term.sum()
@@ -76,7 +82,7 @@ def reference_backward(
         dims = [d for d in range(x.dim()) if d != axis]
         ds = term.sum(dim=dims) if dims else term
     ds = ds * grad_scale
-    return dx, ds.to(scale.dtype).reshape(scale.shape)
+    return dx, as_dtype(ds, scale.dtype).reshape(scale.shape)
 
 
 class _ScaleGradient(torch.autograd.Function):
