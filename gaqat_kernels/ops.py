@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -52,6 +53,26 @@ def checked_mode(enabled: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def inductor_ieee_division() -> None:
+    """Make Inductor's float32 ``/`` IEEE round-to-nearest, as the kernels' and eager's: its Triton code otherwise
+    divides with the approximate ``div.full.f32`` (up to 2 ulp), which moves ``x / s`` across rounding ties of
+    the decomposed lowering. Inductor's own switch (``config.eager_numerics.division_rounding``, env
+    ``TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING``); an explicit ``=0`` in the environment is respected. Set through
+    the environment while Inductor's config is not imported yet (importing it costs seconds)."""
+    if os.environ.get("TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING") == "0":
+        return
+    config = sys.modules.get("torch._inductor.config")
+    numerics = getattr(config, "eager_numerics", None)
+    if numerics is not None and hasattr(numerics, "division_rounding"):
+        numerics.division_rounding = True
+    else:
+        os.environ["TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING"] = "1"
+
+
+if _compile_lowering == "decomposed":
+    inductor_ieee_division()
+
+
 def compile_lowering(mode: str) -> Iterator[None]:
     """Within this context, ``torch.compile`` traces ``lsq_fake_quant`` as ``mode`` (``COMPILE_LOWERINGS``; default
     "decomposed", or the environment's ``GAQAT_COMPILE_LOWERING``). Read while tracing: compile inside it."""
@@ -59,6 +80,8 @@ def compile_lowering(mode: str) -> Iterator[None]:
     if mode not in COMPILE_LOWERINGS:
         raise ValueError(f"mode: expected one of {COMPILE_LOWERINGS}, got {mode!r}")
     previous, _compile_lowering = _compile_lowering, mode
+    if mode == "decomposed":
+        inductor_ieee_division()
     try:
         yield
     finally:

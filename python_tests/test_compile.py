@@ -100,3 +100,25 @@ def test_compiled_op_keeps_both_gradients(backend):
     (dx0, ds0), (dx1, ds1) = grads
     assert dx0.abs().sum() > 0 and ds0.abs().sum() > 0
     assert torch.equal(dx1, dx0) and torch.equal(ds1, ds0)
+
+
+@pytest.mark.parametrize("env,expected", [(None, True), ("0", False)], ids=["default", "user-opt-out"])
+def test_decomposed_lowering_turns_on_ieee_division(env, expected):
+    """Inductor's Triton code divides float32 approximately unless eager_numerics.division_rounding is on; the
+    decomposed lowering needs x / s exact (its rounding ties), so importing the package turns it on, unless the
+    user set TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=0."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import gaqat_kernels, torch._inductor.config as c; print(c.eager_numerics.division_rounding)")
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING", "GAQAT_COMPILE_LOWERING")}
+    if env is not None:
+        environ["TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING"] = env
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
+    # and when Inductor's config was imported first, the attribute itself is set
+    code_after = ("import torch._inductor.config as c; import gaqat_kernels; print(c.eager_numerics.division_rounding)")
+    out = subprocess.run([sys.executable, "-c", code_after], env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
