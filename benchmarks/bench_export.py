@@ -5,7 +5,7 @@
 ResNet-18 (this package's torchvision-layout copy, random weights, 1000 classes) quantized W{2,3,4,8}A{same}
 with the first conv and the last linear in full precision; sizes: ``export.save`` file vs ``torch.save`` of
 the fp32 state dict, and ``export.to_onnx``'s file (integer Q/DQ). Latency: median of eval-mode forward passes,
-fake-quant model vs converted model (dequantized weights cached), and, on the CPU with onnxruntime installed,
+fake-quant model vs converted model (dequantized weights cached), measured in alternation, and, on the CPU with onnxruntime installed,
 ONNX Runtime's CPU provider on the ONNX file (its default threads).
 """
 from __future__ import annotations
@@ -23,17 +23,29 @@ from gaqat_kernels.models import build_model
 from gaqat_kernels.nn import quantize_model
 
 
+def once_ms(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t)
+
+
 def median_ms(fn, reps: int, device) -> float:
-    times = []
+    """Median ms of ``reps`` calls after two warm-up calls."""
+    return statistics.median([once_ms(fn, device) for _ in range(reps + 2)][2:])
+
+
+def interleaved_median_ms(fns, reps: int, device):
+    """Median ms of each callable, measured in alternation (a, b, a, b, ...) so that drift of a shared machine's
+    speed falls on all of them alike."""
+    times = [[] for _ in fns]
     for _ in range(reps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times[2:])
+        for fn, acc in zip(fns, times):
+            acc.append(once_ms(fn, device))
+    return [statistics.median(acc[2:]) for acc in times]
 
 
 @torch.no_grad()
@@ -66,8 +78,7 @@ def main():
         model(x)
         packed = convert(model)
         size = save(packed, os.path.join(tmp, f"w{bits}.safetensors"))
-        fake_ms = median_ms(lambda: model(x), args.reps, device)
-        packed_ms = median_ms(lambda: packed(x), args.reps, device)
+        fake_ms, packed_ms = interleaved_median_ms([lambda: model(x), lambda: packed(x)], args.reps, device)
         onnx_path = os.path.join(tmp, f"w{bits}.onnx")
         onnx_size = to_onnx(model, x[:1].cpu(), onnx_path)["bytes"]
         ort_ms = float("nan")
