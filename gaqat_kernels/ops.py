@@ -52,7 +52,6 @@ def checked_mode(enabled: bool = True) -> Iterator[None]:
         _checked = previous
 
 
-@contextlib.contextmanager
 def inductor_ieee_division() -> None:
     """Make Inductor's float32 ``/`` IEEE round-to-nearest, as the kernels' and eager's: its Triton code otherwise
     divides with the approximate ``div.full.f32`` (up to 2 ulp), which moves ``x / s`` across rounding ties of
@@ -73,6 +72,7 @@ if _compile_lowering == "decomposed":
     inductor_ieee_division()
 
 
+@contextlib.contextmanager
 def compile_lowering(mode: str) -> Iterator[None]:
     """Within this context, ``torch.compile`` traces ``lsq_fake_quant`` as ``mode`` (``COMPILE_LOWERINGS``; default
     "decomposed", or the environment's ``GAQAT_COMPILE_LOWERING``). Read while tracing: compile inside it."""
