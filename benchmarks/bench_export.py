@@ -5,8 +5,9 @@
 ResNet-18 (this package's torchvision-layout copy, random weights, 1000 classes) quantized W{2,3,4,8}A{same}
 with the first conv and the last linear in full precision; sizes: ``export.save`` file vs ``torch.save`` of
 the fp32 state dict, and ``export.to_onnx``'s file (integer Q/DQ). Latency: median of eval-mode forward passes,
-fake-quant model vs converted model (dequantized weights cached), measured in alternation, and, on the CPU with onnxruntime installed,
-ONNX Runtime's CPU provider on the ONNX file (its default threads).
+fake-quant model vs converted model (dequantized weights cached), measured in alternation, with the median of
+their paired ratios; and, on the CPU with onnxruntime installed, ONNX Runtime's CPU provider on the ONNX file
+(its default threads).
 """
 from __future__ import annotations
 
@@ -38,14 +39,13 @@ def median_ms(fn, reps: int, device) -> float:
     return statistics.median([once_ms(fn, device) for _ in range(reps + 2)][2:])
 
 
-def interleaved_median_ms(fns, reps: int, device):
-    """Median ms of each callable, measured in alternation (a, b, a, b, ...) so that drift of a shared machine's
-    speed falls on all of them alike."""
-    times = [[] for _ in fns]
-    for _ in range(reps + 2):
-        for fn, acc in zip(fns, times):
-            acc.append(once_ms(fn, device))
-    return [statistics.median(acc[2:]) for acc in times]
+def interleaved_ms(a, b, reps: int, device):
+    """Median ms of ``a`` and of ``b``, measured in alternation (a, b, a, b, ...) after two warm-up pairs, and the
+    median of the per-pair ratios b/a: drift of a shared machine's speed falls on both alike, and the paired ratio
+    is steadier than the ratio of two medians when one call's noise is larger than the difference measured."""
+    pairs = [(once_ms(a, device), once_ms(b, device)) for _ in range(reps + 2)][2:]
+    return (statistics.median(t for t, _ in pairs), statistics.median(t for _, t in pairs),
+            statistics.median(u / t for t, u in pairs))
 
 
 @torch.no_grad()
@@ -68,8 +68,9 @@ def main():
         import onnxruntime as ort
     except ImportError:
         ort = None
-    print("| bits | file MB | ONNX MB | fp32 MB | x smaller | fake-quant ms | converted ms | ONNX Runtime ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| bits | file MB | ONNX MB | fp32 MB | x smaller | fake-quant ms | converted ms | converted / fake-quant "
+          "(paired median) | ONNX Runtime ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for bits in (8, 4, 3, 2):
         torch.manual_seed(0)
         model = build_model(args.arch, (3, args.size, args.size), 1000)
@@ -78,7 +79,7 @@ def main():
         model(x)
         packed = convert(model)
         size = save(packed, os.path.join(tmp, f"w{bits}.safetensors"))
-        fake_ms, packed_ms = interleaved_median_ms([lambda: model(x), lambda: packed(x)], args.reps, device)
+        fake_ms, packed_ms, ratio = interleaved_ms(lambda: model(x), lambda: packed(x), args.reps, device)
         onnx_path = os.path.join(tmp, f"w{bits}.onnx")
         onnx_size = to_onnx(model, x[:1].cpu(), onnx_path)["bytes"]
         ort_ms = float("nan")
@@ -87,7 +88,7 @@ def main():
             feed = {"input0": x.cpu().numpy()}
             ort_ms = median_ms(lambda: session.run(None, feed), args.reps, device)
         print(f"| W{bits}A{bits} | {size / 1e6:.2f} | {onnx_size / 1e6:.2f} | {fp_size / 1e6:.2f} | "
-              f"{fp_size / size:.1f} | {fake_ms:.1f} | {packed_ms:.1f} | {ort_ms:.1f} |")
+              f"{fp_size / size:.1f} | {fake_ms:.1f} | {packed_ms:.1f} | {ratio:.3f} | {ort_ms:.1f} |")
 
 
 if __name__ == "__main__":
