@@ -50,6 +50,22 @@ def test_quantizer_initialises_per_tensor_and_keeps_loaded_scale():
     assert torch.equal(fresh.scale, q.scale)
 
 
+def test_loading_an_initialised_state_leaves_no_first_forward_choice():
+    """A loaded, initialised quantizer has nothing to choose on its first forward (a pending choice would flip a
+    host flag after a compiled model's first step: one recompile); an uninitialised state still initialises."""
+    q = LSQQuantizer(4, signed=True)
+    q(torch.randn(8))
+    fresh = LSQQuantizer(4, signed=True)
+    fresh.load_state_dict(q.state_dict())
+    assert not fresh._init_pending
+    blank = LSQQuantizer(4, signed=True)
+    blank.load_state_dict(LSQQuantizer(4, signed=True).state_dict())
+    assert blank._init_pending
+    x = torch.rand(6) + 1
+    blank(x)
+    assert torch.allclose(blank.scale.detach(), 2 * x.mean() / math.sqrt(7)) and bool(blank.initialized)
+
+
 def test_quantizer_rejects_bad_arguments():
     with pytest.raises(ValueError, match="bits"):
         LSQQuantizer(10, signed=True)

@@ -59,7 +59,9 @@ class LSQQuantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._init_pending = True  # re-run the device-side choice: it keeps the loaded scale if initialised
+        # one host read at load time: a loaded, initialised quantizer then needs no first-forward choice, whose
+        # flag flip would cost a compiled model one recompile after its first step
+        self._init_pending = self.initialized.is_meta or not bool(self.initialized)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._init_pending:
