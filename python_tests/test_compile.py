@@ -161,7 +161,10 @@ def test_fullgraph_model_in_erm_sam_gaqat_steps(arch, backend):
     weights perturbed in place, scale gradients frozen by GAQAT's mask, the state reloaded before every step):
     no graph break, no recompile. Values, in lockstep (both models start every step from the same weights, plain
     SGD): the step's loss equal to float rounding, and the parameters' updates equal to rounding but for a few
-    (a code or STE mask flipped by rounding moves the gradients of the layers before it)."""
+    (a code or STE mask flipped by rounding moves the gradients of the layers before it). SAM's second pass runs
+    at w + rho g/|g|, where g carries the compiled sums' rounding: a weight then landing on the other side of a
+    rounding boundary changes that pass's logits by a whole code (seen under torch 2.11's Inductor: 0.3). Such a
+    step is recognised by its logits and excused, at most one per algorithm; a wrong gradient would show in all."""
     from gaqat_kernels.algorithms import build_algorithm
 
     torch.manual_seed(4)
@@ -179,22 +182,33 @@ def test_fullgraph_model_in_erm_sam_gaqat_steps(arch, backend):
     for name in ("erm", "sam", "gaqat"):
         twin.load_state_dict(start)
         algs = [build_algorithm(name, m, lr=0.05, rho=0.05, backend="reference") for m in (twin, model)]
+        flipped_steps = 0
         for k in range(3):
             model.load_state_dict(twin.state_dict())  # in place: the compiled model keeps its parameters
             before = [p.detach().clone() for p in twin.parameters()]
-            losses, updates = [], []
+            losses, updates, logits = [], [], []
             for m, net, alg in ((twin, twin, algs[0]), (model, compiled, algs[1])):
+                passes = []
+
                 def closure(inp=x + 0.01 * k):
-                    loss = nn.functional.cross_entropy(net(inp), target)
+                    out = net(inp)
+                    passes.append(out.detach().clone())
+                    loss = nn.functional.cross_entropy(out, target)
                     loss.backward()
                     return loss
                 losses.append(alg.step(closure).detach())
                 updates.append([p.detach() - b for p, b in zip(m.parameters(), before)])
+                logits.append(passes)
             torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6, msg=lambda s: f"{name} {k}: {s}")
+            torch.testing.assert_close(logits[1][0], logits[0][0], rtol=1e-5, atol=1e-5)
+            if any((b - a).abs().max() > 1e-3 for a, b in zip(*logits)):
+                flipped_steps += 1
+                continue
             errors = sorted(((b - a).norm() / a.norm().clamp_min(1e-30)).item() for a, b in zip(*updates))
             # most parameters agree to rounding; the few that do not are the first layers, whose gradients sum
             # over every position where a downstream STE mask or code may differ by one rounding (up to ~6%)
             n = len(errors)
             assert errors[n // 2] < 1e-4 and errors[(9 * n) // 10] < 1e-3 and errors[-1] < 0.15, (name, k, errors[-3:])
+        assert flipped_steps <= (0 if name == "erm" else 1), f"{name}: {flipped_steps} of 3 steps flipped a pass"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs == 1, f"{graphs} graphs for ERM, SAM and GAQAT steps (a recompile or a graph break)"
