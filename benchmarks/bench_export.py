@@ -1,6 +1,6 @@
 """Size on disk and inference latency of an exported (packed integer) model against the fake-quant model.
 
-    python benchmarks/bench_export.py [--arch resnet18] [--batch 8] [--size 224] [--device cpu]
+    python benchmarks/bench_export.py [--arch resnet18] [--batch 8] [--size 224] [--device cpu] [--bits 8 4 3 2]
 
 ResNet-18 (this package's torchvision-layout copy, random weights, 1000 classes) quantized W{2,3,4,8}A{same}
 with the first conv and the last linear in full precision; sizes: ``export.save`` file vs ``torch.save`` of
@@ -56,6 +56,7 @@ def main():
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2], choices=range(2, 9))
     args = p.parse_args()
     device = torch.device(args.device)
     tmp = tempfile.mkdtemp()
@@ -71,7 +72,7 @@ def main():
     print("| bits | file MB | ONNX MB | fp32 MB | x smaller | fake-quant ms | converted ms | converted / fake-quant "
           "(paired median) | ONNX Runtime ms |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for bits in (8, 4, 3, 2):
+    for bits in args.bits:
         torch.manual_seed(0)
         model = build_model(args.arch, (3, args.size, args.size), 1000)
         quantize_model(model, bits, bits, example_inputs=x[:2].cpu())
