@@ -15,7 +15,7 @@ def test_scale_gradient_needs_no_full_size_temporary(dtype):
     torch._dynamo.reset()
     shape = (4, 6, 5, 7)
     forward, backward = inductor_buffers.generated_code("cpu", dtype, shape, 1, 4)
-    full = "4, 6, 5, 7"
+    full = ", ".join(str(n) for n in shape)
     fwd_buffers, fwd_kernels = inductor_buffers.summarize(forward)
     bwd_buffers, bwd_kernels = inductor_buffers.summarize(backward)
     assert len(fwd_kernels) == 1 and len(bwd_kernels) == 1, (fwd_kernels, bwd_kernels)
