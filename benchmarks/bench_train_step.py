@@ -122,7 +122,7 @@ def as_step(alg, loss_fn, x, y, mode: str):
     return lambda: alg.step(closure)
 
 
-def measure(config, rounds: int, steps: int, warmup: int) -> dict:
+def measure(config, rounds: int, steps: int, warmup: int, profile_top: int = 0) -> dict:
     model_name, impl, algorithm, precision, mode = config
     torch.cuda.empty_cache()
     # every configuration compiles afresh: Dynamo's cache is per code object (ResNet.forward is shared by all
@@ -145,34 +145,42 @@ def measure(config, rounds: int, steps: int, warmup: int) -> dict:
     row = {"model": model_name, "impl": impl, "algorithm": algorithm, "precision": precision, "mode": mode,
            "ms": statistics.median(times), "rounds_ms": times, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
            "warmup_s": warmup_s, "grads_ok": grads_ok}
+    if profile_top:  # where the step's time goes, on the step just timed (no second compile)
+        row["top_kernels"], row["gpu_ms"] = top_kernels(step, 3, profile_top)
     del step, model
     gc.collect()
     return row
 
 
-def profile_summary(out: str, top: int = 15) -> None:
-    """Top CUDA kernels of a ResNet-18 W4A4 SAM step with our CUDA kernels (fp32, eager)."""
+def top_kernels(step, steps: int = 5, top: int = 15) -> tuple[list, float]:
+    """The ``top`` CUDA kernels of ``steps`` calls of ``step``: ([name, ms per step, calls per step], GPU ms per step)."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+    key = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total_us = sum(getattr(e, key) for e in events)
+    rows = [[e.key, getattr(e, key) / 1e3 / steps, e.count // steps] for e in events[:top]]
+    return rows, total_us / 1e3 / steps
+
+
+def profile_summary(out: str, top: int = 15) -> None:
+    """Top CUDA kernels of a ResNet-18 W4A4 SAM step with our CUDA kernels (fp32, eager)."""
     model, x, y = build("resnet18", "cuda", 64)
     step = make_step(model, x, y, "sam", "fp32", "eager")
     for _ in range(5):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
-    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events)
+    kernels, total_ms = top_kernels(step, 5, top)
     lines = ["| kernel | ms per step | % of GPU time | calls per step |", "|---|---|---|---|"]
-    for e in events[:top]:
-        name = e.key if len(e.key) < 90 else e.key[:87] + "..."
-        lines.append(f"| `{name}` | {getattr(e, key) / 5e3:.3f} | {100 * getattr(e, key) / total:.1f}% | "
-                     f"{e.count // 5} |")
-    lines.append(f"| total GPU time | {total / 5e3:.2f} | 100% | |")
+    for name, ms, calls in kernels:
+        name = name if len(name) < 90 else name[:87] + "..."
+        lines.append(f"| `{name}` | {ms:.3f} | {100 * ms / total_ms:.1f}% | {calls} |")
+    lines.append(f"| total GPU time | {total_ms:.2f} | 100% | |")
     with open(os.path.join(out, "profile_resnet18.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -180,13 +188,14 @@ def profile_summary(out: str, top: int = 15) -> None:
 
 def table(rows) -> str:
     fp = {(r["model"], r["algorithm"], r["precision"], r["mode"]): r for r in rows if r["impl"] == "fp"}
-    lines = ["| model | precision | mode | algorithm | impl | ms/step | x FP | peak GiB | x FP |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | precision | mode | algorithm | impl | ms/step | x FP | GPU ms | peak GiB | x FP |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = fp.get((r["model"], "sam" if r["algorithm"] == "gaqat" else r["algorithm"], r["precision"], r["mode"]))
         ratio = f"{r['ms'] / base['ms']:.2f}" if base else "-"
         mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base else "-"
         lines.append(f"| {r['model']} | {r['precision']} | {r['mode']} | {r['algorithm']} | {r['impl']} | "
-                     f"{r['ms']:.2f} | {ratio} | {r['peak_gib']:.2f} | {mem} |")
+                     f"{r['ms']:.2f} | {ratio} | {r.get('gpu_ms', float('nan')):.2f} | {r['peak_gib']:.2f} | {mem} |")
     return "\n".join(lines)
 
 
@@ -197,6 +206,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile-top", type=int, default=0,
+                   help="also record each row's N largest CUDA kernels and its GPU time per step (a profiled pass)")
     # a part of the suites' grid (one device call cannot compile every row); each filter keeps the rows it names
     for axis in ("models", "impls", "algorithms", "precisions", "modes"):
         p.add_argument(f"--{axis}", nargs="+", default=None, help=f"only these {axis} of the suites")
@@ -221,7 +232,7 @@ def main() -> None:
                                    zip(("models", "impls", "algorithms", "precisions", "modes"), config)):
                                 continue
                             try:
-                                row = {**meta, **measure(config, args.rounds, args.steps, args.warmup)}
+                                row = {**meta, **measure(config, args.rounds, args.steps, args.warmup, args.profile_top)}
                             except Exception as e:  # one failing configuration must not lose the others
                                 row = {**meta, "model": model_name, "impl": impl, "algorithm": algorithm,
                                        "precision": precision, "mode": mode, "error": repr(e)[:300]}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU box: build the extension against its torch, run the GPU tests, compute-sanitizer, benchmark.
 #   bash benchmarks/gpu_check.sh [test|sanitize|bench|tune|conflict|step|export|ddp|all|none] [extra pytest args...]
-# step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit"; STEP_ARGS row filters; STEP_TESTS=0 skips its tests).
+# step: training-step benchmark (STEP_SUITES="resnet18 resnet50 vit"; STEP_ARGS row filters; STEP_TESTS=0 skips its tests,
+# STEP_TESTS=compile runs the torch.compile tests instead).
 # export: bench_export.py on the GPU at batch 1 and 64.
 # ddp (a 2-GPU machine): the distributed tests with NCCL, then images/s of bench_ddp.py on 1 and 2 GPUs.
 # BENCH_ARGS (e.g. --quick) is passed to benchmarks/bench_kernels.py; bench also runs bench_compile_overhead.py.
@@ -69,6 +70,10 @@ if [[ $mode == step ]]; then  # training-step speed (STEP_SUITES, default resnet
   if [[ ${STEP_TESTS:-1} == 1 ]]; then
     python3 -m pytest python_tests/test_ops.py python_tests/test_algorithms.py python_tests/test_recompute.py -q -p no:cacheprovider \
       -k "eager_path or cuda_graph or synchronise or recompute" 2>&1 | tee "$out/tests_step.log" | tail -4
+    rc=${PIPESTATUS[0]}
+  elif [[ ${STEP_TESTS:-1} == compile ]]; then  # the torch.compile tests, on the GPU's backends too
+    python3 -m pytest python_tests/test_ops.py python_tests/test_nn.py python_tests/test_conflict.py -q -p no:cacheprovider \
+      -k compile 2>&1 | tee "$out/tests_compile.log" | tail -4
     rc=${PIPESTATUS[0]}
   fi
   if [[ ${STEP_SUITES:-} == *compile* ]]; then  # what Inductor generates for one decomposed quantizer (buffers, kernels)
