@@ -26,11 +26,13 @@ import numpy as np
 # The training-script arguments that make another method of the same algorithm name.
 VARIANT_ARGS = {"sam": ("rho",), "lsq_sam": ("rho",), "sagm": ("rho", "sagm_alpha"),
                 "gaqat": ("rho", "freeze_rule", "threshold", "hysteresis", "decay", "warmup_fraction",
-                          "gaqat_max_frozen_fraction"),
+                          "gaqat_max_frozen_fraction", "freeze_mode"),
                 "fqat": ("rho", "freeze_rule", "threshold", "hysteresis", "decay", "warmup_fraction",
-                         "max_frozen_fraction")}
-# What an argument that older runs lack meant then (the freezing rule was the absolute bar 0.5, no hysteresis).
+                         "max_frozen_fraction", "freeze_mode")}
+# What an argument that older runs lack meant then: before --freeze-rule the rule was the absolute bar 0.5 without
+# hysteresis; before --freeze-mode freezing zeroed the gradient only.
 LEGACY_VALUES = {"freeze_rule": "absolute", "hysteresis": 0.0}
+LEGACY_FREEZE_MODE = "gradient"
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +54,9 @@ def algorithm_label(args: Dict) -> str:
     rule = args.get("freeze_rule", LEGACY_VALUES["freeze_rule"])
     if rule in DEFAULT_THRESHOLD:
         defaults.update(threshold=DEFAULT_THRESHOLD[rule], hysteresis=DEFAULT_HYSTERESIS[rule])
-    legacy = {} if "freeze_rule" in args else dict(LEGACY_VALUES, threshold=DEFAULT_THRESHOLD["absolute"])
+    legacy = {"freeze_mode": LEGACY_FREEZE_MODE}
+    if "freeze_rule" not in args:
+        legacy.update(LEGACY_VALUES, threshold=DEFAULT_THRESHOLD["absolute"])
     changed = []
     for key in VARIANT_ARGS.get(name, ()):
         default = defaults[key]

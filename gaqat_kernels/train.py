@@ -81,6 +81,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    f"exceeds this (default per rule: {DEFAULT_THRESHOLD})")
     p.add_argument("--hysteresis", type=float, default=None, help="GAQAT/FQAT: a frozen layer thaws when its score "
                    f"falls to threshold - hysteresis (default per rule: {DEFAULT_HYSTERESIS})")
+    p.add_argument("--freeze-mode", default="update", choices=["update", "gradient"], help="GAQAT/FQAT: update = a "
+                   "frozen parameter and its optimizer state stay as they were; gradient = only its gradient is "
+                   "zeroed (Adam's moments still move it)")
     p.add_argument("--decay", type=float, default=0.9, help="GAQAT/FQAT disorder EMA decay")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="GAQAT/FQAT: no freezing during this "
                    "fraction of the quantized steps")
@@ -226,7 +229,8 @@ def _algorithm(model, args, quant_steps: int, quantized: bool):
         cap = args.gaqat_max_frozen_fraction if name == "gaqat" else args.max_frozen_fraction
         kwargs.update(rule=args.freeze_rule, threshold=args.threshold, hysteresis=args.hysteresis, decay=args.decay,
                       backend=args.backend, log_every=args.log_every,
-                      warmup_steps=int(args.warmup_fraction * quant_steps), max_frozen_fraction=cap)
+                      warmup_steps=int(args.warmup_fraction * quant_steps), max_frozen_fraction=cap,
+                      freeze_mode=args.freeze_mode)
     return build_algorithm(name, model, base_optimizer=base, **kwargs)
 
 

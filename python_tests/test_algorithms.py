@@ -96,21 +96,113 @@ def test_never_freezing_gaqat_is_sam():
         assert torch.equal(p, q)
 
 
+OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
+              "sgd_momentum_decay": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+              "adam": (torch.optim.Adam, dict(lr=1e-2)),
+              "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1))}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
-def test_always_frozen_parameters_do_not_move(cls):
+def test_always_frozen_parameters_do_not_move(cls, optimizer):
     x, y = batch()
     model = small_model()
     model(x)  # initialise the step sizes first, so that freezing is visible against that state
     kwargs = dict(max_frozen_fraction=1.0) if cls is FQAT else {}
-    alg = cls(model, lr=0.1, rule="absolute", threshold=-1.0, warmup_steps=1, **kwargs)  # plain SGD: a zero gradient stands still
-    alg.step(closure_for(model, x, y))  # warm-up step: everything moves
+    base, opt_kwargs = OPTIMIZERS[optimizer]
+    alg = cls(model, base_optimizer=base, rule="absolute", threshold=-1.0, warmup_steps=2, **kwargs, **opt_kwargs)
+    for _ in range(2):  # warm-up steps: everything moves, and the optimizer has momentum to carry on with
+        alg.step(closure_for(model, x, y))
     before = copy.deepcopy(model)
+    state_before = copy.deepcopy(alg.sam.base_optimizer.state_dict())
     for _ in range(2):
         alg.step(closure_for(model, x, y))
     for (_, m), (_, m0) in zip(quantized_layers(model), quantized_layers(before)):
         for s, s0 in zip(layer_scales(m), layer_scales(m0)):
             assert torch.equal(s, s0)
         assert torch.equal(m.weight, m0.weight) == (cls is FQAT)
+    # the frozen parameters' moments / momentum buffers too (their shape's state; Adam's step count goes on)
+    state = alg.sam.base_optimizer.state_dict()["state"]
+    frozen_ids = {id(p) for _, m in quantized_layers(model)
+                  for p in (m.parameters() if cls is FQAT else layer_scales(m))}
+    params = [p for g in alg.sam.base_optimizer.param_groups for p in g["params"]]
+    held = 0
+    for index, p in enumerate(params):
+        for key, value in state.get(index, {}).items():
+            if id(p) in frozen_ids and torch.is_tensor(value) and value.shape == p.shape:
+                assert torch.equal(value, state_before["state"][index][key]), (index, key)
+                held += 1
+    assert held == (0 if optimizer == "sgd" else len(frozen_ids) * (2 if optimizer.startswith("adam") else 1))
+
+
+def test_gradient_mode_under_adam_still_moves_frozen_scales():
+    """Zeroing the gradient does not freeze under Adam: its first moment keeps moving the scale."""
+    x, y = batch()
+    model = small_model()
+    model(x)
+    alg = GAQAT(model, base_optimizer=torch.optim.Adam, lr=1e-2, rule="absolute", threshold=-1.0, warmup_steps=2,
+                freeze_mode="gradient")
+    for _ in range(2):
+        alg.step(closure_for(model, x, y))
+    before = [s.detach().clone() for _, m in quantized_layers(model) for s in layer_scales(m)]
+    alg.step(closure_for(model, x, y))
+    after = [s for _, m in quantized_layers(model) for s in layer_scales(m)]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    with pytest.raises(ValueError, match="freeze_mode"):
+        GAQAT(small_model(), lr=0.1, freeze_mode="weights")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd_momentum_decay"])
+def test_held_update_restores_exactly_the_masked_layers(optimizer):
+    from gaqat_kernels.algorithms.freezing import HeldUpdate
+
+    def setup():
+        torch.manual_seed(3)
+        layers = [[nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5))] for _ in range(3)]
+        base, kwargs = OPTIMIZERS[optimizer]
+        opt = base([p for ps in layers for p in ps], **kwargs)
+        return layers, opt
+
+    def step(layers, opt, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for ps in layers:
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+    held_layers, held_opt = setup()
+    plain_layers, plain_opt = setup()
+    held = HeldUpdate(held_layers, held_opt)
+    frozen = torch.tensor([False, True, False])
+    # first step: the optimizer's state does not exist before it; the parameter is held, the new state kept
+    before = [p.detach().clone() for p in held_layers[1]]
+    held.snapshot(frozen)
+    step(held_layers, held_opt, 0)
+    held.restore()
+    assert all(torch.equal(p, b) for p, b in zip(held_layers[1], before))
+    step(plain_layers, plain_opt, 0)
+    for k in (0, 2):
+        assert all(torch.equal(p, q) for p, q in zip(held_layers[k], plain_layers[k]))
+    # later steps: the frozen layer's state is held too, bit for bit; the others step exactly as without holding
+    for seed in (1, 2):
+        state_before = {id(p): {key: v.clone() for key, v in held_opt.state[p].items() if torch.is_tensor(v)}
+                        for p in held_layers[1]}
+        values_before = [p.detach().clone() for p in held_layers[1]]
+        held.snapshot(frozen)
+        step(held_layers, held_opt, seed)
+        held.restore()
+        step(plain_layers, plain_opt, seed)
+        for p, b in zip(held_layers[1], values_before):
+            assert torch.equal(p, b)
+            for key, v in held_opt.state[p].items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    assert torch.equal(v, state_before[id(p)][key]), key
+        for k in (0, 2):
+            for p, q in zip(held_layers[k], plain_layers[k]):
+                assert torch.equal(p, q)
+                for key, v in held_opt.state[p].items():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        assert torch.equal(v, plain_opt.state[q][key]), key
 
 
 def test_build_algorithm_by_name_and_errors():

@@ -30,6 +30,7 @@ def args_of(*argv):
      "gaqat (freeze_rule=absolute, threshold=0.6)"),
     (["--algorithm", "gaqat", "--threshold", "1.5", "--hysteresis", "0.2"], "gaqat (threshold=1.5, hysteresis=0.2)"),
     (["--algorithm", "lsq_sam", "--rho", "0.1"], "lsq_sam (rho=0.1)"),
+    (["--algorithm", "fqat", "--freeze-mode", "gradient"], "fqat (freeze_mode=gradient)"),
     (["--algorithm", "lsq", "--rho", "0.1", "--threshold", "0.9"], "lsq"),  # neither argument matters to LSQ
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_algorithm_label(argv, label):
@@ -37,13 +38,18 @@ def test_algorithm_label(argv, label):
 
 
 def test_older_runs_without_the_arguments_count_as_defaults():
-    # before --freeze-rule every run used the absolute bar 0.5 without hysteresis
-    assert report.algorithm_label({"algorithm": "gaqat"}) == "gaqat (freeze_rule=absolute)"
+    # before --freeze-rule every run used the absolute bar 0.5 without hysteresis; before --freeze-mode,
+    # freezing zeroed the gradient only
+    assert report.algorithm_label({"algorithm": "gaqat"}) == "gaqat (freeze_rule=absolute, freeze_mode=gradient)"
     assert report.algorithm_label({"algorithm": "gaqat", "threshold": 0.57}) == \
-        "gaqat (freeze_rule=absolute, threshold=0.57)"
-    assert report.algorithm_label({"algorithm": "gaqat", "freeze_rule": "zscore", "threshold": 1.0}) == "gaqat"
+        "gaqat (freeze_rule=absolute, threshold=0.57, freeze_mode=gradient)"
+    assert report.algorithm_label({"algorithm": "gaqat", "freeze_rule": "zscore", "threshold": 1.0}) == \
+        "gaqat (freeze_mode=gradient)"
+    assert report.algorithm_label({"algorithm": "gaqat", "freeze_rule": "zscore", "threshold": 1.0,
+                                   "freeze_mode": "update"}) == "gaqat"
     # runs before --gaqat-max-frozen-fraction recorded FQAT's cap for GAQAT too, which GAQAT never used
-    assert report.algorithm_label({"algorithm": "gaqat", "max_frozen_fraction": 0.25}) == "gaqat (freeze_rule=absolute)"
+    assert report.algorithm_label({"algorithm": "gaqat", "max_frozen_fraction": 0.25}) == \
+        "gaqat (freeze_rule=absolute, freeze_mode=gradient)"
 
 
 def row(args, domain, acc):

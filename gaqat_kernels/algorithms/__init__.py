@@ -15,7 +15,7 @@ from .sam import SAM
 from .stats_log import ConflictLog
 
 FREEZING_ARGUMENTS = ("decay", "flip_weight", "rule", "threshold", "hysteresis", "warmup_steps", "log_every", "backend",
-                     "max_frozen_fraction")
+                     "max_frozen_fraction", "freeze_mode")
 ALGORITHMS: Dict[str, type] = {"erm": ERM, "sam": SAMTraining, "sagm": SAMTraining, "gaqat": GAQAT, "fqat": FQAT}
 
 

@@ -86,12 +86,19 @@ class SAMTraining(TrainingAlgorithm):
     def between_passes(self) -> None:
         """Called after the second backward (gradients at ``w + e``), before restore and update."""
 
+    def before_update(self) -> None:
+        """Called with the parameters restored to ``w``, just before the base optimizer's step."""
+
+    def after_update(self) -> None:
+        """Called after the update. Like the other hooks: device work only (part of a captured CUDA graph step)."""
+
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         self.sam.zero_grad(set_to_none=True)
         loss = closure()
         self.sam.first_step(zero_grad=True)
         closure()
         self.between_passes()
-        self.sam.second_step()
+        self.sam.second_step(before_update=self.before_update)
+        self.after_update()
         self.end_step()
         return loss

@@ -13,13 +13,16 @@ it marks frozen, so this step's update leaves them alone:
   ``max_frozen_fraction`` most disordered quantized layers that pass the same rule, re-chosen every step.
 
 The disorder (see ``conflict.py``) is our reading of both papers; the equations are in
-``kernels.reference.conflict_update_reference``. Freezing zeroes the gradient: a base optimizer with
-momentum or decoupled weight decay still moves a frozen parameter by its momentum / decay term.
+``kernels.reference.conflict_update_reference``. Freezing (``freeze_mode="update"``, the default) leaves a
+frozen parameter and its optimizer state (moments, momentum buffer: every state tensor of its shape) as they were
+before the step; its gradient is zeroed too. ``freeze_mode="gradient"`` only zeroes the gradient: then Adam's
+moments, SGD's momentum and decoupled weight decay still move the parameter (under Adam a layer frozen for one
+step moves by ~0.9 of a normal update), so a rule that freezes a layer for a few steps at a time barely acts.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -28,6 +31,65 @@ from ..nn.convert import layer_scales, quantized_layers
 from .base import SAMTraining
 from .conflict import DEFAULT_RULE, ConflictTracker
 from .stats_log import ConflictLog
+
+
+FREEZE_MODES = ("update", "gradient")
+
+
+class HeldUpdate:
+    """Undoes an optimizer step, per layer, for the layers a device mask names: their parameters and the
+    optimizer state tensors of the same shape get their pre-step values back, bit for bit.
+
+    ``snapshot(frozen)`` before ``optimizer.step()``, ``restore()`` after. Per dtype: one concatenation before, one
+    concatenation, one select and one multi-tensor copy after; no host sync, so it runs inside a CUDA graph. State
+    the optimizer creates during the first step (lazily) has no pre-step value and is left as the step made it.
+    """
+
+    def __init__(self, layer_params: List[List[torch.Tensor]], optimizer: torch.optim.Optimizer):
+        self.layer_params = layer_params
+        self.optimizer = optimizer
+        self._key = None  # the optimizer state ``_groups`` was built from
+        self._groups = None  # per dtype: (tensors, element -> layer index on their device, sizes)
+        self._saved = None
+
+    def _state_key(self):
+        # the state tensors' identities: new ones appear at the optimizer's first step and after load_state_dict
+        return tuple(id(v) for params in self.layer_params for p in params
+                     for v in self.optimizer.state.get(p, {}).values())
+
+    def _targets(self):
+        by_dtype: Dict[torch.dtype, list] = {}
+        for layer, params in enumerate(self.layer_params):
+            for p in params:
+                extra = [v for v in self.optimizer.state.get(p, {}).values()
+                         if torch.is_tensor(v) and v.shape == p.shape and v.device == p.device and v is not p]
+                for t in [p] + extra:
+                    by_dtype.setdefault(t.dtype, []).append((t, layer))
+        groups = []
+        for pairs in by_dtype.values():
+            tensors = [t for t, _ in pairs]
+            # filled on the device: no host-to-device copy inside a step
+            layer_of = torch.cat([torch.full((t.numel(),), k, dtype=torch.long, device=t.device) for t, k in pairs])
+            groups.append((tensors, layer_of, [t.numel() for t in tensors]))
+        return groups
+
+    def snapshot(self, frozen: torch.Tensor) -> None:
+        """Remember the current values, and ``frozen`` (bool, one per layer), for ``restore``."""
+        key = self._state_key()
+        if key != self._key:
+            self._key, self._groups = key, self._targets()
+        self._saved = (self._groups, frozen,
+                       [torch.cat([t.detach().reshape(-1) for t in ts]) for ts, _, _ in self._groups])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the snapshot's values back into the frozen layers' tensors."""
+        groups, frozen, saved = self._saved
+        for (tensors, layer_of, sizes), before in zip(groups, saved):
+            after = torch.cat([t.reshape(-1) for t in tensors])
+            kept = torch.where(frozen[layer_of], before, after)
+            torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(kept.split(sizes), tensors)])
+        self._saved = None
 
 
 class GAQAT(SAMTraining):
@@ -44,6 +106,8 @@ class GAQAT(SAMTraining):
             ``max(1, floor(fraction * layers))`` layers (0: none), the most disordered above ``threshold``.
         log_every: record per-layer statistics every this many steps (0: never); see ``log``.
         backend: the tracker's kernel backend.
+        freeze_mode: "update" (a frozen parameter and its optimizer state stay as they were this step) or
+            "gradient" (only its gradient is zeroed; the optimizer's moments and decay still move it).
     """
 
     name = "gaqat"
@@ -53,7 +117,10 @@ class GAQAT(SAMTraining):
                  adaptive: bool = False, alpha: Optional[float] = None, decay: float = 0.9,
                  flip_weight: float = 0.5, rule: str = DEFAULT_RULE, threshold: Optional[float] = None,
                  hysteresis: Optional[float] = None, warmup_steps: int = 0, log_every: int = 0,
-                 backend: str = "auto", max_frozen_fraction: Optional[float] = None, **optimizer_kwargs):
+                 backend: str = "auto", max_frozen_fraction: Optional[float] = None, freeze_mode: str = "update",
+                 **optimizer_kwargs):
+        if freeze_mode not in FREEZE_MODES:
+            raise ValueError(f"freeze_mode: expected one of {FREEZE_MODES}, got {freeze_mode!r}")
         if max_frozen_fraction is not None and not (isinstance(max_frozen_fraction, (int, float))
                                                     and 0 <= max_frozen_fraction <= 1):
             raise ValueError(f"max_frozen_fraction: expected None or a number in [0, 1], got {max_frozen_fraction!r}")
@@ -81,6 +148,9 @@ class GAQAT(SAMTraining):
         self._other_params = [p for _, p in others]
         self._other_layer = torch.tensor([k for k, _ in others], dtype=torch.int64, device=device)
         self.log = ConflictLog(self.layer_names, log_every)
+        self.freeze_mode = freeze_mode
+        held = [self._layer_params(m) if self.freezes_whole_layers else layer_scales(m) for _, m in layers]
+        self._held = HeldUpdate(held, self.sam.base_optimizer) if freeze_mode == "update" else None
 
     @staticmethod
     def _layer_params(module: nn.Module):
@@ -103,6 +173,15 @@ class GAQAT(SAMTraining):
                     factors.append(factor.to(p.grad.dtype))
             if grads:
                 torch._foreach_mul_(grads, factors)
+        self._frozen = frozen
+
+    def before_update(self) -> None:
+        if self._held is not None:
+            self._held.snapshot(self._frozen)
+
+    def after_update(self) -> None:
+        if self._held is not None:
+            self._held.restore()
 
     def on_step_end(self) -> None:
         step = self.steps - 1

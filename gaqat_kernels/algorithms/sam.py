@@ -95,8 +95,9 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w`` and apply the base optimizer with ``g_sam`` (SAGM: ``(g_task + g_sam) / 2``)."""
+    def second_step(self, zero_grad: bool = False, before_update: Optional[Callable[[], None]] = None) -> None:
+        """Restore ``w`` and apply the base optimizer with ``g_sam`` (SAGM: ``(g_task + g_sam) / 2``);
+        ``before_update()`` runs between the two (parameters back at ``w``, optimizer not yet stepped)."""
         params = [p for group in self.param_groups for p in group["params"] if "w" in self.state.get(p, {})]
         if params:
             torch._foreach_copy_(params, [self.state[p].pop("w") for p in params])
@@ -105,6 +106,8 @@ class SAM(torch.optim.Optimizer):
                 grads = [p.grad for p in with_grad]
                 torch._foreach_add_(grads, [self.state[p]["task_grad"] for p in with_grad])
                 torch._foreach_mul_(grads, 0.5)
+        if before_update is not None:
+            before_update()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
