@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .algorithms import DEFAULT_HYSTERESIS, DEFAULT_RULE, DEFAULT_THRESHOLD, CUDAGraphStep, build_algorithm
+from .algorithms import (DEFAULT_HYSTERESIS, DEFAULT_RULE, DEFAULT_THRESHOLD, FREEZE_MODES, CUDAGraphStep,
+                         build_algorithm)
 from .data import DATASETS, DomainBatches, FileDomain, MultiDomainDataset, TensorDomain, get_dataset, seed_hash
 from .data.device_augment import decode_domains
 from .kernels.reference import FREEZE_RULES
@@ -81,7 +82,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    f"exceeds this (default per rule: {DEFAULT_THRESHOLD})")
     p.add_argument("--hysteresis", type=float, default=None, help="GAQAT/FQAT: a frozen layer thaws when its score "
                    f"falls to threshold - hysteresis (default per rule: {DEFAULT_HYSTERESIS})")
-    p.add_argument("--freeze-mode", default="update", choices=["update", "gradient"], help="GAQAT/FQAT: update = a "
+    p.add_argument("--freeze-mode", default="update", choices=FREEZE_MODES, help="GAQAT/FQAT: update = a "
                    "frozen parameter and its optimizer state stay as they were; gradient = only its gradient is "
                    "zeroed (Adam's moments still move it)")
     p.add_argument("--decay", type=float, default=0.9, help="GAQAT/FQAT disorder EMA decay")

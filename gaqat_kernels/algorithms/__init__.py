@@ -9,7 +9,7 @@ from torch import nn
 
 from .base import ERM, SAMTraining, TrainingAlgorithm
 from .conflict import DEFAULT_HYSTERESIS, DEFAULT_RULE, DEFAULT_THRESHOLD, STAT_NAMES, ConflictTracker
-from .freezing import FQAT, GAQAT
+from .freezing import FQAT, FREEZE_MODES, GAQAT
 from .graphed import CUDAGraphStep
 from .sam import SAM
 from .stats_log import ConflictLog
@@ -40,4 +40,4 @@ def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
 
 __all__ = ["SAM", "ERM", "SAMTraining", "GAQAT", "FQAT", "TrainingAlgorithm", "ConflictTracker", "ConflictLog",
            "STAT_NAMES", "ALGORITHMS", "build_algorithm", "CUDAGraphStep", "DEFAULT_RULE", "DEFAULT_THRESHOLD",
-           "DEFAULT_HYSTERESIS"]
+           "DEFAULT_HYSTERESIS", "FREEZE_MODES"]

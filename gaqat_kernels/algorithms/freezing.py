@@ -62,7 +62,7 @@ class HeldUpdate:
         for layer, params in enumerate(self.layer_params):
             for p in params:
                 extra = [v for v in self.optimizer.state.get(p, {}).values()
-                         if torch.is_tensor(v) and v.shape == p.shape and v.device == p.device and v is not p]
+                         if torch.is_tensor(v) and v.shape == p.shape and v.device == p.device]
                 for t in [p] + extra:
                     by_dtype.setdefault(t.dtype, []).append((t, layer))
         groups = []
