@@ -205,6 +205,16 @@ def test_held_update_restores_exactly_the_masked_layers(optimizer):
                         assert torch.equal(v, plain_opt.state[q][key]), key
 
 
+def test_held_update_rejects_a_mask_that_is_not_one_bool_per_layer():
+    from gaqat_kernels.algorithms.freezing import HeldUpdate
+    layers = [[nn.Parameter(torch.randn(3))] for _ in range(3)]
+    held = HeldUpdate(layers, torch.optim.SGD([p for ps in layers for p in ps], lr=0.1))
+    for bad in (torch.zeros(2, dtype=torch.bool), torch.zeros(3), torch.zeros(1, 3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"frozen: expected a bool tensor of shape \(3,\)"):
+            held.snapshot(bad)
+    held.snapshot(torch.zeros(3, dtype=torch.bool))
+
+
 def test_build_algorithm_by_name_and_errors():
     for name in ALGORITHMS:
         alg = build_algorithm(name, small_model(), lr=0.1, rho=0.05)

@@ -75,6 +75,9 @@ class HeldUpdate:
 
     def snapshot(self, frozen: torch.Tensor) -> None:
         """Remember the current values, and ``frozen`` (bool, one per layer), for ``restore``."""
+        if frozen.dtype != torch.bool or tuple(frozen.shape) != (len(self.layer_params),):
+            raise ValueError(f"frozen: expected a bool tensor of shape ({len(self.layer_params)},), one per layer, "
+                             f"got {frozen.dtype} of shape {tuple(frozen.shape)}")
         key = self._state_key()
         if key != self._key:
             self._key, self._groups = key, self._targets()
