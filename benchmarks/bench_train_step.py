@@ -146,27 +146,34 @@ def measure(config, rounds: int, steps: int, warmup: int, profile_top: int = 0) 
            "ms": statistics.median(times), "rounds_ms": times, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
            "warmup_s": warmup_s, "grads_ok": grads_ok}
     if profile_top:  # where the step's time goes, on the step just timed (no second compile)
-        row["top_kernels"], row["gpu_ms"] = top_kernels(step, 3, profile_top)
+        row.update(top_kernels(step, 3, profile_top))
     del step, model
     gc.collect()
     return row
 
 
-def top_kernels(step, steps: int = 5, top: int = 15) -> tuple[list, float]:
-    """The ``top`` CUDA kernels of ``steps`` calls of ``step``: ([name, ms per step, calls per step], GPU ms per step)."""
+def top_kernels(step, steps: int = 5, top: int = 15) -> dict:
+    """Where ``steps`` calls of ``step`` spend their time, per step: ``top_kernels`` ([CUDA kernel, ms, calls]),
+    ``gpu_ms`` (all kernels), ``kernel_launches`` (how many kernels) and ``top_host_ops`` ([op, self CPU ms,
+    calls]): a step whose wall time exceeds its GPU time is host-bound, and these say by what."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+    averages = prof.key_averages()
+    events = [e for e in averages if str(e.device_type).endswith("CUDA")]
     key = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     total_us = sum(getattr(e, key) for e in events)
-    rows = [[e.key, getattr(e, key) / 1e3 / steps, e.count // steps] for e in events[:top]]
-    return rows, total_us / 1e3 / steps
+    host = sorted((e for e in averages if str(e.device_type).endswith("CPU")), key=lambda e: e.self_cpu_time_total,
+                  reverse=True)
+    return {"top_kernels": [[e.key, getattr(e, key) / 1e3 / steps, e.count // steps] for e in events[:top]],
+            "gpu_ms": total_us / 1e3 / steps,
+            "kernel_launches": sum(e.count for e in events) / steps,
+            "top_host_ops": [[e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps] for e in host[:top]]}
 
 
 def profile_summary(out: str, top: int = 15) -> None:
@@ -175,7 +182,8 @@ def profile_summary(out: str, top: int = 15) -> None:
     step = make_step(model, x, y, "sam", "fp32", "eager")
     for _ in range(5):
         step()
-    kernels, total_ms = top_kernels(step, 5, top)
+    profiled = top_kernels(step, 5, top)
+    kernels, total_ms = profiled["top_kernels"], profiled["gpu_ms"]
     lines = ["| kernel | ms per step | % of GPU time | calls per step |", "|---|---|---|---|"]
     for name, ms, calls in kernels:
         name = name if len(name) < 90 else name[:87] + "..."
@@ -188,14 +196,15 @@ def profile_summary(out: str, top: int = 15) -> None:
 
 def table(rows) -> str:
     fp = {(r["model"], r["algorithm"], r["precision"], r["mode"]): r for r in rows if r["impl"] == "fp"}
-    lines = ["| model | precision | mode | algorithm | impl | ms/step | x FP | GPU ms | peak GiB | x FP |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | precision | mode | algorithm | impl | ms/step | x FP | GPU ms | kernels | peak GiB | x FP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = fp.get((r["model"], "sam" if r["algorithm"] == "gaqat" else r["algorithm"], r["precision"], r["mode"]))
         ratio = f"{r['ms'] / base['ms']:.2f}" if base else "-"
         mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base else "-"
         lines.append(f"| {r['model']} | {r['precision']} | {r['mode']} | {r['algorithm']} | {r['impl']} | "
-                     f"{r['ms']:.2f} | {ratio} | {r.get('gpu_ms', float('nan')):.2f} | {r['peak_gib']:.2f} | {mem} |")
+                     f"{r['ms']:.2f} | {ratio} | {r.get('gpu_ms', float('nan')):.2f} | "
+                     f"{r.get('kernel_launches', float('nan')):.0f} | {r['peak_gib']:.2f} | {mem} |")
     return "\n".join(lines)
 
 

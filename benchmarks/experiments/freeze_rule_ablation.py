@@ -10,11 +10,12 @@ D = "benchmarks/experiments/results/dg_freeze_rule_ablation"
 settings = [
     ("PACS", "LSQ+SAM (dg_pacs)", "benchmarks/experiments/results/dg_pacs/PACS_lsq_sam_w4a4_t*_s0/results.json"),
     ("PACS", "GAQAT absolute 0.5 (dg_pacs)", "benchmarks/experiments/results/dg_pacs/PACS_gaqat_w4a4_t*_s0/results.json"),
-    ("PACS", "GAQAT zscore 1.0", f"{D}/pacs_w4_zscore1.0/*/results.json"),
+    ("PACS", "GAQAT zscore 1.0 (freeze_mode=gradient)", f"{D}/pacs_w4_zscore1.0/*/results.json"),
+    ("PACS", "GAQAT zscore 1.0, freeze_mode=update", f"{D}/pacs_w4_zscore1.0_update/*/results.json"),
     ("PACS", "GAQAT ratio 0.05", f"{D}/pacs_w4_ratio0.05/*/results.json"),
     ("RotatedMNIST", "LSQ+SAM (dg_h100_sweep)", "benchmarks/experiments/results/dg_h100_sweep/RotatedMNIST_lsq_sam_w4a4_t*_s0.json"),
     ("RotatedMNIST", "GAQAT absolute 0.5 (dg_h100_sweep)", "benchmarks/experiments/results/dg_h100_sweep/RotatedMNIST_gaqat_w4a4_t*_s0.json"),
-    ("RotatedMNIST", "GAQAT zscore 1.0", f"{D}/rmnist_w4_zscore1.0/*/results.json"),
+    ("RotatedMNIST", "GAQAT zscore 1.0 (freeze_mode=gradient)", f"{D}/rmnist_w4_zscore1.0/*/results.json"),
     ("RotatedMNIST", "GAQAT ratio 0.05", f"{D}/rmnist_w4_ratio0.05/*/results.json"),
 ]
 print("| dataset | setting (W4A4, seed 0) | test domains | val acc, mean | test acc per domain | test avg |")
