@@ -43,6 +43,7 @@ from gaqat_kernels.nn import LSQQuantizer, quantize_model
 # compiled: FP, torch.compile of eager LSQ, our modules lowered as plain ops (the default) and as the opaque
 # custom op (cuda_custom_op: ops.compile_lowering("custom_op") while tracing)
 COMPILE_IMPLS = ["fp", "eager_lsq", "cuda", "cuda_custom_op"]
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 SUITES = {
     # (model, impls, algorithms, precisions, modes)
@@ -91,8 +92,8 @@ def build(model_name: str, impl: str, batch: int):
     return model, x, y
 
 
-def make_step(model, x, y, algorithm: str, precision: str, mode: str, impl: str = ""):
-    net = torch.compile(model) if mode == "compile" else model
+def make_step(model, x, y, algorithm: str, precision: str, mode: str, impl: str = "", compile_mode: str = "default"):
+    net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if mode == "compile" else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     alg = build_algorithm(algorithm, model, base_optimizer=torch.optim.SGD, lr=0.01, momentum=0.9, rho=0.05,
                           threshold=0.5)
@@ -122,14 +123,14 @@ def as_step(alg, loss_fn, x, y, mode: str):
     return lambda: alg.step(closure)
 
 
-def measure(config, rounds: int, steps: int, warmup: int, profile_top: int = 0) -> dict:
+def measure(config, rounds: int, steps: int, warmup: int, profile_top: int = 0, compile_mode: str = "default") -> dict:
     model_name, impl, algorithm, precision, mode = config
     torch.cuda.empty_cache()
     # every configuration compiles afresh: Dynamo's cache is per code object (ResNet.forward is shared by all
     # rows), so without a reset the rows after its recompile limit (8) would silently run eager
     torch._dynamo.reset()
     model, x, y = build(model_name, impl, 64)
-    step = make_step(model, x, y, algorithm, precision, mode, impl)
+    step = make_step(model, x, y, algorithm, precision, mode, impl, compile_mode)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -217,6 +218,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile-top", type=int, default=0,
                    help="also record each row's N largest CUDA kernels and its GPU time per step (a profiled pass)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode for the compile rows (reduce-overhead: Inductor's CUDA graphs, which "
+                        "remove the per-launch host cost)")
     # a part of the suites' grid (one device call cannot compile every row); each filter keeps the rows it names
     for axis in ("models", "impls", "algorithms", "precisions", "modes"):
         p.add_argument(f"--{axis}", nargs="+", default=None, help=f"only these {axis} of the suites")
@@ -226,7 +230,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cudnn.benchmark = True
     commit = commit_id()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit, "batch": 64}
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit, "batch": 64,
+            "compile_mode": args.compile_mode}
     for suite in args.suite:
         rows = []
         for model_name, impls, algorithms, precisions, modes in SUITES[suite]:
@@ -241,7 +246,8 @@ def main() -> None:
                                    zip(("models", "impls", "algorithms", "precisions", "modes"), config)):
                                 continue
                             try:
-                                row = {**meta, **measure(config, args.rounds, args.steps, args.warmup, args.profile_top)}
+                                row = {**meta, **measure(config, args.rounds, args.steps, args.warmup, args.profile_top,
+                                                         args.compile_mode)}
                             except Exception as e:  # one failing configuration must not lose the others
                                 row = {**meta, "model": model_name, "impl": impl, "algorithm": algorithm,
                                        "precision": precision, "mode": mode, "error": repr(e)[:300]}
@@ -253,7 +259,8 @@ def main() -> None:
                             print(json.dumps(row), flush=True)
                             with open(os.path.join(args.out, "train_step.jsonl"), "a") as f:
                                 f.write(json.dumps(row) + "\n")
-        md = f"{meta['device']}, torch {meta['torch']}, commit {commit}, batch 64, 224x224, W4A4\n\n" + table(rows)
+        md = (f"{meta['device']}, torch {meta['torch']}, commit {commit}, batch 64, 224x224, W4A4, "
+              f"compile mode {args.compile_mode}\n\n" + table(rows))
         with open(os.path.join(args.out, f"train_step_{suite}.md"), "w") as f:
             f.write(md + "\n")
         print(md)
