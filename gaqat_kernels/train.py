@@ -84,7 +84,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    f"falls to threshold - hysteresis (default per rule: {DEFAULT_HYSTERESIS})")
     p.add_argument("--freeze-mode", default="update", choices=FREEZE_MODES, help="GAQAT/FQAT: update = a "
                    "frozen parameter and its optimizer state stay as they were; gradient = only its gradient is "
-                   "zeroed (Adam's moments still move it)")
+                   "zeroed (Adam's moments still move it); task = it steps on its task gradient g(w), without "
+                   "SAM's smoothness term")
     p.add_argument("--decay", type=float, default=0.9, help="GAQAT/FQAT disorder EMA decay")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="GAQAT/FQAT: no freezing during this "
                    "fraction of the quantized steps")

@@ -60,6 +60,54 @@ def test_conflicting_layer_is_frozen_agreeing_ones_are_not(cls):
 
 
 @pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
+def test_task_mode_steps_frozen_layers_on_their_task_gradient(cls):
+    """freeze_mode="task": the frozen layer's gradients become g(w) exactly (GAQAT: its scales; FQAT: all of its
+    parameters); every other gradient stays SAM's g(w + e), bit for bit."""
+    model = small_model()
+    kwargs = dict(max_frozen_fraction=0.34) if cls is FQAT else {}
+    alg = cls(model, lr=0.1, rule="absolute", threshold=0.4, freeze_mode="task", **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    expected = {}
+    for k, (_, module) in enumerate(quantized_layers(model)):
+        for p in module.parameters():
+            task = torch.randn(p.shape, generator=gen)
+            alg.sam.state[p]["task_grad"] = task
+            # layer 1's SAM gradient points against its task gradient (the conflict), the others' along it
+            p.grad = (-1.0 if k == 1 else 2.0) * task + 1e-3 * torch.randn(p.shape, generator=gen)
+            replaced = k == 1 and (cls is FQAT or any(p is s for s in layer_scales(module)))
+            expected[p] = (task if replaced else p.grad).clone()
+    alg.between_passes()
+    assert alg.tracker.state.frozen.tolist() == [False, True, False]
+    for p, value in expected.items():
+        assert torch.equal(p.grad, value)
+
+
+def test_task_mode_moves_frozen_scales_by_the_task_gradient():
+    """Every layer frozen from the first step: the scales move (unlike update mode), by SGD on g(w)."""
+    x, y = batch()
+    model = small_model()
+    model(x)
+    alg = GAQAT(model, lr=0.1, rule="absolute", threshold=-1.0, freeze_mode="task")
+    scales = [s for _, m in quantized_layers(model) for s in layer_scales(m)]
+    before = [s.detach().clone() for s in scales]
+    captured = {}
+    original = alg.sam.second_step
+
+    def second_step(*args, **kwargs):  # the gradients the update uses, after between_passes
+        captured.update({id(s): (s.grad.clone(), alg.sam.state[s]["task_grad"].clone()) for s in scales})
+        return original(*args, **kwargs)
+
+    alg.sam.second_step = second_step
+    alg.step(closure_for(model, x, y))
+    assert alg.tracker.state.frozen.all()
+    for s, b in zip(scales, before):
+        grad, task = captured[id(s)]
+        assert torch.equal(grad, task)
+        torch.testing.assert_close(s.detach(), b - 0.1 * task, rtol=1e-6, atol=1e-9)
+    assert any(not torch.equal(s, b) for s, b in zip(scales, before))
+
+
+@pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
 def test_max_frozen_fraction_limits_the_number_of_frozen_layers(cls):
     model = small_model()
     alg = cls(model, lr=0.1, rule="absolute", threshold=0.4, max_frozen_fraction=0.34)
@@ -268,14 +316,16 @@ def test_state_dict_resumes_identically():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["gaqat", "fqat"])
 @pytest.mark.parametrize("tracker_backend", ["triton", "cuda"])
-def test_training_steps_never_synchronise(name, tracker_backend):
+@pytest.mark.parametrize("freeze_mode", ["update", "task"])
+def test_training_steps_never_synchronise(name, tracker_backend, freeze_mode):
     from gaqat_kernels import available_backends
 
     if tracker_backend not in available_backends():
         pytest.skip(f"{tracker_backend} not available")
     model = small_model("cuda", conv=True)
     x, y = batch("cuda", conv=True)
-    alg = build_algorithm(name, model, lr=0.05, momentum=0.9, rule="absolute", threshold=0.2, log_every=1, backend=tracker_backend)
+    alg = build_algorithm(name, model, lr=0.05, momentum=0.9, rule="absolute", threshold=0.2, log_every=1,
+                          backend=tracker_backend, freeze_mode=freeze_mode)
     alg.step(closure_for(model, x, y))  # first step: lazy initialisation, Triton compilation, allocator warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -296,8 +346,10 @@ def test_one_argument_set_serves_every_algorithm():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name, optimizer", [("erm", "sgd"), ("sam", "adam"), ("gaqat", "sgd"), ("fqat", "adam")])
-def test_cuda_graph_steps_equal_eager_steps(name, optimizer, monkeypatch):
+@pytest.mark.parametrize("name, optimizer, freeze_mode", [("erm", "sgd", None), ("sam", "adam", None),
+                                                        ("gaqat", "sgd", "update"), ("fqat", "adam", "update"),
+                                                        ("gaqat", "adam", "task"), ("fqat", "sgd", "task")])
+def test_cuda_graph_steps_equal_eager_steps(name, optimizer, freeze_mode, monkeypatch):
     """CUDAGraphStep replays the same kernels: the weights after 6 steps (3 eager, 1 captured, 2 replayed)
     equal 6 eager steps; every replay is a real step (counter, logging)."""
     from gaqat_kernels.algorithms import CUDAGraphStep
@@ -311,6 +363,8 @@ def test_cuda_graph_steps_equal_eager_steps(name, optimizer, monkeypatch):
         model = small_model("cuda", conv=True)
         kwargs = dict(lr=0.05, momentum=0.9) if optimizer == "sgd" else dict(lr=1e-3, capturable=True)
         base = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+        if freeze_mode is not None:
+            kwargs["freeze_mode"] = freeze_mode
         alg = build_algorithm(name, model, base_optimizer=base, rule="absolute", threshold=0.2, log_every=1, **kwargs)
         step = CUDAGraphStep(alg, lambda x, y: nn.functional.cross_entropy(model(x), y))
         losses = []

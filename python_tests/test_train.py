@@ -52,6 +52,15 @@ def test_gaqat_says_once_when_every_layer_is_frozen(tmp_path, capsys):
     assert "frozen" not in capsys.readouterr().err
 
 
+def test_task_freeze_mode_trains_and_labels_its_runs(tmp_path):
+    out, results = run(tmp_path, "task", "--algorithm", "gaqat", "--steps", "6", "--freeze-rule", "absolute",
+                       "--threshold", "0", "--freeze-mode", "task", "--log-every", "1")
+    assert results["args"]["freeze_mode"] == "task" and 0 <= results["test_acc"] <= 1
+    assert report.algorithm_label(results["args"]).endswith("freeze_mode=task)")
+    rows = [json.loads(line) for line in open(os.path.join(out, "conflict.jsonl"))]
+    assert any(r["frozen"] for r in rows)
+
+
 def test_all_frozen_notice_reads_the_newest_step():
     row = lambda step, frozen, d: {"step": step, "layer": f"l{d}", "frozen": frozen, "disorder": d}  # noqa: E731
     assert train.all_frozen_notice([], 0.5) is None

@@ -31,6 +31,7 @@ def args_of(*argv):
     (["--algorithm", "gaqat", "--threshold", "1.5", "--hysteresis", "0.2"], "gaqat (threshold=1.5, hysteresis=0.2)"),
     (["--algorithm", "lsq_sam", "--rho", "0.1"], "lsq_sam (rho=0.1)"),
     (["--algorithm", "fqat", "--freeze-mode", "gradient"], "fqat (freeze_mode=gradient)"),
+    (["--algorithm", "gaqat", "--freeze-mode", "task"], "gaqat (freeze_mode=task)"),
     (["--algorithm", "lsq", "--rho", "0.1", "--threshold", "0.9"], "lsq"),  # neither argument matters to LSQ
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_algorithm_label(argv, label):

@@ -18,6 +18,8 @@ frozen parameter and its optimizer state (moments, momentum buffer: every state 
 before the step; its gradient is zeroed too. ``freeze_mode="gradient"`` only zeroes the gradient: then Adam's
 moments, SGD's momentum and decoupled weight decay still move the parameter (under Adam a layer frozen for one
 step moves by ~0.9 of a normal update), so a rule that freezes a layer for a few steps at a time barely acts.
+``freeze_mode="task"`` freezes only the smoothness term: a frozen layer steps on its task gradient ``g(w)``
+instead of SAM's ``g(w + e)``, i.e. without the part of its gradient that conflicts with the task's.
 """
 from __future__ import annotations
 
@@ -33,7 +35,21 @@ from .conflict import DEFAULT_RULE, ConflictTracker
 from .stats_log import ConflictLog
 
 
-FREEZE_MODES = ("update", "gradient")
+FREEZE_MODES = ("update", "gradient", "task")
+
+
+def _select_task_gradients(items: List[tuple]) -> None:
+    """``grad = where(mask, task_grad, grad)`` for each ``(grad, task_grad, mask)`` (mask: bool, ``grad.numel()``
+    elements), exactly, in place: per dtype one concatenation of each, one select and one multi-tensor copy, no
+    host sync."""
+    by_dtype: Dict[torch.dtype, list] = {}
+    for item in items:
+        by_dtype.setdefault(item[0].dtype, []).append(item)
+    for group in by_dtype.values():
+        grads = [g for g, _, _ in group]
+        chosen = torch.where(torch.cat([m for _, _, m in group]), torch.cat([t.reshape(-1) for _, t, _ in group]),
+                             torch.cat([g.reshape(-1) for g in grads]))
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(chosen.split([g.numel() for g in grads]), grads)])
 
 
 class HeldUpdate:
@@ -109,8 +125,9 @@ class GAQAT(SAMTraining):
             ``max(1, floor(fraction * layers))`` layers (0: none), the most disordered above ``threshold``.
         log_every: record per-layer statistics every this many steps (0: never); see ``log``.
         backend: the tracker's kernel backend.
-        freeze_mode: "update" (a frozen parameter and its optimizer state stay as they were this step) or
-            "gradient" (only its gradient is zeroed; the optimizer's moments and decay still move it).
+        freeze_mode: "update" (a frozen parameter and its optimizer state stay as they were this step),
+            "gradient" (only its gradient is zeroed; the optimizer's moments and decay still move it) or "task"
+            (it steps on its task gradient g(w) instead of SAM's g(w + e): the smoothness term is what is frozen).
     """
 
     name = "gaqat"
@@ -163,6 +180,10 @@ class GAQAT(SAMTraining):
     def between_passes(self) -> None:
         task, smooth = self.sam.flat_gradients(self.scales)
         frozen = self.tracker.update(task, smooth)
+        self._frozen = frozen
+        if self.freeze_mode == "task":
+            self._step_on_task_gradients(frozen)
+            return
         keep = (~frozen).to(torch.float32)
         per_element = keep[self._scale_layer].split(self._scale_sizes)
         pairs = [(p.grad, k.view_as(p.grad)) for p, k in zip(self.scales, per_element) if p.grad is not None]
@@ -176,7 +197,18 @@ class GAQAT(SAMTraining):
                     factors.append(factor.to(p.grad.dtype))
             if grads:
                 torch._foreach_mul_(grads, factors)
-        self._frozen = frozen
+
+    def _step_on_task_gradients(self, frozen: torch.Tensor) -> None:
+        """The frozen layers' gradients (scales; FQAT: every parameter of the layer) become their task gradients."""
+        items = []
+        per_element = frozen[self._scale_layer].split(self._scale_sizes)
+        per_param = frozen[self._other_layer].unbind(0) if self._other_params else ()
+        for p, mask in [*zip(self.scales, per_element), *zip(self._other_params, per_param)]:
+            task = self.sam.state.get(p, {}).get("task_grad")
+            if p.grad is not None and task is not None:
+                items.append((p.grad, task, mask.expand(p.numel())))
+        if items:
+            _select_task_gradients(items)
 
     def before_update(self) -> None:
         if self._held is not None:
