@@ -1,8 +1,8 @@
 """GAQAT and FQAT: SAM + LSQ QAT that freezes the layers whose task and smoothness gradients disagree.
 
 Both run SAM's two passes, then (between the second backward and the update) feed every quantized layer's
-scale gradients to a ``ConflictTracker`` (one launch, no host sync) and zero the gradients of the layers
-it marks frozen, so this step's update leaves them alone:
+scale gradients to a ``ConflictTracker`` (one launch, no host sync) and freeze the layers it marks
+(``freeze_mode``, below: hold their update, zero their gradient, or drop SAM's term from it):
 
 * GAQAT (arXiv 2412.05551): freezes the *scale* gradients of the layers whose disorder D stands out among
   the model's layers (after ``warmup_steps``): by default ``rule="zscore"``, D more than ``threshold``
