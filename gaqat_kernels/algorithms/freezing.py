@@ -38,18 +38,22 @@ from .stats_log import ConflictLog
 FREEZE_MODES = ("update", "gradient", "task")
 
 
+def _masked_assign(tensors: List[torch.Tensor], values: torch.Tensor, mask: torch.Tensor) -> None:
+    """``tensors`` (one dtype; read as their flattened concatenation) take ``values`` where ``mask``, exactly, in
+    place: one concatenation, one select and one multi-tensor copy, no host sync."""
+    kept = torch.where(mask, values, torch.cat([t.reshape(-1) for t in tensors]))
+    torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(kept.split([t.numel() for t in tensors]), tensors)])
+
+
 def _select_task_gradients(items: List[tuple]) -> None:
     """``grad = where(mask, task_grad, grad)`` for each ``(grad, task_grad, mask)`` (mask: bool, ``grad.numel()``
-    elements), exactly, in place: per dtype one concatenation of each, one select and one multi-tensor copy, no
-    host sync."""
+    elements), per dtype."""
     by_dtype: Dict[torch.dtype, list] = {}
     for item in items:
         by_dtype.setdefault(item[0].dtype, []).append(item)
     for group in by_dtype.values():
-        grads = [g for g, _, _ in group]
-        chosen = torch.where(torch.cat([m for _, _, m in group]), torch.cat([t.reshape(-1) for _, t, _ in group]),
-                             torch.cat([g.reshape(-1) for g in grads]))
-        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(chosen.split([g.numel() for g in grads]), grads)])
+        _masked_assign([g for g, _, _ in group], torch.cat([t.reshape(-1) for _, t, _ in group]),
+                       torch.cat([m for _, _, m in group]))
 
 
 class HeldUpdate:
@@ -65,7 +69,7 @@ class HeldUpdate:
         self.layer_params = layer_params
         self.optimizer = optimizer
         self._key = None  # the optimizer state ``_groups`` was built from
-        self._groups = None  # per dtype: (tensors, element -> layer index on their device, sizes)
+        self._groups = None  # per dtype: (tensors, element -> layer index on their device)
         self._saved = None
 
     def _state_key(self):
@@ -86,7 +90,7 @@ class HeldUpdate:
             tensors = [t for t, _ in pairs]
             # filled on the device: no host-to-device copy inside a step
             layer_of = torch.cat([torch.full((t.numel(),), k, dtype=torch.long, device=t.device) for t, k in pairs])
-            groups.append((tensors, layer_of, [t.numel() for t in tensors]))
+            groups.append((tensors, layer_of))
         return groups
 
     def snapshot(self, frozen: torch.Tensor) -> None:
@@ -98,16 +102,14 @@ class HeldUpdate:
         if key != self._key:
             self._key, self._groups = key, self._targets()
         self._saved = (self._groups, frozen,
-                       [torch.cat([t.detach().reshape(-1) for t in ts]) for ts, _, _ in self._groups])
+                       [torch.cat([t.detach().reshape(-1) for t in ts]) for ts, _ in self._groups])
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put the snapshot's values back into the frozen layers' tensors."""
         groups, frozen, saved = self._saved
-        for (tensors, layer_of, sizes), before in zip(groups, saved):
-            after = torch.cat([t.reshape(-1) for t in tensors])
-            kept = torch.where(frozen[layer_of], before, after)
-            torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(kept.split(sizes), tensors)])
+        for (tensors, layer_of), before in zip(groups, saved):
+            _masked_assign(tensors, before, frozen[layer_of])
         self._saved = None
 
 
