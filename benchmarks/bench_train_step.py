@@ -14,6 +14,10 @@ Run modes: ``eager``; ``graph`` (the whole step captured by ``CUDAGraphStep``); 
 
     python benchmarks/bench_train_step.py --suite resnet18 --out bench_out
     python benchmarks/bench_train_step.py --suite resnet50 vit --out bench_out
+    python benchmarks/bench_train_step.py --suite compile --algorithms erm --prewarm 6 --out bench_out
+
+(``--prewarm N``: the compile rows are first compiled N at a time in separate processes, which fill Inductor's
+on-disk caches; the timed rows, one after another as always, then compile from them.)
 
 Per configuration: median over rounds of the mean step time (CUDA events), the ratio to the ``fp`` step of
 the same model/algorithm/precision/mode, peak ``torch.cuda.max_memory_allocated`` during the timed steps
@@ -221,6 +225,64 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+AXES = ("models", "impls", "algorithms", "precisions", "modes")
+
+
+def selected_configs(suite: str, keep: dict) -> list:
+    """The ``(model, impl, algorithm, precision, mode)`` rows of ``suite`` that every ``keep`` filter admits."""
+    configs = []
+    for model_name, impls, algorithms, precisions, modes in SUITES[suite]:
+        for mode in modes:
+            for precision in precisions:
+                for algorithm in algorithms:
+                    for impl in impls:
+                        if algorithm == "gaqat" and impl == "fp":
+                            continue
+                        config = (model_name, impl, algorithm, precision, mode)
+                        if all(value in keep.get(axis, {value}) for axis, value in zip(AXES, config)):
+                            configs.append(config)
+    return configs
+
+
+def compile_only(config, warmup: int, compile_mode: str) -> None:
+    """Build ``config`` and run its warm-up steps: fills Inductor's on-disk caches (FX graph, AOTAutograd, Triton)
+    for the timed process, which then compiles the row from them."""
+    torch._dynamo.reset()
+    model, x, y = build(config[0], config[1], 64)
+    step = make_step(model, x, y, config[2], config[3], config[4], config[1], compile_mode)
+    for _ in range(max(warmup, 2)):
+        step()
+    torch.cuda.synchronize()
+
+
+def prewarm(configs, jobs: int, compile_mode: str, warmup: int, log_dir: str) -> None:
+    """Compile the ``compile`` rows of ``configs`` in ``jobs`` processes at once before any row is timed: a row's
+    compilation is CPU work (tens of seconds to minutes) that the timed rows would otherwise do one after another.
+    Each process's output goes to ``log_dir/prewarm_<row>.log``; a failed prewarm only leaves that row to compile
+    in the timed run."""
+    import subprocess
+    import sys
+
+    pending = [c for c in configs if c[4] == "compile"]
+    running = []
+    t0 = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < jobs:
+            config = pending.pop(0)
+            name = "_".join(config)
+            argv = [sys.executable, os.path.abspath(__file__), "--compile-only", "--warmup", str(warmup),
+                    "--compile-mode", compile_mode]
+            for axis, value in zip(AXES, config):
+                argv += [f"--{axis}", value]
+            log = open(os.path.join(log_dir, f"prewarm_{name}.log"), "w")
+            running.append((name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(1)
+        for entry in [e for e in running if e[1].poll() is not None]:
+            running.remove(entry)
+            entry[2].close()
+            print(f"prewarm {entry[0]}: exit {entry[1].returncode} at {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", nargs="+", default=["resnet18"], choices=sorted(SUITES))
@@ -233,44 +295,47 @@ def main() -> None:
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile's mode for the compile rows (reduce-overhead: Inductor's CUDA graphs, which "
                         "remove the per-launch host cost; cpp-wrapper: the default mode with Inductor's C++ wrapper)")
+    p.add_argument("--prewarm", type=int, default=0, metavar="JOBS",
+                   help="first compile every compile row in JOBS processes at once (filling Inductor's on-disk "
+                        "caches), then time the rows one by one; their warmup_s then shows the cached compile")
+    p.add_argument("--compile-only", action="store_true",
+                   help="internal (--prewarm): build and warm up the one row the filters name, time nothing")
     # a part of the suites' grid (one device call cannot compile every row); each filter keeps the rows it names
-    for axis in ("models", "impls", "algorithms", "precisions", "modes"):
+    for axis in AXES:
         p.add_argument(f"--{axis}", nargs="+", default=None, help=f"only these {axis} of the suites")
     args = p.parse_args()
-    keep = {axis: set(getattr(args, axis)) for axis in ("models", "impls", "algorithms", "precisions", "modes")
-            if getattr(args, axis) is not None}
-    os.makedirs(args.out, exist_ok=True)
+    keep = {axis: set(getattr(args, axis)) for axis in AXES if getattr(args, axis) is not None}
     torch.backends.cudnn.benchmark = True
+    if args.compile_only:
+        if len(keep) != len(AXES) or any(len(v) != 1 for v in keep.values()):
+            p.error("--compile-only: name one row, one value for each of --" + " --".join(AXES))
+        compile_only(tuple(next(iter(keep[axis])) for axis in AXES), args.warmup, args.compile_mode)
+        return
+    os.makedirs(args.out, exist_ok=True)
     commit = commit_id()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit, "batch": 64,
             "compile_mode": args.compile_mode}
+    if args.prewarm:
+        prewarm([c for suite in args.suite for c in selected_configs(suite, keep)], args.prewarm, args.compile_mode,
+                args.warmup, args.out)
     for suite in args.suite:
         rows = []
-        for model_name, impls, algorithms, precisions, modes in SUITES[suite]:
-            for mode in modes:
-                for precision in precisions:
-                    for algorithm in algorithms:
-                        for impl in impls:
-                            if algorithm == "gaqat" and impl == "fp":
-                                continue
-                            config = (model_name, impl, algorithm, precision, mode)
-                            if any(value not in keep.get(axis, {value}) for axis, value in
-                                   zip(("models", "impls", "algorithms", "precisions", "modes"), config)):
-                                continue
-                            try:
-                                row = {**meta, **measure(config, args.rounds, args.steps, args.warmup, args.profile_top,
-                                                         args.compile_mode)}
-                            except Exception as e:  # one failing configuration must not lose the others
-                                row = {**meta, "model": model_name, "impl": impl, "algorithm": algorithm,
-                                       "precision": precision, "mode": mode, "error": repr(e)[:300]}
-                                print("FAILED", config, row["error"], flush=True)
-                                continue
-                            finally:
-                                gc.collect()
-                            rows.append(row)
-                            print(json.dumps(row), flush=True)
-                            with open(os.path.join(args.out, "train_step.jsonl"), "a") as f:
-                                f.write(json.dumps(row) + "\n")
+        for config in selected_configs(suite, keep):
+            model_name, impl, algorithm, precision, mode = config
+            try:
+                row = {**meta, **measure(config, args.rounds, args.steps, args.warmup, args.profile_top,
+                                         args.compile_mode)}
+            except Exception as e:  # one failing configuration must not lose the others
+                row = {**meta, "model": model_name, "impl": impl, "algorithm": algorithm,
+                       "precision": precision, "mode": mode, "error": repr(e)[:300]}
+                print("FAILED", config, row["error"], flush=True)
+                continue
+            finally:
+                gc.collect()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(os.path.join(args.out, "train_step.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
         md = (f"{meta['device']}, torch {meta['torch']}, commit {commit}, batch 64, 224x224, W4A4, "
               f"compile mode {args.compile_mode}\n\n" + table(rows))
         with open(os.path.join(args.out, f"train_step_{suite}.md"), "w") as f:
