@@ -44,9 +44,11 @@ from gaqat_kernels.algorithms import CUDAGraphStep, build_algorithm
 from gaqat_kernels.kernels.reference import lsq_fake_quant_eager
 from gaqat_kernels.nn import LSQQuantizer, quantize_model
 
-# compiled: FP, torch.compile of eager LSQ, our modules lowered as plain ops (the default) and as the opaque
-# custom op (cuda_custom_op: ops.compile_lowering("custom_op") while tracing)
-COMPILE_IMPLS = ["fp", "eager_lsq", "cuda", "cuda_custom_op"]
+# compiled: FP, torch.compile of eager LSQ, our modules lowered as plain ops (the default), with our Triton backward
+# (cuda_triton_backward: ops.compile_lowering("triton_backward") while tracing) and as the opaque custom op
+# (cuda_custom_op: "custom_op")
+COMPILE_IMPLS = ["fp", "eager_lsq", "cuda", "cuda_triton_backward", "cuda_custom_op"]
+LOWERING_OF_IMPL = {"cuda_triton_backward": "triton_backward", "cuda_custom_op": "custom_op"}
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cpp-wrapper"]
 
 
@@ -94,7 +96,7 @@ def build(model_name: str, impl: str, batch: int):
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
     if impl != "fp":
-        backend = "cuda" if impl in ("eager_lsq", "cuda_stored", "cuda_custom_op") else impl
+        backend = "cuda" if impl in ("eager_lsq", "cuda_stored") or impl in LOWERING_OF_IMPL else impl
         # eager_lsq stores too: the recomputing path would bypass the quantizers' forward
         quantize_model(model, 4, 4, example_inputs=x[:2], backend=backend,
                        recompute_quantized_input=impl not in ("eager_lsq", "cuda_stored"))
@@ -111,7 +113,7 @@ def make_step(model, x, y, algorithm: str, precision: str, mode: str, impl: str 
     alg = build_algorithm(algorithm, model, base_optimizer=torch.optim.SGD, lr=0.01, momentum=0.9, rho=0.05,
                           threshold=0.5)
 
-    lowering = "custom_op" if impl == "cuda_custom_op" else "decomposed"
+    lowering = LOWERING_OF_IMPL.get(impl, "decomposed")
 
     def lowering_context():
         return ops.compile_lowering(lowering)

@@ -30,8 +30,11 @@ _checked = False
 
 # How lsq_fake_quant lowers under torch.compile (dynamo): "decomposed" traces the op's formulas as plain torch ops
 # (forward and backward, in an autograd.Function), which Inductor fuses with the neighbouring ops and schedules
-# itself; "custom_op" keeps the opaque custom op, i.e. the chosen backend's kernels inside the compiled graph.
-COMPILE_LOWERINGS = ("decomposed", "custom_op")
+# itself; "triton_backward" traces the forward so and runs the backward as our fused Triton kernel (a triton_op, which
+# Inductor launches from its own code but does not split: one pass over x and dy for dx and the scale gradient) on
+# CUDA tensors (elsewhere: as "decomposed"); "custom_op" keeps the opaque custom op, i.e. the chosen backend's
+# kernels inside the compiled graph.
+COMPILE_LOWERINGS = ("decomposed", "triton_backward", "custom_op")
 _compile_lowering = os.environ.get("GAQAT_COMPILE_LOWERING", "decomposed")
 if _compile_lowering not in COMPILE_LOWERINGS:
     raise ValueError(f"GAQAT_COMPILE_LOWERING: expected one of {COMPILE_LOWERINGS}, got {_compile_lowering!r}")
@@ -68,7 +71,7 @@ def inductor_ieee_division() -> None:
         os.environ["TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING"] = "1"
 
 
-if _compile_lowering == "decomposed":
+if _compile_lowering != "custom_op":
     inductor_ieee_division()
 
 
@@ -80,7 +83,7 @@ def compile_lowering(mode: str) -> Iterator[None]:
     if mode not in COMPILE_LOWERINGS:
         raise ValueError(f"mode: expected one of {COMPILE_LOWERINGS}, got {mode!r}")
     previous, _compile_lowering = _compile_lowering, mode
-    if mode == "decomposed":
+    if mode != "custom_op":
         inductor_ieee_division()
     try:
         yield
@@ -112,6 +115,41 @@ class _DecomposedFakeQuant(torch.autograd.Function):
         dx, ds = reference_backward(dy, x, scale, *ctx.config)
         return (dx if ctx.needs_input_grad[0] else None, ds if ctx.needs_input_grad[1] else None,
                 None, None, None, None)
+
+
+if backends.TRITON_INSTALLED:
+    @torch.library.triton_op("gaqat_kernels::lsq_fake_quant_backward_triton", mutates_args=())
+    def _lsq_backward_triton_op(dy: Tensor, x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int],
+                                g: float) -> Tuple[Tensor, Tensor]:
+        from .kernels import triton_lsq
+
+        xd = as_dense(x)
+        dx = output_like(x)
+        ds = torch.empty(scale.shape, dtype=torch.float32, device=scale.device)
+        triton_lsq.backward(match_layout(dy.to(x.dtype), xd), xd, scale.contiguous().reshape(-1), dx, ds.view(-1),
+                            qn, qp, axis, g, launch=torch.library.wrap_triton)
+        return dx, ds
+
+
+class _TritonBackwardFakeQuant(_DecomposedFakeQuant):
+    """``_DecomposedFakeQuant``'s forward (fused by Inductor into its neighbours) with our fused Triton backward, a
+    ``triton_op`` that Inductor launches as one kernel (two when a channel's sum is split over programs): dx and the
+    scale gradient from one read of x and dy, the scale gradient summed in a fixed order."""
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale = ctx.saved_tensors
+        dx, ds = torch.ops.gaqat_kernels.lsq_fake_quant_backward_triton(dy, x, scale, *ctx.config)
+        return (dx if ctx.needs_input_grad[0] else None, ds if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
+
+
+def _traced_function(x: Tensor):
+    """The autograd.Function that ``lsq_fake_quant`` traces as under Dynamo for the current lowering."""
+    # on CPU tensors Triton runs interpreted, and wrap_triton then launches directly: not traceable
+    if _compile_lowering == "triton_backward" and backends.TRITON_INSTALLED and x.is_cuda:
+        return _TritonBackwardFakeQuant
+    return _DecomposedFakeQuant
 
 
 def checked_mode_on() -> bool:
@@ -294,9 +332,9 @@ def lsq_fake_quant(
     if _checked and not compiling:
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError("scale: checked mode requires every scale to be finite and > 0")
-    if compiling and _compile_lowering == "decomposed" and _dynamo_compiling():
+    if compiling and _compile_lowering != "custom_op" and _dynamo_compiling():
         qn, qp, g = kernel_args(x, bits, signed, axis, grad_scale)
-        return _DecomposedFakeQuant.apply(x, scale, qn, qp, axis, g)
+        return _traced_function(x).apply(x, scale, qn, qp, axis, g)
     if concrete in ("cpu", "cuda"):
         if not compiling and plain_eager(x, scale):
             qn, qp, g = kernel_args(x, bits, signed, axis, grad_scale)

@@ -654,10 +654,11 @@ def test_scale_value_is_used_exactly():
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("lowering", ["custom_op", "decomposed"])
+@pytest.mark.parametrize("lowering", ops.COMPILE_LOWERINGS)
 def test_compile_fullgraph_matches_eager(backend, device, lowering):
     """custom_op: the backend's kernels inside the compiled graph, bit for bit. decomposed: Inductor's code for
-    the op's formulas, y and dx bit for bit, the scale gradient within float rounding of its sum."""
+    the op's formulas, y and dx bit for bit, the scale gradient within float rounding of its sum.
+    triton_backward: decomposed forward, our Triton backward (on CUDA; decomposed elsewhere), the same bounds."""
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile of interpreted Triton is not meaningful")
     gen = torch.Generator().manual_seed(2)
@@ -681,6 +682,37 @@ def test_compile_fullgraph_matches_eager(backend, device, lowering):
     else:
         _, _, eds, mass = oracle(x, s, dy * 2.0, 4, True, 0, with_mass=True)
         assert sum_err(ds1, eds, mass) < 2e-6
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu-interpreted"),
+                                    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis,layout", [
+    pytest.param((5, 3, 4, 7), None, "contiguous", id="4d-tensor"),
+    pytest.param((5, 3, 4, 7), 1, "channels_last", id="act-ch1-channels-last"),
+    pytest.param((300, 1100), 0, "contiguous", id="many-long-channels"),
+    pytest.param((7, 33), 0, "transposed", id="7x33-ch0-transposed"),
+])
+def test_triton_backward_op_matches_the_oracle(device, dtype, shape, axis, layout):
+    """The triton_backward lowering's op (``gaqat_kernels::lsq_fake_quant_backward_triton``) called directly: dx bit
+    for bit, the scale gradient within rounding of its sum, on any layout of x and dy; under torch.compile on a
+    GPU it is what Inductor launches (``test_compile_fullgraph_matches_eager``)."""
+    if "triton" not in gk.available_backends() or (device == "cuda" and not torch.cuda.is_available()):
+        pytest.skip("no Triton here")
+    gen = torch.Generator().manual_seed(4)
+    x, s, dy = random_case(shape, axis, 4, True, dtype, device, gen)
+    if layout == "channels_last":
+        x, dy = x.to(memory_format=torch.channels_last), dy.contiguous()
+    elif layout == "transposed":
+        x, dy = x.t().contiguous().t(), dy.t().contiguous().t()
+    qn, qp = quant_bounds(4, True)
+    g = 0.37
+    scale = s if axis is not None else s.reshape(())
+    dx, ds = torch.ops.gaqat_kernels.lsq_fake_quant_backward_triton(dy, x, scale, qn, qp, axis, g)
+    _, edx, eds, mass = oracle(x, scale, dy, 4, True, axis, grad_scale=g, with_mass=True)
+    assert dx.dtype == x.dtype and dx.shape == x.shape and ds.shape == scale.shape and ds.dtype == torch.float32
+    assert torch.equal(dx, edx.to(dtype))
+    assert sum_err(ds.reshape(-1), eds.reshape(-1), mass.reshape(-1)) < 2e-6
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in ("cpu", "cuda", "triton")])

@@ -11,7 +11,7 @@ current one is computed (``_PREFETCH``).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -500,13 +500,20 @@ def forward(x: Tensor, scale: Tensor, y: Tensor, qn: int, qp: int, axis: Optiona
     )
 
 
+def _direct(kernel):
+    return kernel
+
+
 def backward(
-    dy: Tensor, x: Tensor, scale: Tensor, dx: Tensor, ds: Tensor, qn: int, qp: int, axis: Optional[int], g: float
+    dy: Tensor, x: Tensor, scale: Tensor, dx: Tensor, ds: Tensor, qn: int, qp: int, axis: Optional[int], g: float,
+    launch: Callable = _direct,
 ) -> None:
     """Write the input gradient into ``dx`` and the reduced scale gradient into ``ds`` (fp32, C values).
 
     ``dy``, ``x`` and ``dx`` share one dense layout. One launch when each channel block has its own program,
-    two otherwise (partials, then a fixed-order sum).
+    two otherwise (partials, then a fixed-order sum). ``launch(kernel)`` is what gets launched:
+    ``torch.library.wrap_triton`` inside a ``triton_op``, which cannot pass Triton's ``maxnreg`` (the register cap is
+    then the compiler's own).
     """
     O, C, I = channel_view(x, axis)
     if x.numel() == 0:
@@ -523,14 +530,15 @@ def backward(
     final = n_splits == 1
     out = ds if final else torch.empty((n_splits, C), dtype=torch.float32, device=x.device)
     prefetch = _for_size(_ROWS_PREFETCH if rows else _PREFETCH, x) and not final
-    _lsq_bwd_kernel[(num_cb, n_splits)](
+    register_cap = {} if launch is not _direct else {"maxnreg": max_registers}
+    launch(_lsq_bwd_kernel)[(num_cb, n_splits)](
         x, dy, scale, dx, out, O, C, I, tiles_i, tiles_per_cb, n_splits, float(qn), float(qp), float(g),
         BLOCK_C=bc, BLOCK_I=bi, FINAL=final, EVEN=even, FAST_DIV=fast_div,
         TAIL_I=tail_i, TAIL_EVEN=I - bi == tail_i, PREFETCH=prefetch,
-        ROWS=rows, num_warps=num_warps, maxnreg=max_registers,
+        ROWS=rows, num_warps=num_warps, **register_cap,
     )
     if not final:
         block_c = min(triton.next_power_of_2(C), 256)
-        _sum_partials_kernel[(triton.cdiv(C, block_c),)](
+        launch(_sum_partials_kernel)[(triton.cdiv(C, block_c),)](
             out, ds, C, n_splits, float(g), BLOCK_C=block_c, BLOCK_S=16, num_warps=4,
         )
