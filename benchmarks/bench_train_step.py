@@ -257,21 +257,21 @@ def compile_only(config, warmup: int, compile_mode: str) -> None:
     torch.cuda.synchronize()
 
 
-def prewarm(configs, jobs: int, compile_mode: str, warmup: int, log_dir: str) -> None:
-    """Compile the ``compile`` rows of ``configs`` in ``jobs`` processes at once before any row is timed: a row's
-    compilation is CPU work (tens of seconds to minutes) that the timed rows would otherwise do one after another.
-    Each process's output goes to ``log_dir/prewarm_<row>.log``; a failed prewarm only leaves that row to compile
-    in the timed run."""
+def prewarm(rows, jobs: int, warmup: int, log_dir: str) -> None:
+    """Compile the ``(config, compile_mode)`` ``rows`` in ``jobs`` processes at once before any row is timed: a
+    row's compilation is CPU work (tens of seconds to minutes) that the timed rows would otherwise do one after
+    another. Each process's output goes to ``log_dir/prewarm_<row>.log``; a failed prewarm only leaves that row to
+    compile in the timed run."""
     import subprocess
     import sys
 
-    pending = [c for c in configs if c[4] == "compile"]
+    pending = list(rows)
     running = []
     t0 = time.perf_counter()
     while pending or running:
         while pending and len(running) < jobs:
-            config = pending.pop(0)
-            name = "_".join(config)
+            config, compile_mode = pending.pop(0)
+            name = "_".join(config + (compile_mode,))
             argv = [sys.executable, os.path.abspath(__file__), "--compile-only", "--warmup", str(warmup),
                     "--compile-mode", compile_mode]
             for axis, value in zip(AXES, config):
@@ -294,9 +294,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile-top", type=int, default=0,
                    help="also record each row's N largest CUDA kernels and its GPU time per step (a profiled pass)")
-    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                   help="torch.compile's mode for the compile rows (reduce-overhead: Inductor's CUDA graphs, which "
-                        "remove the per-launch host cost; cpp-wrapper: the default mode with Inductor's C++ wrapper)")
+    p.add_argument("--compile-mode", nargs="+", default=["default"], choices=COMPILE_MODES,
+                   help="torch.compile's modes for the compile rows, each a set of rows (reduce-overhead: Inductor's "
+                        "CUDA graphs, which remove the per-launch host cost; cpp-wrapper: the default mode with "
+                        "Inductor's C++ wrapper); the eager and graph rows run once")
     p.add_argument("--prewarm", type=int, default=0, metavar="JOBS",
                    help="first compile every compile row in JOBS processes at once (filling Inductor's on-disk "
                         "caches), then time the rows one by one; their warmup_s then shows the cached compile")
@@ -311,24 +312,30 @@ def main() -> None:
     if args.compile_only:
         if len(keep) != len(AXES) or any(len(v) != 1 for v in keep.values()):
             p.error("--compile-only: name one row, one value for each of --" + " --".join(AXES))
-        compile_only(tuple(next(iter(keep[axis])) for axis in AXES), args.warmup, args.compile_mode)
+        if len(args.compile_mode) != 1:
+            p.error("--compile-only: one --compile-mode")
+        compile_only(tuple(next(iter(keep[axis])) for axis in AXES), args.warmup, args.compile_mode[0])
         return
     os.makedirs(args.out, exist_ok=True)
     commit = commit_id()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit, "batch": 64,
-            "compile_mode": args.compile_mode}
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit, "batch": 64}
+    # the eager and graph rows with the first compile mode only: the mode changes nothing for them
+    plan = [(suite, compile_mode, [c for c in selected_configs(suite, keep) if c[4] == "compile" or first])
+            for suite in args.suite for first, compile_mode in zip([True] + [False] * len(args.compile_mode),
+                                                                   args.compile_mode)]
     if args.prewarm:
-        prewarm([c for suite in args.suite for c in selected_configs(suite, keep)], args.prewarm, args.compile_mode,
-                args.warmup, args.out)
-    for suite in args.suite:
+        prewarm([(c, compile_mode) for _, compile_mode, configs in plan for c in configs if c[4] == "compile"],
+                args.prewarm, args.warmup, args.out)
+    for suite, compile_mode, configs in plan:
         rows = []
-        for config in selected_configs(suite, keep):
+        for config in configs:
             model_name, impl, algorithm, precision, mode = config
+            row_meta = {**meta, "compile_mode": compile_mode}
             try:
-                row = {**meta, **measure(config, args.rounds, args.steps, args.warmup, args.profile_top,
-                                         args.compile_mode)}
+                row = {**row_meta, **measure(config, args.rounds, args.steps, args.warmup, args.profile_top,
+                                             compile_mode)}
             except Exception as e:  # one failing configuration must not lose the others
-                row = {**meta, "model": model_name, "impl": impl, "algorithm": algorithm,
+                row = {**row_meta, "model": model_name, "impl": impl, "algorithm": algorithm,
                        "precision": precision, "mode": mode, "error": repr(e)[:300]}
                 print("FAILED", config, row["error"], flush=True)
                 continue
@@ -338,12 +345,15 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             with open(os.path.join(args.out, "train_step.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if not rows:
+            continue
         md = (f"{meta['device']}, torch {meta['torch']}, commit {commit}, batch 64, 224x224, W4A4, "
-              f"compile mode {args.compile_mode}\n\n" + table(rows))
-        with open(os.path.join(args.out, f"train_step_{suite}.md"), "w") as f:
+              f"compile mode {compile_mode}\n\n" + table(rows))
+        name = suite if len(args.compile_mode) == 1 else f"{suite}_{compile_mode}"
+        with open(os.path.join(args.out, f"train_step_{name}.md"), "w") as f:
             f.write(md + "\n")
         print(md)
-        if suite == "resnet18":
+        if suite == "resnet18" and compile_mode == args.compile_mode[0]:
             try:
                 profile_summary(args.out)
             except Exception as e:  # the profile is a summary; the table above is the result
