@@ -117,18 +117,22 @@ class _DecomposedFakeQuant(torch.autograd.Function):
                 None, None, None, None)
 
 
-if backends.TRITON_INSTALLED:
-    @torch.library.triton_op("gaqat_kernels::lsq_fake_quant_backward_triton", mutates_args=())
-    def _lsq_backward_triton_op(dy: Tensor, x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int],
-                                g: float) -> Tuple[Tensor, Tensor]:
-        from .kernels import triton_lsq
+def triton_backward_values(dy: Tensor, x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int],
+                           g: float) -> Tuple[Tensor, Tensor]:
+    """``(dx, ds)`` from our Triton backward launched through ``torch.library.wrap_triton``: traced (Inductor,
+    ``make_fx``), the launches become Triton-kernel calls in the graph; in eager they run. The triton_op's body."""
+    from .kernels import triton_lsq
 
-        xd = as_dense(x)
-        dx = output_like(x)
-        ds = torch.empty(scale.shape, dtype=torch.float32, device=scale.device)
-        triton_lsq.backward(match_layout(dy.to(x.dtype), xd), xd, scale.contiguous().reshape(-1), dx, ds.view(-1),
-                            qn, qp, axis, g, launch=torch.library.wrap_triton)
-        return dx, ds
+    xd = as_dense(x)
+    dx = output_like(x)
+    ds = torch.empty(scale.shape, dtype=torch.float32, device=scale.device)
+    triton_lsq.backward(match_layout(dy.to(x.dtype), xd), xd, scale.contiguous().reshape(-1), dx, ds.view(-1),
+                        qn, qp, axis, g, launch=torch.library.wrap_triton)
+    return dx, ds
+
+
+if backends.TRITON_INSTALLED:
+    torch.library.triton_op("gaqat_kernels::lsq_fake_quant_backward_triton", triton_backward_values, mutates_args=())
 
 
 class _TritonBackwardFakeQuant(_DecomposedFakeQuant):

@@ -212,3 +212,39 @@ def test_fullgraph_model_in_erm_sam_gaqat_steps(arch, backend):
         assert flipped_steps <= (0 if name == "erm" else 1), f"{name}: {flipped_steps} of 3 steps flipped a pass"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs == 1, f"{graphs} graphs for ERM, SAM and GAQAT steps (a recompile or a graph break)"
+
+
+TRACE_TRITON_BACKWARD = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from gaqat_kernels import ops
+from gaqat_kernels.kernels import triton_lsq
+
+triton_lsq._num_sms = lambda index: 132  # an H100's SM count: no GPU is asked
+with FakeTensorMode():
+    x = torch.empty(64, 128, 28, 28, device="cuda").to(memory_format=torch.channels_last)
+    dy = torch.empty_like(x)
+    scale = torch.empty(128, device="cuda")
+    gm = make_fx(lambda d, a, s: ops.triton_backward_values(d, a, s, -8, 7, 1, 0.1))(dy, x, scale)
+print(gm.code)
+"""
+
+
+def test_triton_backward_traces_to_triton_kernel_calls():
+    """What Inductor receives from the triton_backward lowering's op, traced with fake CUDA tensors (no GPU):
+    our two Triton kernels (partial sums, their fixed-order sum) as wrapper calls on channels_last tensors, and no
+    opaque op. In a subprocess: conftest.py's TRITON_INTERPRET=1 makes the
+    kernels interpreted functions, which wrap_triton launches instead of tracing."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", TRACE_TRITON_BACKWARD], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    code = done.stdout
+    assert code.count("triton_kernel_wrapper_mutation(") == 2, code
+    assert "'x_ptr'" in code and "'part_ptr'" in code and "gaqat_kernels" not in code, code
