@@ -49,15 +49,19 @@ from gaqat_kernels.nn import LSQQuantizer, quantize_model
 # (cuda_custom_op: "custom_op")
 COMPILE_IMPLS = ["fp", "eager_lsq", "cuda", "cuda_triton_backward", "cuda_custom_op"]
 LOWERING_OF_IMPL = {"cuda_triton_backward": "triton_backward", "cuda_custom_op": "custom_op"}
-COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cpp-wrapper"]
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cpp-wrapper", "combo-kernels"]
 
 
 def compile_model(model, compile_mode: str):
     """``torch.compile(model)`` in one of ``COMPILE_MODES``; "cpp-wrapper": the default mode with Inductor's C++
     wrapper (``options={"cpp_wrapper": True}``), which calls the graph's kernels from C++ instead of the generated
-    Python code, whose per-kernel host time is what a compiled quantized step spends beyond its kernels."""
+    Python code, whose per-kernel host time is what a compiled quantized step spends beyond its kernels;
+    "combo-kernels": the default mode with Inductor's horizontal fusion (``combo_kernels``), which launches independent
+    kernels (such as the layers' weight quantizers) as one."""
     if compile_mode == "cpp-wrapper":
         return torch.compile(model, options={"cpp_wrapper": True})
+    if compile_mode == "combo-kernels":
+        return torch.compile(model, options={"combo_kernels": True})
     return torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
 
 SUITES = {
@@ -297,7 +301,8 @@ def main() -> None:
     p.add_argument("--compile-mode", nargs="+", default=["default"], choices=COMPILE_MODES,
                    help="torch.compile's modes for the compile rows, each a set of rows (reduce-overhead: Inductor's "
                         "CUDA graphs, which remove the per-launch host cost; cpp-wrapper: the default mode with "
-                        "Inductor's C++ wrapper); the eager and graph rows run once")
+                        "Inductor's C++ wrapper; combo-kernels: with Inductor's horizontal fusion); the eager and "
+                        "graph rows run once")
     p.add_argument("--prewarm", type=int, default=0, metavar="JOBS",
                    help="first compile every compile row in JOBS processes at once (filling Inductor's on-disk "
                         "caches), then time the rows one by one; their warmup_s then shows the cached compile")
