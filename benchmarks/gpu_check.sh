@@ -77,9 +77,10 @@ if [[ $mode == step ]]; then  # training-step speed (STEP_SUITES, default resnet
     rc=${PIPESTATUS[0]}
   fi
   if [[ ${STEP_SUITES:-} == *compile* ]]; then  # what Inductor generates for one decomposed quantizer (buffers, kernels)
-    for dtype in fp32 bf16; do
-      python3 benchmarks/tools/inductor_buffers.py --device cuda --dtype $dtype 2>&1 | grep -v Warn | tee -a "$out/inductor_buffers.log"
-    done
+    for dtype in fp32 bf16; do for lowering in decomposed triton_backward; do
+      python3 benchmarks/tools/inductor_buffers.py --device cuda --dtype $dtype --lowering $lowering 2>&1 | grep -v Warn \
+        | tee -a "$out/inductor_buffers.log"
+    done; done
   fi
   ${STEP_TIMEOUT:+timeout $STEP_TIMEOUT} python3 benchmarks/bench_train_step.py --suite ${STEP_SUITES:-resnet18} ${STEP_ARGS:-} --out "$out" > "$out/bench_step.log" 2>&1
   grep -v '^{' "$out/bench_step.log" | tail -80
