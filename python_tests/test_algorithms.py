@@ -206,7 +206,9 @@ def test_held_update_restores_exactly_the_masked_layers(optimizer):
 
     def setup():
         torch.manual_seed(3)
-        layers = [[nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5))] for _ in range(3)]
+        # a scalar too: its state tensors include Adam's step counter, of the same shape ()
+        layers = [[nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(()))]
+                  for _ in range(3)]
         base, kwargs = OPTIMIZERS[optimizer]
         opt = base([p for ps in layers for p in ps], **kwargs)
         return layers, opt
@@ -240,10 +242,12 @@ def test_held_update_restores_exactly_the_masked_layers(optimizer):
         step(held_layers, held_opt, seed)
         held.restore()
         step(plain_layers, plain_opt, seed)
-        for p, b in zip(held_layers[1], values_before):
+        for p, q, b in zip(held_layers[1], plain_layers[1], values_before):
             assert torch.equal(p, b)
             for key, v in held_opt.state[p].items():
-                if torch.is_tensor(v) and v.shape == p.shape:
+                if key == "step":  # never held: counts on as for every parameter
+                    assert torch.equal(v, plain_opt.state[q][key])
+                elif torch.is_tensor(v) and v.shape == p.shape:
                     assert torch.equal(v, state_before[id(p)][key]), key
         for k in (0, 2):
             for p, q in zip(held_layers[k], plain_layers[k]):

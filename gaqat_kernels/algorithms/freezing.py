@@ -58,7 +58,8 @@ def _select_task_gradients(items: List[tuple]) -> None:
 
 class HeldUpdate:
     """Undoes an optimizer step, per layer, for the layers a device mask names: their parameters and the
-    optimizer state tensors of the same shape get their pre-step values back, bit for bit.
+    optimizer state tensors of the same shape get their pre-step values back, bit for bit. Adam's step counter is
+    not held (it keeps counting, as bias correction then does, for every parameter alike).
 
     ``snapshot(frozen)`` before ``optimizer.step()``, ``restore()`` after. Per dtype: one concatenation before, one
     concatenation, one select and one multi-tensor copy after; no host sync, so it runs inside a CUDA graph. State
@@ -81,8 +82,10 @@ class HeldUpdate:
         by_dtype: Dict[torch.dtype, list] = {}
         for layer, params in enumerate(self.layer_params):
             for p in params:
-                extra = [v for v in self.optimizer.state.get(p, {}).values()
-                         if torch.is_tensor(v) and v.shape == p.shape and v.device == p.device]
+                # "step" (Adam's counter) is never held, whatever its shape: a scalar parameter's counter would
+                # otherwise be held and a per-channel one's not
+                extra = [v for key, v in self.optimizer.state.get(p, {}).items()
+                         if key != "step" and torch.is_tensor(v) and v.shape == p.shape and v.device == p.device]
                 for t in [p] + extra:
                     by_dtype.setdefault(t.dtype, []).append((t, layer))
         groups = []
