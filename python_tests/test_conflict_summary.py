@@ -49,3 +49,31 @@ def test_never_frozen(tmp_path):
 def test_missing_log_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="conflict.jsonl"):
         conflict_summary.summarize(str(tmp_path))
+
+
+def test_persistence_separates_a_stable_ranking_from_noise(tmp_path):
+    """Layer c is always the most disordered and always frozen; a and b alternate, equal on average."""
+    disorder = [[0.50, 0.52, 0.60], [0.52, 0.50, 0.61]] * 2 + [[0.52, 0.50, 0.60], [0.50, 0.52, 0.61]] * 2
+    frozen = [[False, False, True]] * 8
+    stable = tmp_path / "stable"
+    stable.mkdir()
+    write_log(stable, frozen, disorder)
+    r = conflict_summary.persistence(str(stable))
+    assert r["most_frozen"][0] == ("c", 1.0) and r["most_frozen"][1][1] == 0.0
+    late_means = [0.51, 0.51, 0.605]
+    m = sum(late_means) / 3
+    assert r["between"] == pytest.approx((sum((v - m) ** 2 for v in late_means) / 3) ** 0.5)
+    assert r["within"] == pytest.approx((0.01 + 0.01 + 0.005) / 3)
+    assert r["cosine_between"] == pytest.approx(0.0) and r["cosine_within"] == pytest.approx(0.0)
+    # ranks by mean D: a = b in both halves (order breaks the tie), c first: perfectly correlated
+    assert r["rank_correlation"] == pytest.approx(1.0)
+    row = conflict_summary.persistence_table([r]).splitlines()[-1]
+    assert row.startswith("| stable | ") and "c (1.00)" in row
+    with pytest.raises(ValueError, match="fewer than 2 records"):
+        conflict_summary.persistence(str(stable), warmup_step=70)
+
+
+def test_persistence_rank_correlation_of_a_reversed_ranking(tmp_path):
+    disorder = [[0.1, 0.2, 0.3]] * 2 + [[0.3, 0.2, 0.1]] * 2
+    write_log(tmp_path, [[False] * 3] * 4, disorder)
+    assert conflict_summary.persistence(str(tmp_path))["rank_correlation"] == pytest.approx(-1.0)

@@ -4,6 +4,11 @@ the training script logs every ``--log-every`` steps).
     python benchmarks/experiments/conflict_summary.py runs/pacs/pacs_w4/PACS_gaqat_w4a4_t0_s2 [RUN_DIR ...] \
         [--counts freeze_counts.json] [--plot conflict.png]
 
+``--persistence`` adds a second table: whether the layers' disorder differs *persistently* (a rule can only
+single out layers that stay apart): the spread of the layers' mean D over the second half of the records against
+each layer's own spread over that half, the rank correlation of the layers' mean D between the two halves after
+warm-up, and how often the most often frozen layers were frozen.
+
 A freezing rule only differs from plain LSQ+SAM where it freezes some layers and not others, so the table says
 how many layers were frozen (at the last record, and on average from the first record with any frozen layer
 on), and the statistics that decided it, averaged over layers and records: disorder D, conflict fraction,
@@ -54,6 +59,68 @@ def summarize(run_dir: str) -> Dict:
     }
 
 
+PERSISTENCE_COLUMNS = ("run", "D between layers (std of late means)", "D within a layer (late std, mean)",
+                       "rank corr. of mean D, halves", "cosine between / within", "most frozen layers (share of records)")
+
+
+def _ranks(values: List[float]) -> List[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    for rank, i in enumerate(order):
+        ranks[i] = float(rank)
+    return ranks
+
+
+def _correlation(a: List[float], b: List[float]) -> float:
+    ma, mb = mean(a), mean(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    norm = (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+    return cov / norm if norm else float("nan")
+
+
+def persistence(run_dir: str, warmup_step: int = 0, top: int = 3) -> Dict:
+    """Whether the layers' disorder differs persistently in one run: records at steps >= ``warmup_step`` are split
+    into halves; population standard deviations; Spearman's rank correlation (ties broken by order)."""
+    records = [r for r in read_jsonl(os.path.join(run_dir, "conflict.jsonl")) if r["step"] >= warmup_step]
+    by_layer: Dict[str, List[dict]] = defaultdict(list)
+    for r in records:
+        by_layer[r["layer"]].append(r)
+    layers = sorted(by_layer)
+    n = min(len(v) for v in by_layer.values())
+    if n < 2:
+        raise ValueError(f"run_dir: {run_dir} has fewer than 2 records per layer after step {warmup_step}")
+
+    def pstd(values):
+        m = mean(values)
+        return mean((v - m) ** 2 for v in values) ** 0.5
+
+    early = [mean(r["disorder"] for r in by_layer[k][: n // 2]) for k in layers]
+    late_records = {k: by_layer[k][n // 2: n] for k in layers}
+    late = [mean(r["disorder"] for r in late_records[k]) for k in layers]
+    cos_late = [mean(r["cosine"] for r in late_records[k]) for k in layers]
+    share = {k: mean(float(r["frozen"]) for r in by_layer[k][:n]) for k in layers}
+    most = sorted(layers, key=lambda k: -share[k])[:top]
+    return {
+        "run": os.path.basename(os.path.normpath(run_dir)),
+        "between": pstd(late),
+        "within": mean(pstd([r["disorder"] for r in late_records[k]]) for k in layers),
+        "rank_correlation": _correlation(_ranks(early), _ranks(late)),
+        "cosine_between": pstd(cos_late),
+        "cosine_within": mean(pstd([r["cosine"] for r in late_records[k]]) for k in layers),
+        "most_frozen": [(k, share[k]) for k in most],
+    }
+
+
+def persistence_table(rows: List[Dict]) -> str:
+    lines = ["| " + " | ".join(PERSISTENCE_COLUMNS) + " |", "|" + "---|" * len(PERSISTENCE_COLUMNS)]
+    for r in rows:
+        most = ", ".join(f"{k} ({v:.2f})" for k, v in r["most_frozen"])
+        cells = [r["run"], f"{r['between']:.4f}", f"{r['within']:.4f}", f"{r['rank_correlation']:.2f}",
+                 f"{r['cosine_between']:.3f} / {r['cosine_within']:.3f}", most]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(summaries: List[Dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for s in summaries:
@@ -89,6 +156,8 @@ def main(argv=None) -> str:
     p.add_argument("runs", nargs="+", help="run folders holding conflict.jsonl (or a --counts file, for --plot)")
     p.add_argument("--counts", default=None, help="write the frozen-layer counts of every run to this JSON file")
     p.add_argument("--plot", default=None, help="draw the frozen-layer counts over the steps into this image")
+    p.add_argument("--persistence", type=int, default=None, metavar="WARMUP_STEP",
+                   help="also the persistence table, from the records at steps >= WARMUP_STEP (the freezing warm-up)")
     args = p.parse_args(argv)
     if len(args.runs) == 1 and args.runs[0].endswith(".json"):
         saved = json.load(open(args.runs[0]))
@@ -98,6 +167,8 @@ def main(argv=None) -> str:
         counts = {s["run"]: s["counts"] for s in summaries}
         layers = {s["run"]: s["layers"] for s in summaries}
         text = table(summaries)
+        if args.persistence is not None:
+            text += "\n\n" + persistence_table([persistence(d, args.persistence) for d in args.runs])
         print(text)
     if args.counts:
         with open(args.counts, "w") as f:
