@@ -2,7 +2,7 @@
 # CPU sanity check of GAQAT's freeze modes on RotatedDigits (scikit-learn's real 8x8 digits in 0/30/60 degree
 # domains), W4A4: LSQ+SAM, GAQAT freeze_mode=update, GAQAT freeze_mode=task, GAQAT with every layer's scales on the
 # task gradient (alltask); every test domain, seeds 0-2,
-# 1000 steps. Two runs at a time, one thread each (~25 min on a 2-core machine); finished runs are skipped.
+# 1000 steps. Two runs at a time, one thread each (~35 min on a 2-core machine); finished runs are skipped.
 #   bash benchmarks/experiments/digits_freeze_mode.sh [OUT=runs/digits_task]
 #   python -m gaqat_kernels.report runs/digits_task [--metric val_acc]
 set -euo pipefail
