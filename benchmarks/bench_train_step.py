@@ -142,7 +142,8 @@ def as_step(alg, loss_fn, x, y, mode: str):
     return lambda: alg.step(closure)
 
 
-def measure(config, rounds: int, steps: int, warmup: int, profile_top: int = 0, compile_mode: str = "default") -> dict:
+def warmed_step(config, warmup: int, compile_mode: str):
+    """``(model, step, seconds)``: ``config``'s model and step after ``warmup`` steps, and how long those took."""
     model_name, impl, algorithm, precision, mode = config
     torch.cuda.empty_cache()
     # every configuration compiles afresh: Dynamo's cache is per code object (ResNet.forward is shared by all
@@ -154,7 +155,12 @@ def measure(config, rounds: int, steps: int, warmup: int, profile_top: int = 0, 
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t0
+    return model, step, time.perf_counter() - t0
+
+
+def measure(config, rounds: int, steps: int, warmup: int, profile_top: int = 0, compile_mode: str = "default") -> dict:
+    model_name, impl, algorithm, precision, mode = config
+    model, step, warmup_s = warmed_step(config, warmup, compile_mode)
     torch.cuda.reset_peak_memory_stats()
     times = [timed(step, steps) for _ in range(rounds)]
     # a fast row must still train everything: every parameter got a finite, non-zero gradient in the last step
@@ -253,12 +259,7 @@ def selected_configs(suite: str, keep: dict) -> list:
 def compile_only(config, warmup: int, compile_mode: str) -> None:
     """Build ``config`` and run its warm-up steps: fills Inductor's on-disk caches (FX graph, AOTAutograd, Triton)
     for the timed process, which then compiles the row from them."""
-    torch._dynamo.reset()
-    model, x, y = build(config[0], config[1], 64)
-    step = make_step(model, x, y, config[2], config[3], config[4], config[1], compile_mode)
-    for _ in range(max(warmup, 2)):
-        step()
-    torch.cuda.synchronize()
+    warmed_step(config, max(warmup, 2), compile_mode)
 
 
 def prewarm(rows, jobs: int, warmup: int, log_dir: str) -> None:
