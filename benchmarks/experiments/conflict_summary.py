@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from collections import defaultdict
-from statistics import mean
+from statistics import correlation, mean, pstdev
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
@@ -71,13 +71,6 @@ def _ranks(values: List[float]) -> List[float]:
     return ranks
 
 
-def _correlation(a: List[float], b: List[float]) -> float:
-    ma, mb = mean(a), mean(b)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    norm = (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
-    return cov / norm if norm else float("nan")
-
-
 def persistence(run_dir: str, warmup_step: int = 0, top: int = 3) -> Dict:
     """Whether the layers' disorder differs persistently in one run: records at steps >= ``warmup_step`` are split
     into halves; population standard deviations; Spearman's rank correlation (ties broken by order)."""
@@ -90,10 +83,6 @@ def persistence(run_dir: str, warmup_step: int = 0, top: int = 3) -> Dict:
     if n < 2:
         raise ValueError(f"run_dir: {run_dir} has fewer than 2 records per layer after step {warmup_step}")
 
-    def pstd(values):
-        m = mean(values)
-        return mean((v - m) ** 2 for v in values) ** 0.5
-
     early = [mean(r["disorder"] for r in by_layer[k][: n // 2]) for k in layers]
     late_records = {k: by_layer[k][n // 2: n] for k in layers}
     late = [mean(r["disorder"] for r in late_records[k]) for k in layers]
@@ -102,11 +91,11 @@ def persistence(run_dir: str, warmup_step: int = 0, top: int = 3) -> Dict:
     most = sorted(layers, key=lambda k: -share[k])[:top]
     return {
         "run": os.path.basename(os.path.normpath(run_dir)),
-        "between": pstd(late),
-        "within": mean(pstd([r["disorder"] for r in late_records[k]]) for k in layers),
-        "rank_correlation": _correlation(_ranks(early), _ranks(late)),
-        "cosine_between": pstd(cos_late),
-        "cosine_within": mean(pstd([r["cosine"] for r in late_records[k]]) for k in layers),
+        "between": pstdev(late),
+        "within": mean(pstdev([r["disorder"] for r in late_records[k]]) for k in layers),
+        "rank_correlation": correlation(_ranks(early), _ranks(late)) if len(layers) > 1 else float("nan"),
+        "cosine_between": pstdev(cos_late),
+        "cosine_within": mean(pstdev([r["cosine"] for r in late_records[k]]) for k in layers),
         "most_frozen": [(k, share[k]) for k in most],
     }
 
