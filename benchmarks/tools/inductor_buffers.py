@@ -1,6 +1,6 @@
 """Does Inductor keep the per-channel scale gradient free of full-size temporaries? Compiles one activation
-quantizer (by default the decomposed lowering; --lowering picks another), then ReLU, as in a network, and lists, per generated graph (forward,
-backward), every buffer it allocates and every kernel it launches.
+quantizer (by default the decomposed lowering; ``--lowering`` picks another), then ReLU, as in a network, and
+lists, per generated graph (forward, backward), every buffer it allocates and every kernel it launches.
 
     python benchmarks/tools/inductor_buffers.py [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--shape 64 128 28 28] \
         [--lowering decomposed|triton_backward|custom_op]
