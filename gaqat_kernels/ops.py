@@ -119,15 +119,18 @@ class _DecomposedFakeQuant(torch.autograd.Function):
 
 def triton_backward_values(dy: Tensor, x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int],
                            g: float) -> Tuple[Tensor, Tensor]:
-    """``(dx, ds)`` from our Triton backward launched through ``torch.library.wrap_triton``: traced (Inductor,
-    ``make_fx``), the launches become Triton-kernel calls in the graph; in eager they run. The triton_op's body."""
+    """``(dx, ds)`` from our Triton backward, on CUDA tensors launched through ``torch.library.wrap_triton``: traced
+    (Inductor, ``make_fx``), the launches become Triton-kernel calls in the graph; in eager they run. The triton_op's
+    body."""
     from .kernels import triton_lsq
 
     xd = as_dense(x)
     dx = output_like(x)
     ds = torch.empty(scale.shape, dtype=torch.float32, device=scale.device)
+    # Triton on CPU tensors runs interpreted, which nothing traces and torch 2.11's wrap_triton rejects
+    launch = {"launch": torch.library.wrap_triton} if x.is_cuda else {}
     triton_lsq.backward(match_layout(dy.to(x.dtype), xd), xd, scale.contiguous().reshape(-1), dx, ds.view(-1),
-                        qn, qp, axis, g, launch=torch.library.wrap_triton)
+                        qn, qp, axis, g, **launch)
     return dx, ds
 
 
@@ -150,7 +153,7 @@ class _TritonBackwardFakeQuant(_DecomposedFakeQuant):
 
 def _traced_function(x: Tensor):
     """The autograd.Function that ``lsq_fake_quant`` traces as under Dynamo for the current lowering."""
-    # on CPU tensors Triton runs interpreted, and wrap_triton then launches directly: not traceable
+    # on CPU tensors Triton runs interpreted and is launched directly: not traceable
     if _compile_lowering == "triton_backward" and backends.TRITON_INSTALLED and x.is_cuda:
         return _TritonBackwardFakeQuant
     return _DecomposedFakeQuant
