@@ -443,6 +443,21 @@ def test_triton_backward_division_settings_divide_as_ieee(backend, device, where
     check(x, s, dy, backend, 4, True, axis)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in TRITON_PARAMS if p.values[1] == "cpu"])
+@pytest.mark.parametrize("shapes,axis", TRITON_BACKWARD_PATHS)
+def test_triton_interpreter_whose_fma_rounds_twice_divides_as_ieee(backend, device, shapes, axis, triton_settings,
+                                                                   monkeypatch):
+    """Where the interpreter's fma rounds twice (Triton 3.6), fast division would be off by an ulp at ties, so the
+    launchers divide with IEEE there: the oracle's bits around every tie and bound, fast division asked for
+    everywhere."""
+    from gaqat_kernels.kernels import triton_lsq
+
+    triton_settings(_FAST_DIV_BACKWARD="all")
+    monkeypatch.setattr(triton_lsq, "_interpreter_fma_rounds_once", lambda: False)
+    x, s, dy = _near_tie_case(shapes[0], axis, torch.float32, device)
+    check(x, s, dy, backend, 4, True, axis)
+
+
 @pytest.mark.parametrize("backend,device", TRITON_PARAMS)
 @pytest.mark.parametrize("where", ["rows", "one-tile", "loops", "all"])
 @pytest.mark.parametrize("scale", [1e-39, 1e35], ids=lambda s: f"s{s:g}")

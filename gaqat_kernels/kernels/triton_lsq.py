@@ -263,27 +263,6 @@ _FAST_DIV_FORWARD = True
 # 64x256x56x56 from 1.189 ("rows", IEEE) to 1.161 and 8x4096x4096 from 1.114 to 1.089; fast division in
 # one-tile programs costs 4096x4096 1.188 -> 1.201 and 11008x4096 1.122 -> 1.141.
 _FAST_DIV_BACKWARD = "loops"
-
-
-@triton.jit
-def _fma_probe_kernel(a_ptr):
-    a = tl.load(a_ptr)
-    tl.store(a_ptr, tl.fma(a, a, -(a * a)))
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreter_fma_rounds_once() -> bool:
-    """Whether the Triton interpreter's fma rounds once, as the fast division's exact residual needs. Triton 3.6's
-    interpreter multiplies and adds (two roundings); with a = 1 + 2**-13, fma(a, a, -RN(a*a)) is 2**-26 when fused,
-    0 when not."""
-    a = torch.tensor([1.0 + 2.0 ** -13], dtype=torch.float32)
-    _fma_probe_kernel[(1,)](a)
-    return a.item() == 2.0 ** -26
-
-
-def _fast_division_exact(x: Tensor) -> bool:
-    """Compiled kernels fuse the fma (CUDA tensors); interpreted ones (CPU tensors) where the interpreter does."""
-    return x.is_cuda or _interpreter_fma_rounds_once()
 # Launch constants by element size, measured on H100 (``benchmarks/tools/tune_triton.py``, RESULTS.md). Tile bytes
 # per tensor: fp32 16 KB (64 bytes per thread at 8 warps); 16-bit 8 KB, whose backward ran 6-9% faster than
 # with 16 KB (fewer registers per thread, more programs resident). Split programs per SM, for channel blocks
@@ -459,6 +438,27 @@ def _rows_plan(O: int, C: int, sms: int, tile: int, split_tile: int, splits_per_
         bc, bi, tiles = _rows_tile_shape(O, C, split_tile, width)
         n_splits = _split_count(tiles, num_cb, splits_per_sm * sms)
     return (bc, bi, 1, num_cb, n_splits) + _backward_division(tiles <= n_splits) + (_NUM_WARPS, 0)
+
+
+@triton.jit
+def _fma_probe_kernel(a_ptr):
+    a = tl.load(a_ptr)
+    tl.store(a_ptr, tl.fma(a, a, -(a * a)))
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_fma_rounds_once() -> bool:
+    """Whether the Triton interpreter's fma rounds once, as the fast division's exact residual needs. Triton 3.6's
+    interpreter multiplies and adds (two roundings); with a = 1 + 2**-13, fma(a, a, -RN(a*a)) is 2**-26 when fused,
+    0 when not."""
+    a = torch.tensor([1.0 + 2.0 ** -13], dtype=torch.float32)
+    _fma_probe_kernel[(1,)](a)
+    return a.item() == 2.0 ** -26
+
+
+def _fast_division_exact(x: Tensor) -> bool:
+    """Compiled kernels fuse the fma (CUDA tensors); interpreted ones (CPU tensors) where the interpreter does."""
+    return x.is_cuda or _interpreter_fma_rounds_once()
 
 
 def _backward_division(one_tile: bool) -> Tuple[bool, Optional[int]]:
