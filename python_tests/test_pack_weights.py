@@ -22,6 +22,15 @@ def test_pack_then_unpack_gives_the_same_bytes(tmp_path, size):
     assert not (tmp_path / "w2.tmp").exists()
 
 
+def test_pack_and_unpack_create_missing_folders(tmp_path):
+    src = tmp_path / "w"
+    src.write_bytes(b"weights")
+    packed, back = tmp_path / "wgz" / "w.bsxz", tmp_path / "weights" / "deep" / "w"
+    pack_weights.pack(str(src), str(packed))
+    pack_weights.unpack(str(packed), str(back))
+    assert back.read_bytes() == b"weights"
+
+
 def test_planes_compress_float32_weights_better_than_file_order(tmp_path):
     weights = np.random.default_rng(0).normal(0, 0.05, 50_000).astype(np.float32)
     src, packed = tmp_path / "w", tmp_path / "w.bsxz"

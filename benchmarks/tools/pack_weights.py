@@ -22,6 +22,7 @@ def pack(src: str, dst: str) -> None:
     raw = np.fromfile(src, dtype=np.uint8)
     padded = np.concatenate([raw, np.zeros(-raw.size % _PLANES, np.uint8)])
     planes = padded.reshape(-1, _PLANES).T.tobytes()
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     with open(dst, "wb") as f:
         f.write(lzma.compress(raw.size.to_bytes(_HEADER, "little") + planes, preset=9 | lzma.PRESET_EXTREME))
 
@@ -33,6 +34,7 @@ def unpack(src: str, dst: str) -> None:
     size = int.from_bytes(data[:_HEADER], "little")
     planes = np.frombuffer(data, dtype=np.uint8, offset=_HEADER).reshape(_PLANES, -1)
     tmp = dst + ".tmp"
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     with open(tmp, "wb") as f:
         f.write(planes.T.tobytes()[:size])
     os.replace(tmp, dst)
