@@ -21,9 +21,9 @@ FWD = ["x_ptr", "s_ptr", "y_ptr", "O", "C", "I", "tiles_i", "tiles_per_cb", "qn"
 BWD = ["x_ptr", "dy_ptr", "s_ptr", "dx_ptr", "out_ptr", "O", "C", "I", "tiles_i", "tiles_per_cb", "n_splits",
        "qn", "qp", "g"]
 
-def compile_one(fn, names, dtype, constexprs, **options):
-    types = {n: ("*fp32" if n in ("s_ptr", "out_ptr") else f"*{dtype}") if n.endswith("_ptr")
-             else ("fp32" if n in ("qn", "qp", "g") else "i32") for n in names}
+def compile_one(fn, names, dtype, constexprs, scalar="fp32", **options):
+    types = {n: ("*fp32" if n in ("s_ptr", "out_ptr", "part_ptr", "ds_ptr") else f"*{dtype}") if n.endswith("_ptr")
+             else (scalar if n in ("qn", "qp", "g") else "i32") for n in names}
     types.update({k: "constexpr" for k in constexprs})
     sig = {n: types[n] for n in fn.arg_names}  # in the kernel's parameter order: constexprs are found by position
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in constexprs.items()})
@@ -60,6 +60,15 @@ for dtype, even, fast_div in itertools.product(["fp32", "bf16", "fp16"], [True, 
         compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, BLOCK_C=1, BLOCK_I=4096, FINAL=True,
                                                                   TAIL_I=512, TAIL_EVEN=tail_even, PREFETCH=False),
                     maxnreg=triton_lsq._BACKWARD_MAX_REGISTERS)
+# Python floats become fp64 kernel arguments where Inductor launches the kernels (wrap_triton inside a triton_op)
+SUM = ["part_ptr", "ds_ptr", "C", "n_splits", "g"]
+for dtype in ["fp32", "bf16"]:
+    common = dict(BLOCK_C=2, BLOCK_I=1024, EVEN=False, FAST_DIV=True, ROWS=False)
+    compile_one(triton_lsq._lsq_fwd_kernel, FWD, dtype, dict(common, INTERPRETED_BF16=False), scalar="fp64")
+    for final, prefetch in ((True, False), (False, False), (False, True)):
+        compile_one(triton_lsq._lsq_bwd_kernel, BWD, dtype, dict(common, FINAL=final, TAIL_I=0, TAIL_EVEN=False,
+                                                                  PREFETCH=prefetch), scalar="fp64")
+compile_one(triton_lsq._sum_partials_kernel, SUM, "fp32", dict(BLOCK_C=256, BLOCK_S=16), scalar="fp64")
 print("compiled", triton.__version__)
 '''
 

@@ -124,6 +124,8 @@ def _lsq_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, INTERPRETED_BF16: tl.constexpr, EVEN: tl.constexpr,
     FAST_DIV: tl.constexpr, ROWS: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 (wrap_triton); the contract's arithmetic is fp32 everywhere
+    qn, qp = tl.cast(qn, tl.float32), tl.cast(qp, tl.float32)
     pid = tl.program_id(0)
     cb = pid // tiles_per_cb
     c, offs, mask = _tile_offsets(pid % tiles_per_cb, cb, O, C, I, tiles_i, BLOCK_C, BLOCK_I, ROWS)
@@ -223,6 +225,8 @@ def _lsq_bwd_kernel(
     FAST_DIV: tl.constexpr, TAIL_I: tl.constexpr, TAIL_EVEN: tl.constexpr, PREFETCH: tl.constexpr,
     ROWS: tl.constexpr,
 ):
+    # fp64 where Inductor launches it (see the forward)
+    qn, qp, g = tl.cast(qn, tl.float32), tl.cast(qp, tl.float32), tl.cast(g, tl.float32)
     cb = tl.program_id(0)
     sp = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -244,6 +248,7 @@ def _lsq_bwd_kernel(
 
 @triton.jit
 def _sum_partials_kernel(part_ptr, ds_ptr, C, n_splits, g, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    g = tl.cast(g, tl.float32)  # fp64 where Inductor launches it
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(0, n_splits, BLOCK_S):
