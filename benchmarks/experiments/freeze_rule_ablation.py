@@ -18,6 +18,7 @@ settings = [
     ("PACS", "GAQAT zscore 1.0 (freeze_mode=gradient)", f"{D}/pacs_w4_zscore1.0/*/results.json"),
     ("PACS", "GAQAT zscore 1.0, freeze_mode=update", f"{D}/pacs_w4_zscore1.0_update/*/results.json"),
     ("PACS", "GAQAT zscore 1.0, freeze_mode=task", f"{D}/pacs_w4_zscore1.0_task/*/results.json"),
+    ("PACS", "GAQAT alltask (absolute 0, freeze_mode=task)", f"{D}/pacs_w4_absolute0.0_task/*/results.json"),
     ("PACS", "GAQAT ratio 0.05", f"{D}/pacs_w4_ratio0.05/*/results.json"),
     # W3A3, update mode: test domains 0, 1, 3 ran (photo, 2, was stopped at the call's deadline)
     ("PACS", "W3A3: LSQ+SAM (dg_pacs)", f"{PACS}/PACS_lsq_sam_w3a3_t*_s0/results.json", W3),
