@@ -307,6 +307,9 @@ def main() -> None:
     p.add_argument("--prewarm", type=int, default=0, metavar="JOBS",
                    help="first compile every compile row in JOBS processes at once (filling Inductor's on-disk "
                         "caches), then time the rows one by one; their warmup_s then shows the cached compile")
+    p.add_argument("--prewarm-only", action="store_true",
+                   help="with --prewarm: fill the caches and time nothing (e.g. beside other GPU work, so that a later "
+                        "run on the same machine, with TORCHINDUCTOR_CACHE_DIR kept, times the rows from them)")
     p.add_argument("--compile-only", action="store_true",
                    help="internal (--prewarm): build and warm up the one row the filters name, time nothing")
     # a part of the suites' grid (one device call cannot compile every row); each filter keeps the rows it names
@@ -315,6 +318,8 @@ def main() -> None:
     args = p.parse_args()
     keep = {axis: set(getattr(args, axis)) for axis in AXES if getattr(args, axis) is not None}
     torch.backends.cudnn.benchmark = True
+    if args.prewarm_only and not args.prewarm:
+        p.error("--prewarm-only needs --prewarm JOBS")
     if args.compile_only:
         if len(keep) != len(AXES) or any(len(v) != 1 for v in keep.values()):
             p.error("--compile-only: name one row, one value for each of --" + " --".join(AXES))
@@ -332,6 +337,8 @@ def main() -> None:
     if args.prewarm:
         prewarm([(c, compile_mode) for _, compile_mode, configs in plan for c in configs if c[4] == "compile"],
                 args.prewarm, args.warmup, args.out)
+    if args.prewarm_only:
+        return
     for suite, compile_mode, configs in plan:
         rows = []
         for config in configs:

@@ -14,6 +14,9 @@ mode=${1:-all}; shift || true
 out=${OUT:-bench_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# Inductor's caches inside the (git-ignored) tree: the device keeps ignored files between calls on a warm machine, so
+# rows prewarmed in one call (bench_train_step.py --prewarm N --prewarm-only) compile from the cache in the next.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
 start=$(date +%s)
