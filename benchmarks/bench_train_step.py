@@ -49,7 +49,14 @@ from gaqat_kernels.nn import LSQQuantizer, quantize_model
 # (cuda_custom_op: "custom_op")
 COMPILE_IMPLS = ["fp", "eager_lsq", "cuda", "cuda_triton_backward", "cuda_custom_op"]
 LOWERING_OF_IMPL = {"cuda_triton_backward": "triton_backward", "cuda_custom_op": "custom_op"}
-COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cpp-wrapper", "combo-kernels"]
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cpp-wrapper", "combo-kernels",
+                 "reduce-overhead-no-persistent", "reduce-overhead-multi-kernel"]
+# reduce-overhead (Inductor's CUDA graphs) with a reduction setting changed: the longest quantizer kernels of the
+# compiled ResNet-50 rows are Inductor persistent reductions of the scale gradients (RESULTS.md "torch.compile")
+REDUCE_OVERHEAD_VARIANTS = {
+    "reduce-overhead-no-persistent": {"triton.cudagraphs": True, "triton.persistent_reductions": False},
+    "reduce-overhead-multi-kernel": {"triton.cudagraphs": True, "triton.multi_kernel": 1},
+}
 
 
 def compile_model(model, compile_mode: str):
@@ -57,7 +64,11 @@ def compile_model(model, compile_mode: str):
     wrapper (``options={"cpp_wrapper": True}``), which calls the graph's kernels from C++ instead of the generated
     Python code, whose per-kernel host time is what a compiled quantized step spends beyond its kernels;
     "combo-kernels": the default mode with Inductor's horizontal fusion (``combo_kernels``), which launches independent
-    kernels (such as the layers' weight quantizers) as one."""
+    kernels (such as the layers' weight quantizers) as one; "reduce-overhead-no-persistent": CUDA graphs with looped
+    instead of persistent reductions; "reduce-overhead-multi-kernel": CUDA graphs with Inductor's multi-kernel, which
+    compiles both and keeps the faster at run time."""
+    if compile_mode in REDUCE_OVERHEAD_VARIANTS:
+        return torch.compile(model, options=REDUCE_OVERHEAD_VARIANTS[compile_mode])
     if compile_mode == "cpp-wrapper":
         return torch.compile(model, options={"cpp_wrapper": True})
     if compile_mode == "combo-kernels":

@@ -1,4 +1,5 @@
 """benchmarks/experiments/conflict_summary.py reads what ConflictLog writes and counts frozen layers as stated."""
+import json
 import os
 import sys
 
@@ -77,3 +78,22 @@ def test_persistence_rank_correlation_of_a_reversed_ranking(tmp_path):
     disorder = [[0.1, 0.2, 0.3]] * 2 + [[0.3, 0.2, 0.1]] * 2
     write_log(tmp_path, [[False] * 3] * 4, disorder)
     assert conflict_summary.persistence(str(tmp_path))["rank_correlation"] == pytest.approx(-1.0)
+
+
+def test_counts_files_merge_with_run_folders(tmp_path):
+    """Seeds finished in different calls: a saved counts file and a fresh run folder land in one counts file."""
+    first, second = tmp_path / "s0", tmp_path / "s1"
+    first.mkdir()
+    second.mkdir()
+    write_log(first, [[True, False, False]] * 2, [[0.1, 0.2, 0.3]] * 2)
+    write_log(second, [[True, True, False]] * 3, [[0.1, 0.2, 0.3]] * 3)
+    saved = tmp_path / "s0_counts.json"
+    conflict_summary.main([str(first), "--counts", str(saved)])
+    merged = tmp_path / "merged.json"
+    text = conflict_summary.main([str(saved), str(second), "--counts", str(merged)])
+    counts = json.load(open(merged))
+    assert set(counts["counts"]) == {"s0", "s1"}
+    assert [r[1] for r in counts["counts"]["s0"]] == [1, 1] and [r[1] for r in counts["counts"]["s1"]] == [2, 2, 2]
+    assert counts["layers"] == {"s0": 3, "s1": 3}
+    rows = [line for line in text.splitlines() if line.startswith("| s")]
+    assert len(rows) == 1 and rows[0].startswith("| s1 ")  # the table has rows for the fresh folders only

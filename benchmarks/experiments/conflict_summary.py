@@ -14,7 +14,7 @@ how many layers were frozen (at the last record, and on average from the first r
 on), and the statistics that decided it, averaged over layers and records: disorder D, conflict fraction,
 cosine, and the sign-flip fractions of the task and smoothness gradients. ``--counts`` keeps the number of
 frozen layers per record of every run (a few kB instead of each run's multi-MB ``conflict.jsonl``), ``--plot``
-draws it over the steps, one line per run; either reads back a counts file given in place of run folders.
+draws it over the steps, one line per run; either also reads back counts files given beside (or in place of) run folders, so seeds run in different calls plot together.
 """
 from __future__ import annotations
 
@@ -142,22 +142,25 @@ def plot_counts(counts: Dict[str, List[List[int]]], layers: Dict[str, int], path
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="run folders holding conflict.jsonl (or a --counts file, for --plot)")
+    p.add_argument("runs", nargs="+", help="run folders holding conflict.jsonl, and --counts files of earlier runs (merged with them)")
     p.add_argument("--counts", default=None, help="write the frozen-layer counts of every run to this JSON file")
     p.add_argument("--plot", default=None, help="draw the frozen-layer counts over the steps into this image")
     p.add_argument("--persistence", type=int, default=None, metavar="WARMUP_STEP",
                    help="also the persistence table, from the records at steps >= WARMUP_STEP (the freezing warm-up)")
     args = p.parse_args(argv)
-    if len(args.runs) == 1 and args.runs[0].endswith(".json"):
-        saved = json.load(open(args.runs[0]))
-        counts, layers, text = saved["counts"], saved["layers"], ""
-    else:
-        summaries = [summarize(d) for d in args.runs]
-        counts = {s["run"]: s["counts"] for s in summaries}
-        layers = {s["run"]: s["layers"] for s in summaries}
+    # counts files saved by earlier calls (e.g. another seed's runs) merge with the run folders given beside them
+    saved = [json.load(open(r)) for r in args.runs if r.endswith(".json")]
+    run_dirs = [r for r in args.runs if not r.endswith(".json")]
+    counts = {run: rows for f in saved for run, rows in f["counts"].items()}
+    layers = {run: n for f in saved for run, n in f["layers"].items()}
+    text = ""
+    if run_dirs:
+        summaries = [summarize(d) for d in run_dirs]
+        counts.update({s["run"]: s["counts"] for s in summaries})
+        layers.update({s["run"]: s["layers"] for s in summaries})
         text = table(summaries)
         if args.persistence is not None:
-            text += "\n\n" + persistence_table([persistence(d, args.persistence) for d in args.runs])
+            text += "\n\n" + persistence_table([persistence(d, args.persistence) for d in run_dirs])
         print(text)
     if args.counts:
         with open(args.counts, "w") as f:
