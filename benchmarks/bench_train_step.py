@@ -50,12 +50,15 @@ from gaqat_kernels.nn import LSQQuantizer, quantize_model
 COMPILE_IMPLS = ["fp", "eager_lsq", "cuda", "cuda_triton_backward", "cuda_custom_op"]
 LOWERING_OF_IMPL = {"cuda_triton_backward": "triton_backward", "cuda_custom_op": "custom_op"}
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cpp-wrapper", "combo-kernels",
-                 "reduce-overhead-no-persistent", "reduce-overhead-multi-kernel"]
+                 "reduce-overhead-no-persistent", "reduce-overhead-multi-kernel", "reduce-overhead-no-layout-opt"]
 # reduce-overhead (Inductor's CUDA graphs) with a reduction setting changed: the longest quantizer kernels of the
 # compiled ResNet-50 rows are Inductor persistent reductions of the scale gradients (RESULTS.md "torch.compile")
 REDUCE_OVERHEAD_VARIANTS = {
     "reduce-overhead-no-persistent": {"triton.cudagraphs": True, "triton.persistent_reductions": False},
     "reduce-overhead-multi-kernel": {"triton.cudagraphs": True, "triton.multi_kernel": 1},
+    # Inductor's channels_last layout optimization off: with it, the quantized step's activation scale-gradient
+    # sums read a channels_last x against an NCHW dy (benchmarks/tools/inductor_cuda_codegen.py)
+    "reduce-overhead-no-layout-opt": {"triton.cudagraphs": True, "layout_optimization": False},
 }
 
 
@@ -66,7 +69,8 @@ def compile_model(model, compile_mode: str):
     "combo-kernels": the default mode with Inductor's horizontal fusion (``combo_kernels``), which launches independent
     kernels (such as the layers' weight quantizers) as one; "reduce-overhead-no-persistent": CUDA graphs with looped
     instead of persistent reductions; "reduce-overhead-multi-kernel": CUDA graphs with Inductor's multi-kernel, which
-    compiles both and keeps the faster at run time."""
+    compiles both and keeps the faster at run time; "reduce-overhead-no-layout-opt": CUDA graphs with Inductor's
+    layout optimization (channels_last convolutions) off."""
     if compile_mode in REDUCE_OVERHEAD_VARIANTS:
         return torch.compile(model, options=REDUCE_OVERHEAD_VARIANTS[compile_mode])
     if compile_mode == "cpp-wrapper":

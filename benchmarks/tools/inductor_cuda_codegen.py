@@ -1,0 +1,300 @@
+"""Inductor's CUDA (Triton) code for one compiled W4A4 ResNet training step, generated on a machine without a GPU,
+and the reduction kernels in it whose loads are coalesced along neither axis of their tile.
+
+    python benchmarks/tools/inductor_cuda_codegen.py --impl ours --out bench_out/codegen        # ~1 min, 2 cores
+    python benchmarks/tools/inductor_cuda_codegen.py --impl fp eager_lsq ours --no-layout-opt --out bench_out/codegen
+
+Why: the compiled ResNet-50 step's longest quantizer kernels on the H100 are Inductor reductions of the scale
+gradients that run far below the memory bandwidth (RESULTS.md "torch.compile"). Reading their source on the GPU box
+costs device time; this script makes the same decisions here. How: the step is traced on fake CPU tensors
+(AOTAutograd, Inductor's decompositions and min-cut partitioner), then each graph is lowered by Inductor's
+``GraphLowering`` for fake CUDA tensors with an H100's device properties, the backward's inputs given the strides the
+forward's lowering chose for them (layout optimization included). Nothing is compiled or run. The patches that let
+Inductor believe in a GPU are applied in this process only (never import this module from the package); they reach
+into Inductor's internals and are tested with torch 2.13 (this repository's CPU torch) only. The GPU box's torch 2.11
+may lower differently: treat a finding here as the hypothesis its next device call checks.
+
+The model is torchvision's ResNet-18/50 layout re-declared here (same layer shapes; torchvision is not installed on
+the CPU machine), batch 64 at 224x224, W4A4 through ``quantize_model``. ``--impl``: ``fp`` (no quantization),
+``eager_lsq`` (LSQ as eager ops) or ``ours`` (the default decomposed lowering). Per impl it writes
+``<out>/<model>_<impl>_{forward,backward}.py`` (Inductor's wrapper with every kernel's source) and prints, then
+writes to ``<out>/<model>_<impl>_uncoalesced.md``, the reduction kernels with such loads and their share of all
+elements the step's reduction kernels load.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import types
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+H100 = dict(multi_processor_count=132, major=9, minor=0, warp_size=32, max_threads_per_multi_processor=2048,
+            regs_per_multiprocessor=65536)
+
+
+def uncoalesced_reductions(src: str) -> List[Tuple[str, int, int, int, int, int]]:
+    """``(kernel, xnumel, r0_numel, calls, uncoalesced loads, other loads)`` for each reduction kernel of Inductor's
+    output ``src`` (2D tiles: x and r0 only). A load is coalesced when a unit step of ``xindex`` or of ``r0_index``
+    moves its address by 0 or 1 element at some of three sample points; its index expression is evaluated with the
+    kernel's own ``x``/``r0_`` variable definitions."""
+    calls: Dict[str, int] = {}
+    for m in re.finditer(r"\b(triton_\w+)\.run\(", src):
+        calls[m.group(1)] = calls.get(m.group(1), 0) + 1
+    rows = []
+    for m in re.finditer(r"async_compile\.triton\('(\w+)', '''(.*?)'''", src, re.S):
+        name, body = m.group(1), m.group(2)
+        if not name.startswith(("triton_per", "triton_red")) or "ynumel" in body:
+            continue
+        xn = int(re.search(r"xnumel = (\d+)", body).group(1))
+        rn = int(re.search(r"r0_numel = (\d+)", body).group(1))
+        defs = [(k, v) for k, v in re.findall(r"^\s+((?:x|r0_)\d+) = (.*)$", body, re.M) if "tl." not in v]
+
+        def at(xi: int, ri: int) -> dict:
+            env = {"xindex": xi, "r0_index": ri}
+            for k, v in defs:
+                try:
+                    env[k] = eval(v, {}, env)  # integer index arithmetic of Inductor's own code
+                except Exception:  # a definition this evaluator cannot read: loads using it are skipped
+                    pass
+            return env
+
+        bad = good = 0
+        for _, expr in re.findall(r"tl\.load\((\w+) \+ \((.*?)\), ", body):
+            coalesced = False
+            try:
+                for xi, ri in ((0, 0), (xn // 3, rn // 3), (xn // 2 + 1, rn // 2 + 1)):
+                    xi, ri = max(min(xi, xn - 2), 0), max(min(ri, rn - 2), 0)
+                    base = eval(expr, {}, at(xi, ri))
+                    steps = (eval(expr, {}, at(xi + 1, ri)) - base, eval(expr, {}, at(xi, ri + 1)) - base)
+                    coalesced = coalesced or any(s in (0, 1) for s in steps)
+            except Exception:  # not an index this evaluator reads: counted with the coalesced ones
+                coalesced = True
+            bad, good = (bad + 1, good) if not coalesced else (bad, good + 1)
+        rows.append((name, xn, rn, calls.get(name, 0), bad, good))
+    return rows
+
+
+def report(rows) -> str:
+    """Markdown: the uncoalesced kernels, largest first, and their share of the reduction kernels' loaded elements."""
+    total = sum(x * r * c * (b + g) for _, x, r, c, b, g in rows)
+    bad = sum(x * r * c * b for _, x, r, c, b, g in rows)
+    lines = ["| kernel | xnumel | r0_numel | calls | uncoalesced loads |", "|---|---|---|---|---|"]
+    for name, x, r, c, b, g in sorted(rows, key=lambda t: -t[1] * t[2] * t[3] * t[4]):
+        if b:
+            lines.append(f"| `{name}` | {x} | {r} | {c} | {b} of {b + g} |")
+    lines.append(f"\nuncoalesced: {bad / 1e6:.0f} M of the {total / 1e6:.0f} M elements the step's reduction kernels "
+                 f"load ({bad / max(total, 1):.1%})")
+    return "\n".join(lines)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        r = x if self.down is None else self.down(x)
+        o = torch.relu(self.bn1(self.conv1(x)))
+        o = torch.relu(self.bn2(self.conv2(o)))
+        return torch.relu(self.bn3(self.conv3(o)) + r)
+
+
+class Basic(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        r = x if self.down is None else self.down(x)
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + r)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet-18 / ResNet-50 layer shapes (stem, four stages, pooled linear head)."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.conv1, self.bn1, self.pool = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.MaxPool2d(3, 2, 1)
+        blocks, layers, cin = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}[depth], [], 64
+        for stage, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+            for j in range(n):
+                stride = 2 if j == 0 and stage > 0 else 1
+                if depth == 50:
+                    layers.append(Bottleneck(cin, width, stride))
+                    cin = width * 4
+                else:
+                    layers.append(Basic(cin, width, stride))
+                    cin = width
+        self.layers, self.fc = nn.Sequential(*layers), nn.Linear(cin, 1000)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(x), 1), 1))
+
+
+def build(depth: int, impl: str, image: int) -> nn.Module:
+    from gaqat_kernels.nn import LSQQuantizer, quantize_model
+
+    torch.manual_seed(0)
+    model = ResNet(depth)
+    if impl != "fp":
+        quantize_model(model, 4, 4, example_inputs=torch.randn(2, 3, image, image), backend="reference")
+        for q in model.modules():
+            if isinstance(q, LSQQuantizer):
+                q._init_pending = False
+                if impl == "eager_lsq":
+                    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                    from bench_train_step import _eager_lsq_forward
+                    q.forward = types.MethodType(_eager_lsq_forward, q)
+    return model
+
+
+def pretend_h100() -> None:
+    """What Inductor asks of the CUDA device while lowering and generating code, answered for an H100."""
+    from torch._inductor.runtime.hints import DeviceProperties
+    import torch._inductor.scheduler as scheduler
+    import torch.utils._triton as triton_utils
+
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3 (pretended)", total_memory=80 << 30,
+                                  L2_cache_size=50 << 20, gcnArchName="", **H100)
+    fields = {k: H100[k] for k in ("multi_processor_count", "major", "regs_per_multiprocessor",
+                                   "max_threads_per_multi_processor", "warp_size")}
+    DeviceProperties.create = classmethod(lambda cls, device: DeviceProperties(type="cuda", index=0, cc=90, **fields))
+    torch.cuda.get_device_properties = lambda *a, **k: props
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.current_device = lambda: 0
+    triton_utils.has_triton = lambda: True
+    triton_utils.triton_hash_with_backend = lambda: "pretended-h100"
+    scheduler.has_triton = lambda: True
+
+
+def generate(depth: int, impl: str, batch: int, image: int, layout_opt: bool) -> Tuple[str, str]:
+    """Inductor's forward and backward wrapper code (kernel sources inside) for one step of ``impl``."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.debug import DebugContext
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.virtualized import V
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import torch._inductor.config as inductor_config
+    from gaqat_kernels import ops
+
+    model = build(depth, impl, image)
+    captured = []
+    cpu_fake = FakeTensorMode()
+    with cpu_fake:
+        params = {k: torch.empty(v.shape, dtype=v.dtype).requires_grad_(True) for k, v in model.named_parameters()}
+        buffers = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.named_buffers()}
+        x = torch.empty(batch, 3, image, image)
+        y = torch.zeros(batch, dtype=torch.long)
+
+    def step(p, b, x, y):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, {**p, **b}, (x,)), y)
+
+    def capture(is_backward):
+        return lambda gm, inputs: captured.append((gm, inputs, is_backward)) or gm
+
+    compiling = torch.compiler.is_compiling, torch.compiler.is_dynamo_compiling
+    # the quantized layers take the path they take under torch.compile (the traced, decomposed one)
+    torch.compiler.is_compiling = torch.compiler.is_dynamo_compiling = lambda: True
+    try:
+        f = aot_function(step, fw_compiler=capture(False), bw_compiler=capture(True),
+                         partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+        with cpu_fake, ops.compile_lowering("decomposed"):
+            f(params, buffers, x, y).backward()
+    finally:
+        torch.compiler.is_compiling, torch.compiler.is_dynamo_compiling = compiling
+
+    pretend_h100()
+    inductor_config.layout_optimization = layout_opt
+    inductor_config.force_layout_optimization = layout_opt  # its heuristics would read cuDNN, absent here
+    cuda_fake = FakeTensorMode(allow_non_fake_inputs=True)
+    forward_strides: Dict[str, tuple] = {}
+    codes = []
+    for gm, inputs, is_backward in captured:
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+        def strides(name, t):
+            return forward_strides.get(name, t.stride()) if is_backward else t.stride()
+
+        with cuda_fake:
+            cuda_inputs = [torch.empty_strided(t.shape, strides(nm, t), dtype=t.dtype, device="cuda")
+                           if isinstance(t, torch.Tensor) else t for nm, t in zip(names, inputs)]
+            for n in gm.graph.nodes:
+                v = n.meta.get("val")
+                if isinstance(v, torch.Tensor):
+                    st = strides(n.name, v) if n.op == "placeholder" else v.stride()
+                    n.meta["val"] = torch.empty_strided(v.shape, st, dtype=v.dtype, device="cuda")
+                if n.kwargs.get("device") == torch.device("cpu"):
+                    n.kwargs = {**n.kwargs, "device": torch.device("cuda", 0)}
+        gm.recompile()
+        graph = GraphLowering(gm, example_inputs=cuda_inputs, is_inference=False, is_backward=is_backward)
+        with cuda_fake, V.set_graph_handler(graph), V.set_fake_mode(cuda_fake), DebugContext():
+            graph.run(*cuda_inputs)
+            if not is_backward:  # what the backward receives is laid out as the forward's lowering chose
+                for node, out in zip(list(gm.graph.nodes)[-1].args[0], graph.graph_outputs):
+                    if isinstance(node, torch.fx.Node) and hasattr(out, "get_stride"):
+                        forward_strides[node.name] = tuple(int(s) for s in out.get_stride())
+            code = graph.codegen()
+        code = code[0] if isinstance(code, tuple) else code
+        codes.append(code.value if hasattr(code, "value") else str(code))
+    return codes[0], codes[1]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=int, default=50, choices=(18, 50), help="ResNet depth")
+    p.add_argument("--impl", nargs="+", default=["ours"], choices=("fp", "eager_lsq", "ours"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--image", type=int, default=224)
+    p.add_argument("--no-layout-opt", action="store_true",
+                   help="Inductor's layout optimization off (torch._inductor.config.layout_optimization = False)")
+    p.add_argument("--out", default="bench_out/codegen")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if len(args.impl) > 1:  # one process per impl: the pretended GPU cannot be taken back for the next trace
+        import subprocess
+
+        base = [a for a in (argv if argv is not None else sys.argv[1:])]
+        rest, skip = [], False
+        for a in base:
+            if a == "--impl":
+                skip = True
+                continue
+            if skip and not a.startswith("--"):
+                continue
+            skip = False
+            rest.append(a)
+        for impl in args.impl:
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, *rest], check=True)
+        return
+    for impl in args.impl:
+        forward, backward = generate(args.model, impl, args.batch, args.image, not args.no_layout_opt)
+        tag = f"resnet{args.model}_{impl}" + ("_no_layout_opt" if args.no_layout_opt else "")
+        for part, src in (("forward", forward), ("backward", backward)):
+            with open(os.path.join(args.out, f"{tag}_{part}.py"), "w") as f:
+                f.write(src)
+        text = report(uncoalesced_reductions(backward))
+        with open(os.path.join(args.out, f"{tag}_uncoalesced.md"), "w") as f:
+            f.write(f"{tag}, backward (Inductor code for a pretended H100, torch {torch.__version__})\n\n{text}\n")
+        print(f"## {tag}\n{text.splitlines()[-1]}")
+
+
+if __name__ == "__main__":
+    main()

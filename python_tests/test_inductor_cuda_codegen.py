@@ -1,0 +1,55 @@
+"""benchmarks/tools/inductor_cuda_codegen.py: its coalescing check on constructed kernel sources, and one run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tools")
+sys.path.insert(0, TOOLS)
+import inductor_cuda_codegen as codegen  # noqa: E402
+
+
+def kernel(name: str, load_index: str) -> str:
+    """A constructed persistent reduction in Inductor's output format (not generated): one load of in_ptr0."""
+    return f"""
+{name} = async_compile.triton('{name}', '''
+@triton.jit
+def {name}(in_ptr0, out_ptr0, xnumel, r0_numel, XBLOCK : tl.constexpr):
+    xnumel = 1024
+    r0_numel = 128
+    xindex = xoffset + tl.arange(0, XBLOCK)[:, None]
+    r0_index = tl.arange(0, R0_BLOCK)[None, :]
+    r0_1 = r0_index
+    x0 = (xindex % 49)
+    x1 = xindex // 49
+    tmp0 = tl.load(in_ptr0 + ({load_index}), xmask, eviction_policy='evict_first', other=0.0)
+''', device_str='cuda')
+{name}.run(buf0, buf1, 1024, 128, stream=raw_stream0)
+{name}.run(buf2, buf3, 1024, 128, stream=raw_stream0)
+"""
+
+
+def test_unit_stride_along_either_axis_is_coalesced_and_a_channel_stride_is_not():
+    src = (kernel("triton_per_fused_rows_0", "r0_1 + 128*xindex")           # contiguous along r
+           + kernel("triton_per_fused_cols_1", "xindex + 1024*r0_1")          # contiguous along x
+           + kernel("triton_per_fused_nhwc_2", "512*x0 + 25088*x1 + 49*r0_1"))  # neither: channels_last vs NCHW
+    rows = {r[0]: r[1:] for r in codegen.uncoalesced_reductions(src)}
+    assert rows["triton_per_fused_rows_0"] == (1024, 128, 2, 0, 1)
+    assert rows["triton_per_fused_cols_1"] == (1024, 128, 2, 0, 1)
+    assert rows["triton_per_fused_nhwc_2"] == (1024, 128, 2, 1, 0)
+    text = codegen.report(list(codegen.uncoalesced_reductions(src)))
+    assert "`triton_per_fused_nhwc_2`" in text and "rows_0" not in text
+    assert text.endswith("(33.3%)")
+
+
+def test_generates_a_small_resnet18_step(tmp_path):
+    """The whole path (trace, pretended-H100 lowering, report) on a small ResNet-18 step, in its own process."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, os.path.join(TOOLS, "inductor_cuda_codegen.py"), "--model", "18",
+                           "--impl", "fp", "--batch", "2", "--image", "32", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    backward = (tmp_path / "resnet18_fp_backward.py").read_text()
+    assert "async_compile.triton(" in backward and "native_batch_norm_backward" in backward
+    assert "uncoalesced:" in (tmp_path / "resnet18_fp_uncoalesced.md").read_text()
