@@ -14,8 +14,8 @@ Inductor believe in a GPU are applied in this process only (never import this mo
 into Inductor's internals and are tested with torch 2.13 (this repository's CPU torch) only. The GPU box's torch 2.11
 may lower differently: treat a finding here as the hypothesis its next device call checks.
 
-The model is torchvision's ResNet-18/50 layout re-declared here (same layer shapes; torchvision is not installed on
-the CPU machine), batch 64 at 224x224, W4A4 through ``quantize_model``. ``--impl``: ``fp`` (no quantization),
+The model is ``gaqat_kernels.models``' ResNet-18/50 (torchvision's layout and in-place ReLUs; torchvision is not
+installed on the CPU machine), batch 64 at 224x224, W4A4 through ``quantize_model``. ``--impl``: ``fp`` (no quantization),
 ``eager_lsq`` (LSQ as eager ops) or ``ours`` (the default decomposed lowering). Per impl it writes
 ``<out>/<model>_<impl>_{forward,backward}.py`` (Inductor's wrapper with every kernel's source) and prints, then
 writes to ``<out>/<model>_<impl>_uncoalesced.md``, the reduction kernels with such loads and their share of all
@@ -92,64 +92,13 @@ def report(rows) -> str:
     return "\n".join(lines)
 
 
-class Bottleneck(nn.Module):
-    def __init__(self, cin: int, width: int, stride: int):
-        super().__init__()
-        cout = width * 4
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.down = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        r = x if self.down is None else self.down(x)
-        o = torch.relu(self.bn1(self.conv1(x)))
-        o = torch.relu(self.bn2(self.conv2(o)))
-        return torch.relu(self.bn3(self.conv3(o)) + r)
-
-
-class Basic(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.down = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        r = x if self.down is None else self.down(x)
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + r)
-
-
-class ResNet(nn.Module):
-    """torchvision's ResNet-18 / ResNet-50 layer shapes (stem, four stages, pooled linear head)."""
-
-    def __init__(self, depth: int):
-        super().__init__()
-        self.conv1, self.bn1, self.pool = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.MaxPool2d(3, 2, 1)
-        blocks, layers, cin = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}[depth], [], 64
-        for stage, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
-            for j in range(n):
-                stride = 2 if j == 0 and stage > 0 else 1
-                if depth == 50:
-                    layers.append(Bottleneck(cin, width, stride))
-                    cin = width * 4
-                else:
-                    layers.append(Basic(cin, width, stride))
-                    cin = width
-        self.layers, self.fc = nn.Sequential(*layers), nn.Linear(cin, 1000)
-
-    def forward(self, x):
-        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(x), 1), 1))
-
-
 def build(depth: int, impl: str, image: int) -> nn.Module:
     from gaqat_kernels.nn import LSQQuantizer, quantize_model
 
+    from gaqat_kernels.models import build_model
+
     torch.manual_seed(0)
-    model = ResNet(depth)
+    model = build_model(f"resnet{depth}", (3, image, image), 1000)  # torchvision's ResNet layout and module names
     if impl != "fp":
         quantize_model(model, 4, 4, example_inputs=torch.randn(2, 3, image, image), backend="reference")
         for q in model.modules():
