@@ -56,8 +56,8 @@ COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cp
 REDUCE_OVERHEAD_VARIANTS = {
     "reduce-overhead-no-persistent": {"triton.cudagraphs": True, "triton.persistent_reductions": False},
     "reduce-overhead-multi-kernel": {"triton.cudagraphs": True, "triton.multi_kernel": 1},
-    # Inductor's channels_last layout optimization off: with it, the quantized step's activation scale-gradient
-    # sums read a channels_last x against an NCHW dy (benchmarks/tools/inductor_cuda_codegen.py)
+    # Inductor's channels_last layout optimization off (NCHW everywhere): a full-tensor sum over channels_last
+    # operands walks the logical NCHW order (benchmarks/tools/inductor_cuda_codegen.py), as compiled eager LSQ's does
     "reduce-overhead-no-layout-opt": {"triton.cudagraphs": True, "layout_optimization": False},
 }
 

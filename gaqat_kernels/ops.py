@@ -112,7 +112,7 @@ class _DecomposedFakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, scale = ctx.saved_tensors
-        dx, ds = reference_backward(dy, x, scale, *ctx.config)
+        dx, ds = reference_backward(dy, x, scale, *ctx.config, per_tensor_by_dim1=True)
         return (dx if ctx.needs_input_grad[0] else None, ds if ctx.needs_input_grad[1] else None,
                 None, None, None, None)
 

@@ -53,3 +53,22 @@ def test_generates_a_small_resnet18_step(tmp_path):
     backward = (tmp_path / "resnet18_fp_backward.py").read_text()
     assert "async_compile.triton(" in backward and "native_batch_norm_backward" in backward
     assert "uncoalesced:" in (tmp_path / "resnet18_fp_uncoalesced.md").read_text()
+
+
+def uncoalesced_kernels(tmp_path, impl):
+    out = tmp_path / impl
+    done = subprocess.run([sys.executable, os.path.join(TOOLS, "inductor_cuda_codegen.py"), "--model", "18",
+                           "--impl", impl, "--batch", "4", "--image", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = codegen.uncoalesced_reductions((out / f"resnet18_{impl}_backward.py").read_text())
+    return [r[0] for r in rows if r[4]]
+
+
+def test_compiled_scale_gradient_sums_read_in_memory_order(tmp_path):
+    """Under Inductor's channels_last layout optimization (CUDA code generated for a pretended H100, torch as
+    installed), our lowering's per-tensor scale-gradient sums read every operand coalesced; eager LSQ's plain
+    ``sum()`` walks the logical NCHW order and reads its channels_last operands with a stride of C."""
+    pytest.importorskip("triton")
+    assert uncoalesced_kernels(tmp_path, "ours") == []
+    assert any("round" in name and "sum" in name for name in uncoalesced_kernels(tmp_path, "eager_lsq"))

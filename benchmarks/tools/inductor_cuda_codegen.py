@@ -127,6 +127,19 @@ def pretend_h100() -> None:
     torch.cuda.is_available = lambda: True
     torch.cuda.device_count = lambda: 1
     torch.cuda.current_device = lambda: 0
+    # cuDNN's choice for a convolution's outputs (and its gradients), which a CPU-only build cannot make for fake
+    # CUDA tensors (it would pick NCHW): channels_last when the input or the weight is channels_last
+    # (cudnn_conv_suggest_memory_format)
+    choose = torch._C._conv_determine_backend_memory_format
+
+    def cudnn_memory_format(input_, weight, backend):
+        if input_.device.type != "cuda":
+            return choose(input_, weight, backend)
+        last = any(t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+                   for t in (input_, weight))
+        return torch.channels_last if last else torch.contiguous_format
+
+    torch._C._conv_determine_backend_memory_format = cudnn_memory_format
     triton_utils.has_triton = lambda: True
     triton_utils.triton_hash_with_backend = lambda: "pretended-h100"
     scheduler.has_triton = lambda: True

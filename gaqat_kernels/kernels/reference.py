@@ -61,13 +61,17 @@ def reference_forward(x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional
 
 
 def reference_backward(
-    dy: Tensor, x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int], grad_scale: float
+    dy: Tensor, x: Tensor, scale: Tensor, qn: int, qp: int, axis: Optional[int], grad_scale: float,
+    *, per_tensor_by_dim1: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Gradients of the op: ``dx = dy`` where ``qn <= x/s <= qp`` (inclusive) else 0;
     ``ds = g * sum(dy * (round(v) - v))`` inside plus ``g * sum(dy * qn|qp)`` outside, summed per channel.
 
     Returns ``dx`` in x's dtype and ``ds`` in scale's dtype with scale's shape. A NaN in ``x`` gives ``dx = 0``
-    there and a NaN scale gradient for its own channel only.
+    there and a NaN scale gradient for its own channel only. ``per_tensor_by_dim1`` (the torch.compile lowering):
+    a per-tensor sum of a 4-D or larger x is taken over dim 1's slices first, then over dim 1. Same value up to
+    the summation order; Inductor then reduces in the tensor's memory layout (channels_last included) instead of
+    walking the logical NCHW order, which reads a channels_last tensor with a stride of C elements.
     """
     cd = compute_dtype(x)
     s = broadcast_scale(scale, x, axis).to(cd)
@@ -76,7 +80,9 @@ def reference_backward(
     r = torch.round(torch.clamp(v, qn, qp))
     dx = as_dtype(torch.where(inside, dy, torch.zeros((), dtype=dy.dtype, device=dy.device)), x.dtype)
     term = dy.to(cd) * (r - torch.where(inside, v, torch.zeros((), dtype=cd, device=v.device)))
-    if axis is None:
+    if axis is None and per_tensor_by_dim1 and x.dim() >= 4:
+        ds = term.sum(dim=[0] + list(range(2, x.dim()))).sum()
+    elif axis is None:
         ds = term.sum()
     else:
         dims = [d for d in range(x.dim()) if d != axis]
