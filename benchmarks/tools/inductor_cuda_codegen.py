@@ -93,21 +93,22 @@ def report(rows) -> str:
 
 
 def build(depth: int, impl: str, image: int) -> nn.Module:
-    from gaqat_kernels.nn import LSQQuantizer, quantize_model
-
     from gaqat_kernels.models import build_model
+    from gaqat_kernels.nn import LSQQuantizer, quantize_model
 
     torch.manual_seed(0)
     model = build_model(f"resnet{depth}", (3, image, image), 1000)  # torchvision's ResNet layout and module names
-    if impl != "fp":
-        quantize_model(model, 4, 4, example_inputs=torch.randn(2, 3, image, image), backend="reference")
-        for q in model.modules():
-            if isinstance(q, LSQQuantizer):
-                q._init_pending = False
-                if impl == "eager_lsq":
-                    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-                    from bench_train_step import _eager_lsq_forward
-                    q.forward = types.MethodType(_eager_lsq_forward, q)
+    if impl == "fp":
+        return model
+    quantize_model(model, 4, 4, example_inputs=torch.randn(2, 3, image, image), backend="reference")
+    if impl == "eager_lsq":
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from bench_train_step import _eager_lsq_forward
+    for q in model.modules():
+        if isinstance(q, LSQQuantizer):
+            q._init_pending = False
+            if impl == "eager_lsq":
+                q.forward = types.MethodType(_eager_lsq_forward, q)
     return model
 
 
@@ -119,8 +120,7 @@ def pretend_h100() -> None:
 
     props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3 (pretended)", total_memory=80 << 30,
                                   L2_cache_size=50 << 20, gcnArchName="", **H100)
-    fields = {k: H100[k] for k in ("multi_processor_count", "major", "regs_per_multiprocessor",
-                                   "max_threads_per_multi_processor", "warp_size")}
+    fields = {k: v for k, v in H100.items() if k != "minor"}  # what DeviceProperties holds
     DeviceProperties.create = classmethod(lambda cls, device: DeviceProperties(type="cuda", index=0, cc=90, **fields))
     torch.cuda.get_device_properties = lambda *a, **k: props
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
@@ -233,29 +233,21 @@ def main(argv=None) -> None:
     if len(args.impl) > 1:  # one process per impl: the pretended GPU cannot be taken back for the next trace
         import subprocess
 
-        base = [a for a in (argv if argv is not None else sys.argv[1:])]
-        rest, skip = [], False
-        for a in base:
-            if a == "--impl":
-                skip = True
-                continue
-            if skip and not a.startswith("--"):
-                continue
-            skip = False
-            rest.append(a)
+        common = ["--model", str(args.model), "--batch", str(args.batch), "--image", str(args.image), "--out", args.out]
+        common += ["--no-layout-opt"] if args.no_layout_opt else []
         for impl in args.impl:
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, *rest], check=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, *common], check=True)
         return
-    for impl in args.impl:
-        forward, backward = generate(args.model, impl, args.batch, args.image, not args.no_layout_opt)
-        tag = f"resnet{args.model}_{impl}" + ("_no_layout_opt" if args.no_layout_opt else "")
-        for part, src in (("forward", forward), ("backward", backward)):
-            with open(os.path.join(args.out, f"{tag}_{part}.py"), "w") as f:
-                f.write(src)
-        text = report(uncoalesced_reductions(backward))
-        with open(os.path.join(args.out, f"{tag}_uncoalesced.md"), "w") as f:
-            f.write(f"{tag}, backward (Inductor code for a pretended H100, torch {torch.__version__})\n\n{text}\n")
-        print(f"## {tag}\n{text.splitlines()[-1]}")
+    impl = args.impl[0]
+    forward, backward = generate(args.model, impl, args.batch, args.image, not args.no_layout_opt)
+    tag = f"resnet{args.model}_{impl}" + ("_no_layout_opt" if args.no_layout_opt else "")
+    for part, src in (("forward", forward), ("backward", backward)):
+        with open(os.path.join(args.out, f"{tag}_{part}.py"), "w") as f:
+            f.write(src)
+    text = report(uncoalesced_reductions(backward))
+    with open(os.path.join(args.out, f"{tag}_uncoalesced.md"), "w") as f:
+        f.write(f"{tag}, backward (Inductor code for a pretended H100, torch {torch.__version__})\n\n{text}\n")
+    print(f"## {tag}\n{text.splitlines()[-1]}")
 
 
 if __name__ == "__main__":
