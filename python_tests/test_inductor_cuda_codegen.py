@@ -52,7 +52,10 @@ def test_generates_a_small_resnet18_step(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     backward = (tmp_path / "resnet18_fp_backward.py").read_text()
     assert "async_compile.triton(" in backward and "native_batch_norm_backward" in backward
-    assert "uncoalesced:" in (tmp_path / "resnet18_fp_uncoalesced.md").read_text()
+    report = (tmp_path / "resnet18_fp_uncoalesced.md").read_text()
+    assert "uncoalesced:" in report
+    launches, gb = codegen.kernel_traffic(backward)
+    assert launches > 10 and gb > 0 and f"backward: {launches} Triton kernel launches" in report
 
 
 def uncoalesced_kernels(tmp_path, impl):
@@ -72,3 +75,19 @@ def test_compiled_scale_gradient_sums_read_in_memory_order(tmp_path):
     pytest.importorskip("triton")
     assert uncoalesced_kernels(tmp_path, "ours") == []
     assert any("round" in name and "sum" in name for name in uncoalesced_kernels(tmp_path, "eager_lsq"))
+
+
+def test_traffic_counts_the_wrapper_launches_not_the_kernels_own_benchmark_calls():
+    """Each kernel's ``kernel_num_gb`` times the wrapper's launches of it; with ``benchmark_kernel`` on, a kernel's
+    source holds a ``.run(`` of its own, which is not a launch of the step."""
+    def timed(name, gb, own_run):
+        body = f"inductor_meta={{'kernel_name': '{name}', 'kernel_num_gb': {gb}}}"
+        if own_run:
+            body += f"\ndef call(args):\n    {name}.run(*args, stream=stream0)"
+        return f"{name} = async_compile.triton('{name}', '''\n{body}\n''', device_str='cuda')\n"
+
+    src = (timed("triton_poi_fused_0", 0.5, True) + timed("triton_red_fused_1", 0.25, True)
+           + "triton_poi_fused_0.run(buf0, stream=raw_stream0)\n" * 3
+           + "triton_red_fused_1.run(buf1, stream=raw_stream0)\n")
+    assert codegen.kernel_calls(src) == {"triton_poi_fused_0": 3, "triton_red_fused_1": 1}
+    assert codegen.kernel_traffic(src) == (4, 1.75)

@@ -37,14 +37,21 @@ H100 = dict(multi_processor_count=132, major=9, minor=0, warp_size=32, max_threa
             regs_per_multiprocessor=65536)
 
 
+def kernel_calls(src: str) -> Dict[str, int]:
+    """How often the wrapper ``src`` launches each Triton kernel: its ``.run(`` calls outside the kernels' own
+    sources (with ``benchmark_kernel`` on, each source holds a benchmarking ``.run(`` of its own)."""
+    calls: Dict[str, int] = {}
+    for m in re.finditer(r"\b(triton_\w+)\.run\(", re.sub(r"'''.*?'''", "", src, flags=re.S)):
+        calls[m.group(1)] = calls.get(m.group(1), 0) + 1
+    return calls
+
+
 def uncoalesced_reductions(src: str) -> List[Tuple[str, int, int, int, int, int]]:
     """``(kernel, xnumel, r0_numel, calls, uncoalesced loads, other loads)`` for each reduction kernel of Inductor's
     output ``src`` (2D tiles: x and r0 only). A load is coalesced when a unit step of ``xindex`` or of ``r0_index``
     moves its address by 0 or 1 element at some of three sample points; its index expression is evaluated with the
     kernel's own ``x``/``r0_`` variable definitions."""
-    calls: Dict[str, int] = {}
-    for m in re.finditer(r"\b(triton_\w+)\.run\(", src):
-        calls[m.group(1)] = calls.get(m.group(1), 0) + 1
+    calls = kernel_calls(src)
     rows = []
     for m in re.finditer(r"async_compile\.triton\('(\w+)', '''(.*?)'''", src, re.S):
         name, body = m.group(1), m.group(2)
@@ -90,6 +97,20 @@ def report(rows) -> str:
     lines.append(f"\nuncoalesced: {bad / 1e6:.0f} M of the {total / 1e6:.0f} M elements the step's reduction kernels "
                  f"load ({bad / max(total, 1):.1%})")
     return "\n".join(lines)
+
+
+def kernel_traffic(src: str) -> Tuple[int, float]:
+    """``(Triton kernel launches, GB)`` of one wrapper ``src``: each kernel's ``kernel_num_gb`` (Inductor's own
+    estimate of the bytes of the buffers it reads and writes, present with ``benchmark_kernel`` on) times its calls.
+    Extern kernels (cuDNN convolutions, matmuls) are not counted: this is the traffic of Inductor's own kernels."""
+    calls = kernel_calls(src)
+    launches, gb = 0, 0.0
+    for m in re.finditer(r"async_compile\.triton\('(\w+)', '''(.*?)'''", src, re.S):
+        found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", m.group(2))
+        n = calls.get(m.group(1), 0)
+        launches += n
+        gb += n * float(found.group(1)) if found else 0.0
+    return launches, gb
 
 
 def build(depth: int, impl: str, image: int) -> nn.Module:
@@ -186,6 +207,7 @@ def generate(depth: int, impl: str, batch: int, image: int, layout_opt: bool) ->
     pretend_h100()
     inductor_config.layout_optimization = layout_opt
     inductor_config.force_layout_optimization = layout_opt  # its heuristics would read cuDNN, absent here
+    inductor_config.benchmark_kernel = True  # each kernel's kernel_num_gb, for kernel_traffic
     cuda_fake = FakeTensorMode(allow_non_fake_inputs=True)
     forward_strides: Dict[str, tuple] = {}
     codes = []
@@ -245,9 +267,12 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, f"{tag}_{part}.py"), "w") as f:
             f.write(src)
     text = report(uncoalesced_reductions(backward))
+    traffic = [(part, *kernel_traffic(src)) for part, src in (("forward", forward), ("backward", backward))]
+    text += "\n\n" + "\n".join(f"{part}: {n} Triton kernel launches, {gb:.2f} GB (Inductor's kernel_num_gb)"
+                                  for part, n, gb in traffic)
     with open(os.path.join(args.out, f"{tag}_uncoalesced.md"), "w") as f:
         f.write(f"{tag}, backward (Inductor code for a pretended H100, torch {torch.__version__})\n\n{text}\n")
-    print(f"## {tag}\n{text.splitlines()[-1]}")
+    print(f"## {tag}\n" + "\n".join(text.splitlines()[-4:]))
 
 
 if __name__ == "__main__":
