@@ -56,6 +56,8 @@ def test_generates_a_small_resnet18_step(tmp_path):
     assert "uncoalesced:" in report
     launches, gb = codegen.kernel_traffic(backward)
     assert launches > 10 and gb > 0 and f"backward: {launches} Triton kernel launches" in report
+    saved, saved_gb = codegen.saved_by_forward((tmp_path / "resnet18_fp_forward.py").read_text())
+    assert saved > 10 and saved_gb > 0 and "saved for backward" in report
 
 
 def uncoalesced_kernels(tmp_path, impl):
@@ -91,3 +93,17 @@ def test_traffic_counts_the_wrapper_launches_not_the_kernels_own_benchmark_calls
            + "triton_red_fused_1.run(buf1, stream=raw_stream0)\n")
     assert codegen.kernel_calls(src) == {"triton_poi_fused_0": 3, "triton_red_fused_1": 1}
     assert codegen.kernel_traffic(src) == (4, 1.75)
+
+
+def test_saved_by_forward_counts_the_wrappers_own_returned_buffers():
+    """Returned buffers the wrapper allocated count with their dtype's size; a returned buffer that an extern kernel
+    allocated (a convolution's output) and a buffer kept inside the forward do not."""
+    src = """
+def call(args):
+    buf0 = empty_strided_cuda((64, 8, 4, 4), (128, 1, 32, 8), torch.float32)
+    buf1 = empty_strided_cuda((64, 8, 4, 4), (128, 1, 32, 8), torch.bool)
+    buf2 = empty_strided_cuda((1000, ), (1, ), torch.bfloat16)
+    buf3 = extern_kernels.convolution(buf0, arg1_1, stride=(1, 1))
+    return (buf0, buf1, buf3, )
+"""
+    assert codegen.saved_by_forward(src) == (2, (8192 * 4 + 8192) / 1e9)

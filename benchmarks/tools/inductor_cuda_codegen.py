@@ -19,7 +19,8 @@ installed on the CPU machine), batch 64 at 224x224, W4A4 through ``quantize_mode
 ``eager_lsq`` (LSQ as eager ops) or ``ours`` (the default decomposed lowering). Per impl it writes
 ``<out>/<model>_<impl>_{forward,backward}.py`` (Inductor's wrapper with every kernel's source) and prints, then
 writes to ``<out>/<model>_<impl>_uncoalesced.md``, the reduction kernels with such loads and their share of all
-elements the step's reduction kernels load.
+elements the step's reduction kernels load; then each wrapper's Triton launches and bytes (Inductor's own per-kernel
+estimate) and the tensors the forward writes and saves for the backward: the traffic budget of a step.
 """
 from __future__ import annotations
 
@@ -111,6 +112,24 @@ def kernel_traffic(src: str) -> Tuple[int, float]:
         launches += n
         gb += n * float(found.group(1)) if found else 0.0
     return launches, gb
+
+
+def saved_by_forward(src: str) -> Tuple[int, float]:
+    """``(tensors, GB)`` that the forward wrapper ``src`` allocates itself and returns, i.e. saves for the backward
+    (the loss aside): each written once in the forward and read again in the backward. Extern kernels' outputs
+    (convolutions) are allocated by cuDNN, not by the wrapper, and are not counted."""
+    itemsize = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "bfloat16": 2, "float16": 2, "bool": 1,
+                "int8": 1, "uint8": 1}
+    body = src[src.index("def call("):]
+    sizes = {}
+    for m in re.finditer(r"(buf\d+) = empty_strided_cuda\(\(([^)]*)\), \([^)]*\), torch\.(\w+)\)", body):
+        numel = 1
+        for d in m.group(2).split(","):
+            numel *= int(d) if d.strip() else 1
+        sizes[m.group(1)] = numel * itemsize[m.group(3)]
+    returned = {n.strip() for n in re.findall(r"return \((.*?)\)\n", body, re.S)[-1].split(",")}
+    saved = [sizes[n] for n in returned if n in sizes]
+    return len(saved), sum(saved) / 1e9
 
 
 def build(depth: int, impl: str, image: int) -> nn.Module:
@@ -241,6 +260,16 @@ def generate(depth: int, impl: str, batch: int, image: int, layout_opt: bool) ->
     return codes[0], codes[1]
 
 
+def summary(forward: str, backward: str) -> str:
+    """Markdown of one step's wrappers: the backward's uncoalesced reductions, each wrapper's launches and bytes, and
+    what the forward saves for the backward."""
+    text = report(uncoalesced_reductions(backward))
+    traffic = [(part, *kernel_traffic(src)) for part, src in (("forward", forward), ("backward", backward))]
+    text += "\n\n" + "\n".join(f"{part}: {n} Triton kernel launches, {gb:.2f} GB (Inductor's kernel_num_gb)"
+                                  for part, n, gb in traffic)
+    return text + "\nsaved for backward by the forward's own kernels: %d tensors, %.2f GB" % saved_by_forward(forward)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=int, default=50, choices=(18, 50), help="ResNet depth")
@@ -266,13 +295,10 @@ def main(argv=None) -> None:
     for part, src in (("forward", forward), ("backward", backward)):
         with open(os.path.join(args.out, f"{tag}_{part}.py"), "w") as f:
             f.write(src)
-    text = report(uncoalesced_reductions(backward))
-    traffic = [(part, *kernel_traffic(src)) for part, src in (("forward", forward), ("backward", backward))]
-    text += "\n\n" + "\n".join(f"{part}: {n} Triton kernel launches, {gb:.2f} GB (Inductor's kernel_num_gb)"
-                                  for part, n, gb in traffic)
+    text = summary(forward, backward)
     with open(os.path.join(args.out, f"{tag}_uncoalesced.md"), "w") as f:
         f.write(f"{tag}, backward (Inductor code for a pretended H100, torch {torch.__version__})\n\n{text}\n")
-    print(f"## {tag}\n" + "\n".join(text.splitlines()[-4:]))
+    print(f"## {tag}\n" + "\n".join(text.splitlines()[-5:]))
 
 
 if __name__ == "__main__":
