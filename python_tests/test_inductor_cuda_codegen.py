@@ -43,20 +43,24 @@ def test_unit_stride_along_either_axis_is_coalesced_and_a_channel_stride_is_not(
     assert text.endswith("(33.3%)")
 
 
-def test_generates_a_small_resnet18_step(tmp_path):
+@pytest.mark.parametrize("bf16", [pytest.param(False, id="fp32"), pytest.param(True, id="bf16-autocast")])
+def test_generates_a_small_resnet18_step(tmp_path, bf16):
     """The whole path (trace, pretended-H100 lowering, report) on a small ResNet-18 step, in its own process."""
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, os.path.join(TOOLS, "inductor_cuda_codegen.py"), "--model", "18",
-                           "--impl", "fp", "--batch", "2", "--image", "32", "--out", str(tmp_path)],
+                           "--impl", "fp", "--batch", "2", "--image", "32", "--out", str(tmp_path)]
+                          + (["--bf16"] if bf16 else []),
                           capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 0, done.stderr[-3000:]
-    backward = (tmp_path / "resnet18_fp_backward.py").read_text()
+    tag = "resnet18_fp" + ("_bf16" if bf16 else "")
+    backward = (tmp_path / f"{tag}_backward.py").read_text()
+    assert ("bfloat16" in backward) == bf16  # autocast reached the lowered code, and only with --bf16
     assert "async_compile.triton(" in backward and "native_batch_norm_backward" in backward
-    report = (tmp_path / "resnet18_fp_uncoalesced.md").read_text()
+    report = (tmp_path / f"{tag}_uncoalesced.md").read_text()
     assert "uncoalesced:" in report
     launches, gb = codegen.kernel_traffic(backward)
     assert launches > 10 and gb > 0 and f"backward: {launches} Triton kernel launches" in report
-    saved, saved_gb = codegen.saved_by_forward((tmp_path / "resnet18_fp_forward.py").read_text())
+    saved, saved_gb = codegen.saved_by_forward((tmp_path / f"{tag}_forward.py").read_text())
     assert saved > 10 and saved_gb > 0 and "saved for backward" in report
 
 

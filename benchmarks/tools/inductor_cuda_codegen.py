@@ -185,7 +185,7 @@ def pretend_h100() -> None:
     scheduler.has_triton = lambda: True
 
 
-def generate(depth: int, impl: str, batch: int, image: int, layout_opt: bool) -> Tuple[str, str]:
+def generate(depth: int, impl: str, batch: int, image: int, layout_opt: bool, bf16: bool = False) -> Tuple[str, str]:
     """Inductor's forward and backward wrapper code (kernel sources inside) for one step of ``impl``."""
     from torch._functorch.aot_autograd import aot_function
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -207,7 +207,11 @@ def generate(depth: int, impl: str, batch: int, image: int, layout_opt: bool) ->
         y = torch.zeros(batch, dtype=torch.long)
 
     def step(p, b, x, y):
-        return nn.functional.cross_entropy(torch.func.functional_call(model, {**p, **b}, (x,)), y)
+        # bf16: autocast as the benchmark's bf16 rows (CPU autocast while tracing: its op lists put convolutions and
+        # matmuls in bf16, as CUDA's do)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = torch.func.functional_call(model, {**p, **b}, (x,))
+        return nn.functional.cross_entropy(logits.float(), y)
 
     def capture(is_backward):
         return lambda gm, inputs: captured.append((gm, inputs, is_backward)) or gm
@@ -278,6 +282,7 @@ def main(argv=None) -> None:
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--no-layout-opt", action="store_true",
                    help="Inductor's layout optimization off (torch._inductor.config.layout_optimization = False)")
+    p.add_argument("--bf16", action="store_true", help="the step under bf16 autocast (the benchmark's bf16 rows)")
     p.add_argument("--out", default="bench_out/codegen")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -286,12 +291,13 @@ def main(argv=None) -> None:
 
         common = ["--model", str(args.model), "--batch", str(args.batch), "--image", str(args.image), "--out", args.out]
         common += ["--no-layout-opt"] if args.no_layout_opt else []
+        common += ["--bf16"] if args.bf16 else []
         for impl in args.impl:
             subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, *common], check=True)
         return
     impl = args.impl[0]
-    forward, backward = generate(args.model, impl, args.batch, args.image, not args.no_layout_opt)
-    tag = f"resnet{args.model}_{impl}" + ("_no_layout_opt" if args.no_layout_opt else "")
+    forward, backward = generate(args.model, impl, args.batch, args.image, not args.no_layout_opt, args.bf16)
+    tag = f"resnet{args.model}_{impl}" + ("_bf16" if args.bf16 else "") + ("_no_layout_opt" if args.no_layout_opt else "")
     for part, src in (("forward", forward), ("backward", backward)):
         with open(os.path.join(args.out, f"{tag}_{part}.py"), "w") as f:
             f.write(src)
