@@ -86,13 +86,12 @@ def test_compiled_scale_gradient_sums_read_in_memory_order(tmp_path):
 def test_traffic_counts_the_wrapper_launches_not_the_kernels_own_benchmark_calls():
     """Each kernel's ``kernel_num_gb`` times the wrapper's launches of it; with ``benchmark_kernel`` on, a kernel's
     source holds a ``.run(`` of its own, which is not a launch of the step."""
-    def timed(name, gb, own_run):
-        body = f"inductor_meta={{'kernel_name': '{name}', 'kernel_num_gb': {gb}}}"
-        if own_run:
-            body += f"\ndef call(args):\n    {name}.run(*args, stream=stream0)"
+    def timed(name, gb):
+        body = (f"inductor_meta={{'kernel_name': '{name}', 'kernel_num_gb': {gb}}}"
+                f"\ndef call(args):\n    {name}.run(*args, stream=stream0)")
         return f"{name} = async_compile.triton('{name}', '''\n{body}\n''', device_str='cuda')\n"
 
-    src = (timed("triton_poi_fused_0", 0.5, True) + timed("triton_red_fused_1", 0.25, True)
+    src = (timed("triton_poi_fused_0", 0.5) + timed("triton_red_fused_1", 0.25)
            + "triton_poi_fused_0.run(buf0, stream=raw_stream0)\n" * 3
            + "triton_red_fused_1.run(buf1, stream=raw_stream0)\n")
     assert codegen.kernel_calls(src) == {"triton_poi_fused_0": 3, "triton_red_fused_1": 1}

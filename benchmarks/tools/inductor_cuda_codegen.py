@@ -25,6 +25,7 @@ estimate) and the tensors the forward writes and saves for the backward: the tra
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -47,6 +48,11 @@ def kernel_calls(src: str) -> Dict[str, int]:
     return calls
 
 
+def kernel_sources(src: str):
+    """``(name, source)`` of each Triton kernel that the wrapper ``src`` defines."""
+    return re.findall(r"async_compile\.triton\('(\w+)', '''(.*?)'''", src, re.S)
+
+
 def uncoalesced_reductions(src: str) -> List[Tuple[str, int, int, int, int, int]]:
     """``(kernel, xnumel, r0_numel, calls, uncoalesced loads, other loads)`` for each reduction kernel of Inductor's
     output ``src`` (2D tiles: x and r0 only). A load is coalesced when a unit step of ``xindex`` or of ``r0_index``
@@ -54,8 +60,7 @@ def uncoalesced_reductions(src: str) -> List[Tuple[str, int, int, int, int, int]
     kernel's own ``x``/``r0_`` variable definitions."""
     calls = kernel_calls(src)
     rows = []
-    for m in re.finditer(r"async_compile\.triton\('(\w+)', '''(.*?)'''", src, re.S):
-        name, body = m.group(1), m.group(2)
+    for name, body in kernel_sources(src):
         if not name.startswith(("triton_per", "triton_red")) or "ynumel" in body:
             continue
         xn = int(re.search(r"xnumel = (\d+)", body).group(1))
@@ -106,9 +111,9 @@ def kernel_traffic(src: str) -> Tuple[int, float]:
     Extern kernels (cuDNN convolutions, matmuls) are not counted: this is the traffic of Inductor's own kernels."""
     calls = kernel_calls(src)
     launches, gb = 0, 0.0
-    for m in re.finditer(r"async_compile\.triton\('(\w+)', '''(.*?)'''", src, re.S):
-        found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", m.group(2))
-        n = calls.get(m.group(1), 0)
+    for name, body in kernel_sources(src):
+        found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", body)
+        n = calls.get(name, 0)
         launches += n
         gb += n * float(found.group(1)) if found else 0.0
     return launches, gb
@@ -118,15 +123,11 @@ def saved_by_forward(src: str) -> Tuple[int, float]:
     """``(tensors, GB)`` that the forward wrapper ``src`` allocates itself and returns, i.e. saves for the backward
     (the loss aside): each written once in the forward and read again in the backward. Extern kernels' outputs
     (convolutions) are allocated by cuDNN, not by the wrapper, and are not counted."""
-    itemsize = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "bfloat16": 2, "float16": 2, "bool": 1,
-                "int8": 1, "uint8": 1}
     body = src[src.index("def call("):]
     sizes = {}
     for m in re.finditer(r"(buf\d+) = empty_strided_cuda\(\(([^)]*)\), \([^)]*\), torch\.(\w+)\)", body):
-        numel = 1
-        for d in m.group(2).split(","):
-            numel *= int(d) if d.strip() else 1
-        sizes[m.group(1)] = numel * itemsize[m.group(3)]
+        numel = math.prod(int(d) for d in m.group(2).split(",") if d.strip())
+        sizes[m.group(1)] = numel * getattr(torch, m.group(3)).itemsize
     returned = {n.strip() for n in re.findall(r"return \((.*?)\)\n", body, re.S)[-1].split(",")}
     saved = [sizes[n] for n in returned if n in sizes]
     return len(saved), sum(saved) / 1e9
