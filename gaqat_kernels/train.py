@@ -85,7 +85,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--freeze-mode", default="update", choices=FREEZE_MODES, help="GAQAT/FQAT: update = a "
                    "frozen parameter and its optimizer state stay as they were; gradient = only its gradient is "
                    "zeroed (Adam's moments still move it); task = it steps on its task gradient g(w), without "
-                   "SAM's smoothness term")
+                   "SAM's smoothness term; project = where SAM's gradient points against the task gradient, "
+                   "its component along it is removed (PCGrad per layer)")
     p.add_argument("--decay", type=float, default=0.9, help="GAQAT/FQAT disorder EMA decay")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="GAQAT/FQAT: no freezing during this "
                    "fraction of the quantized steps")

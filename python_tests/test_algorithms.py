@@ -82,6 +82,69 @@ def test_task_mode_steps_frozen_layers_on_their_task_gradient(cls):
         assert torch.equal(p.grad, value)
 
 
+def pcgrad_reference(grads, tasks):
+    """float64 PCGrad of one layer's gradient vector (its tensors together) against its task gradient."""
+    g = torch.cat([x.double().reshape(-1) for x in grads])
+    t = torch.cat([x.double().reshape(-1) for x in tasks])
+    coef = min(0.0, float(g @ t)) / float(t @ t)
+    return [x.double() - coef * y.double() for x, y in zip(grads, tasks)]
+
+
+@pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
+@pytest.mark.parametrize("agree", [False, True], ids=["conflicting", "agreeing"])
+def test_project_mode_removes_the_conflicting_component(cls, agree):
+    """freeze_mode="project": a frozen layer's SAM gradient (GAQAT: over its scales; FQAT: over all of its
+    parameters, as one vector) loses its component along the task gradient when they point apart, and is then
+    orthogonal to it; a frozen layer whose gradients agree, and every layer not frozen, keeps SAM's bit for bit."""
+    model = small_model()
+    kwargs = dict(max_frozen_fraction=0.34) if cls is FQAT else {}
+    alg = cls(model, lr=0.1, rule="absolute", threshold=0.4, freeze_mode="project", **kwargs)
+    gen = torch.Generator().manual_seed(11)
+    expected, frozen_params = {}, []
+    for k, (_, module) in enumerate(quantized_layers(model)):
+        params = [p for p in module.parameters() if cls is FQAT or any(p is s for s in layer_scales(module))]
+        for p in module.parameters():
+            task = torch.randn(p.shape, generator=gen)
+            alg.sam.state[p]["task_grad"] = task
+            # layer 1's smoothness gradient points against the task (the tracker freezes it); its SAM gradient
+            # g = task + smooth agrees with the task overall in the "agreeing" case, opposes it otherwise
+            along = (0.3 if agree else -0.7) if k == 1 else 2.0
+            p.grad = along * task + 0.2 * torch.randn(p.shape, generator=gen)
+            expected[p] = p.grad.clone()
+        if k == 1:
+            frozen_params = params
+    grads, tasks = [p.grad.clone() for p in frozen_params], [alg.sam.state[p]["task_grad"] for p in frozen_params]
+    dot = float(sum((g.double() * t.double()).sum() for g, t in zip(grads, tasks)))
+    assert (dot > 0) == agree
+    for p, value in zip(frozen_params, pcgrad_reference(grads, tasks)):
+        expected[p] = value
+    alg.between_passes()
+    assert alg.tracker.state.frozen.tolist() == [False, True, False]
+    for p, value in expected.items():
+        if agree or not any(p is q for q in frozen_params):
+            assert torch.equal(p.grad, value.to(p.grad.dtype))
+        else:
+            torch.testing.assert_close(p.grad.double(), value, rtol=1e-5, atol=1e-6)
+    if not agree:
+        after = sum((p.grad.double() * alg.sam.state[p]["task_grad"].double()).sum() for p in frozen_params)
+        assert abs(float(after)) < 1e-5 * abs(dot)
+
+
+def test_project_mode_without_frozen_layers_is_sam():
+    """No layer frozen (a uniform model under zscore): project mode steps exactly as update mode does."""
+    x, y = batch()
+    results = []
+    for mode in ("update", "project"):
+        model = small_model()
+        alg = GAQAT(model, lr=0.1, rule="absolute", threshold=10.0, freeze_mode=mode)
+        for _ in range(2):
+            alg.step(closure_for(model, x, y))
+        assert not alg.tracker.state.frozen.any()
+        results.append(copy.deepcopy(model.state_dict()))
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
 def test_task_mode_moves_frozen_scales_by_the_task_gradient():
     """Every layer frozen from the first step: the scales move (unlike update mode), by SGD on g(w)."""
     x, y = batch()
@@ -320,7 +383,7 @@ def test_state_dict_resumes_identically():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["gaqat", "fqat"])
 @pytest.mark.parametrize("tracker_backend", ["triton", "cuda"])
-@pytest.mark.parametrize("freeze_mode", ["update", "task"])
+@pytest.mark.parametrize("freeze_mode", ["update", "task", "project"])
 def test_training_steps_never_synchronise(name, tracker_backend, freeze_mode):
     from gaqat_kernels import available_backends
 
@@ -352,7 +415,8 @@ def test_one_argument_set_serves_every_algorithm():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name, optimizer, freeze_mode", [("erm", "sgd", None), ("sam", "adam", None),
                                                         ("gaqat", "sgd", "update"), ("fqat", "adam", "update"),
-                                                        ("gaqat", "adam", "task"), ("fqat", "sgd", "task")])
+                                                        ("gaqat", "adam", "task"), ("fqat", "sgd", "task"),
+                                                        ("gaqat", "adam", "project"), ("fqat", "sgd", "project")])
 def test_cuda_graph_steps_equal_eager_steps(name, optimizer, freeze_mode, monkeypatch):
     """CUDAGraphStep replays the same kernels: the weights after 6 steps (3 eager, 1 captured, 2 replayed)
     equal 6 eager steps; every replay is a real step (counter, logging)."""

@@ -97,3 +97,39 @@ def test_counts_files_merge_with_run_folders(tmp_path):
     assert counts["layers"] == {"s0": 3, "s1": 3}
     rows = [line for line in text.splitlines() if line.startswith("| s")]
     assert len(rows) == 1 and rows[0].startswith("| s1 ")  # the table has rows for the fresh folders only
+
+
+def test_alignment_recovers_the_sam_gradient_cosine_from_the_tracker_statistics(tmp_path):
+    """Stats of constructed vectors, computed by the tracker itself: layer a's SAM gradient is the task gradient
+    rotated by 45 degrees (the tracker's cosine(g_t, g_sam - g_t) is negative, yet the step agrees with the task),
+    layer b's points against it, layer c's along it."""
+    from gaqat_kernels.algorithms import ConflictTracker
+
+    task = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 1.0], dtype=torch.float32)
+    sam = torch.tensor([0.5, 0.5, -1.0, -0.5, 2.0, 2.0], dtype=torch.float32)
+    tracker = ConflictTracker([2, 2, 2], device="cpu", backend="reference", rule="absolute", threshold=10.0)
+    log = ConflictLog(["a", "b", "c"], every=1)
+    for step in range(3):
+        tracker.update(task, sam - task)
+        log.record(step, tracker.stats, torch.tensor([False, True, True]))
+    log.write_jsonl(os.path.join(tmp_path, "conflict.jsonl"))
+    records = conflict_summary.read_jsonl(os.path.join(tmp_path, "conflict.jsonl"))
+    by_layer = {r["layer"]: r for r in records if r["step"] == 0}
+    expected = {}
+    for k, name in enumerate("abc"):
+        t, g = task[2 * k: 2 * k + 2].double(), sam[2 * k: 2 * k + 2].double()
+        expected[name] = float(t @ g / (t.norm() * g.norm()))
+        r = by_layer[name]
+        assert conflict_summary.sam_task_cosine(r["cosine"], r["task_norm"], r["smooth_norm"]) == \
+            pytest.approx(expected[name], abs=1e-6)
+    assert by_layer["a"]["cosine"] < 0 < expected["a"]
+    row = conflict_summary.alignment(str(tmp_path))
+    assert row["records"] == 9
+    assert row["opposed"] == pytest.approx(1 / 3)       # layer b
+    assert row["opposed_frozen"] == pytest.approx(1 / 2)  # b and c frozen, b opposed
+    assert row["sam_cosine"][1] == pytest.approx(expected["a"], abs=1e-6)
+    assert "0.333 / 0.500" in conflict_summary.alignment_table([row])
+
+
+def test_alignment_of_a_zero_task_gradient_is_zero():
+    assert conflict_summary.sam_task_cosine(0.0, 0.0, 1.0) == 0.0

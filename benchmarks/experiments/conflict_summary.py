@@ -4,7 +4,8 @@ the training script logs every ``--log-every`` steps).
     python benchmarks/experiments/conflict_summary.py runs/pacs/pacs_w4/PACS_gaqat_w4a4_t0_s2 [RUN_DIR ...] \
         [--counts freeze_counts.json] [--plot conflict.png]
 
-``--persistence`` adds a second table: whether the layers' disorder differs *persistently* (a rule can only
+``--alignment`` adds a table of whether SAM's scale gradient itself (``g_sam = g_task + g_smooth``, what the step
+uses) points against the task gradient, derived from the logged norms and cosine. ``--persistence`` adds a table: whether the layers' disorder differs *persistently* (a rule can only
 single out layers that stay apart): the spread of the layers' mean D over the second half of the records against
 each layer's own spread over that half, the rank correlation of the layers' mean D between the two halves after
 warm-up, and how often the most often frozen layers were frozen.
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import defaultdict
-from statistics import correlation, mean, pstdev
+from statistics import correlation, mean, median, pstdev
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
@@ -100,6 +102,51 @@ def persistence(run_dir: str, warmup_step: int = 0, top: int = 3) -> Dict:
     }
 
 
+ALIGNMENT_COLUMNS = ("run", "records", "|g_s| / |g_t| (median)", "cos(g_t, g_s) (median)",
+                     "cos(g_t, g_sam) (p10 / median / p90)", "<g_sam, g_t> < 0: all / frozen")
+
+
+def sam_task_cosine(cosine: float, task_norm: float, smooth_norm: float) -> float:
+    """cos(g_t, g_sam) of a record, from what the tracker logs: g_sam = g_t + g_s, so with r = |g_s| / |g_t| and
+    c = cos(g_t, g_s), cos(g_t, g_sam) = (1 + c r) / sqrt(1 + 2 c r + r^2). 0 for a zero gradient."""
+    if task_norm == 0:
+        return 0.0
+    r = smooth_norm / task_norm
+    norm2 = 1 + 2 * cosine * r + r * r
+    return (1 + cosine * r) / math.sqrt(norm2) if norm2 > 0 else 0.0
+
+
+def alignment(run_dir: str, warmup_step: int = 0) -> Dict:
+    """Whether SAM's scale gradient g_sam (the one the step uses) points against the task gradient g_t, in the
+    records at steps >= ``warmup_step``: a negative cos(g_t, g_s) with g_s = g_sam - g_t (the tracker's conflict)
+    only needs g_sam's component along g_t to be shorter than |g_t|, e.g. a g_sam merely decorrelated from g_t."""
+    records = [r for r in read_jsonl(os.path.join(run_dir, "conflict.jsonl")) if r["step"] >= warmup_step]
+    if not records:
+        raise ValueError(f"run_dir: {run_dir} has no records after step {warmup_step}")
+    cos_sam = [sam_task_cosine(r["cosine"], r["task_norm"], r["smooth_norm"]) for r in records]
+    frozen = [c for c, r in zip(cos_sam, records) if r["frozen"]]
+    ordered = sorted(cos_sam)
+    return {
+        "run": os.path.basename(os.path.normpath(run_dir)),
+        "records": len(records),
+        "norm_ratio": median(r["smooth_norm"] / r["task_norm"] for r in records if r["task_norm"] > 0),
+        "cosine": median(r["cosine"] for r in records),
+        "sam_cosine": (ordered[len(ordered) // 10], median(ordered), ordered[(9 * len(ordered)) // 10]),
+        "opposed": mean(float(c < 0) for c in cos_sam),
+        "opposed_frozen": mean(float(c < 0) for c in frozen) if frozen else float("nan"),
+    }
+
+
+def alignment_table(rows: List[Dict]) -> str:
+    lines = ["| " + " | ".join(ALIGNMENT_COLUMNS) + " |", "|" + "---|" * len(ALIGNMENT_COLUMNS)]
+    for r in rows:
+        lo, mid, hi = r["sam_cosine"]
+        cells = [r["run"], str(r["records"]), f"{r['norm_ratio']:.2f}", f"{r['cosine']:.2f}",
+                 f"{lo:.2f} / {mid:.2f} / {hi:.2f}", f"{r['opposed']:.3f} / {r['opposed_frozen']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def persistence_table(rows: List[Dict]) -> str:
     lines = ["| " + " | ".join(PERSISTENCE_COLUMNS) + " |", "|" + "---|" * len(PERSISTENCE_COLUMNS)]
     for r in rows:
@@ -147,6 +194,8 @@ def main(argv=None) -> str:
     p.add_argument("--plot", default=None, help="draw the frozen-layer counts over the steps into this image")
     p.add_argument("--persistence", type=int, default=None, metavar="WARMUP_STEP",
                    help="also the persistence table, from the records at steps >= WARMUP_STEP (the freezing warm-up)")
+    p.add_argument("--alignment", type=int, default=None, metavar="WARMUP_STEP",
+                   help="also the alignment table (does SAM's scale gradient oppose the task's?), steps >= WARMUP_STEP")
     args = p.parse_args(argv)
     # counts files saved by earlier calls (e.g. another seed's runs) merge with the run folders given beside them
     saved = [json.load(open(r)) for r in args.runs if r.endswith(".json")]
@@ -161,6 +210,8 @@ def main(argv=None) -> str:
         text = table(summaries)
         if args.persistence is not None:
             text += "\n\n" + persistence_table([persistence(d, args.persistence) for d in run_dirs])
+        if args.alignment is not None:
+            text += "\n\n" + alignment_table([alignment(d, args.alignment) for d in run_dirs])
         print(text)
     if args.counts:
         with open(args.counts, "w") as f:

@@ -20,6 +20,9 @@ moments, SGD's momentum and decoupled weight decay still move the parameter (und
 step moves by ~0.9 of a normal update), so a rule that freezes a layer for a few steps at a time barely acts.
 ``freeze_mode="task"`` freezes only the smoothness term: a frozen layer steps on its task gradient ``g(w)``
 instead of SAM's ``g(w + e)``, i.e. without the part of its gradient that conflicts with the task's.
+``freeze_mode="project"`` removes only the conflicting direction (PCGrad, per layer): where a frozen layer's SAM
+gradient points against its task gradient, ``<g(w + e), g(w)> < 0``, it steps on ``g(w + e)`` minus its component
+along ``g(w)``; a frozen layer whose two gradients agree steps on SAM's as if not frozen.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from .conflict import DEFAULT_RULE, ConflictTracker
 from .stats_log import ConflictLog
 
 
-FREEZE_MODES = ("update", "gradient", "task")
+FREEZE_MODES = ("update", "gradient", "task", "project")
 
 
 def _masked_assign(tensors: List[torch.Tensor], values: torch.Tensor, mask: torch.Tensor) -> None:
@@ -132,7 +135,8 @@ class GAQAT(SAMTraining):
         backend: the tracker's kernel backend.
         freeze_mode: "update" (a frozen parameter and its optimizer state stay as they were this step),
             "gradient" (only its gradient is zeroed; the optimizer's moments and decay still move it) or "task"
-            (it steps on its task gradient g(w) instead of SAM's g(w + e): the smoothness term is what is frozen).
+            (it steps on its task gradient g(w) instead of SAM's g(w + e): the smoothness term is what is frozen)
+            or "project" (where <g(w + e), g(w)> < 0 over the layer, g(w + e) loses its component along g(w)).
     """
 
     name = "gaqat"
@@ -189,6 +193,9 @@ class GAQAT(SAMTraining):
         if self.freeze_mode == "task":
             self._step_on_task_gradients(frozen)
             return
+        if self.freeze_mode == "project":
+            self._project_off_task_gradients(frozen, task, smooth)
+            return
         keep = (~frozen).to(torch.float32)
         per_element = keep[self._scale_layer].split(self._scale_sizes)
         pairs = [(p.grad, k.view_as(p.grad)) for p, k in zip(self.scales, per_element) if p.grad is not None]
@@ -214,6 +221,39 @@ class GAQAT(SAMTraining):
                 items.append((p.grad, task, mask.expand(p.numel())))
         if items:
             _select_task_gradients(items)
+
+    def _project_off_task_gradients(self, frozen: torch.Tensor, task: torch.Tensor, smooth: torch.Tensor) -> None:
+        """PCGrad per frozen layer, over the parameters it freezes (GAQAT: its scales; FQAT: all of them):
+        ``g -= min(0, <g, g_t>) / |g_t|^2 * g_t`` with ``g`` SAM's gradient and ``g_t`` the task gradient, so that
+        ``<g, g_t> >= 0`` afterwards. ``task``/``smooth``: the scales' flat float32 gradients (``g = task + smooth``).
+        Float32 dot products, no host sync."""
+        dot = torch.zeros(len(self.layer_names), dtype=torch.float32, device=task.device)
+        norm2 = torch.zeros_like(dot)
+        dot.index_add_(0, self._scale_layer, task * (task + smooth))
+        norm2.index_add_(0, self._scale_layer, task * task)
+        others = []
+        for p in self._other_params:
+            task_grad = self.sam.state.get(p, {}).get("task_grad")
+            others.append((p.grad, task_grad) if p.grad is not None and task_grad is not None else None)
+        if others:
+            zero = torch.zeros((), dtype=torch.float32, device=task.device)
+            dot.index_add_(0, self._other_layer, torch.stack(
+                [zero if o is None else torch.sum(o[0].float() * o[1].float()) for o in others]))
+            norm2.index_add_(0, self._other_layer, torch.stack(
+                [zero if o is None else torch.sum(o[1].float().square()) for o in others]))
+        # a layer with a zero task gradient has dot = 0: its coefficient is 0 whatever norm2's floor
+        coef = torch.where(frozen & (dot < 0), dot / norm2.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        grads, tasks, factors = [], [], []
+        per_scale = coef[self._scale_layer].split(self._scale_sizes)
+        per_param = coef[self._other_layer].unbind(0) if self._other_params else ()
+        for p, factor in [*zip(self.scales, per_scale), *zip(self._other_params, per_param)]:
+            task_grad = self.sam.state.get(p, {}).get("task_grad")
+            if p.grad is not None and task_grad is not None:
+                grads.append(p.grad)
+                tasks.append(task_grad)
+                factors.append(factor.view_as(p.grad).to(p.grad.dtype) if factor.dim() else factor.to(p.grad.dtype))
+        if grads:
+            torch._foreach_sub_(grads, torch._foreach_mul(tasks, factors))
 
     def before_update(self) -> None:
         if self._held is not None:
