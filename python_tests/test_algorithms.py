@@ -131,7 +131,7 @@ def test_project_mode_removes_the_conflicting_component(cls, agree):
 
 
 def test_project_mode_without_frozen_layers_is_sam():
-    """No layer frozen (a uniform model under zscore): project mode steps exactly as update mode does."""
+    """No layer frozen (the absolute bar above every disorder): project mode steps exactly as update mode does."""
     x, y = batch()
     results = []
     for mode in ("update", "project"):

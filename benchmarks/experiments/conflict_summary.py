@@ -5,8 +5,8 @@ the training script logs every ``--log-every`` steps).
         [--counts freeze_counts.json] [--plot conflict.png]
 
 ``--alignment`` adds a table of whether SAM's scale gradient itself (``g_sam = g_task + g_smooth``, what the step
-uses) points against the task gradient, derived from the logged norms and cosine. ``--persistence`` adds a table: whether the layers' disorder differs *persistently* (a rule can only
-single out layers that stay apart): the spread of the layers' mean D over the second half of the records against
+uses) points against the task gradient, derived from the logged norms and cosine. ``--persistence`` adds a table:
+whether the layers' disorder differs *persistently* (a rule can only single out layers that stay apart): the spread of the layers' mean D over the second half of the records against
 each layer's own spread over that half, the rank correlation of the layers' mean D between the two halves after
 warm-up, and how often the most often frozen layers were frozen.
 
@@ -73,10 +73,15 @@ def _ranks(values: List[float]) -> List[float]:
     return ranks
 
 
+def records_after(run_dir: str, warmup_step: int) -> List[dict]:
+    """The records of ``run_dir``'s ``conflict.jsonl`` at steps >= ``warmup_step``."""
+    return [r for r in read_jsonl(os.path.join(run_dir, "conflict.jsonl")) if r["step"] >= warmup_step]
+
+
 def persistence(run_dir: str, warmup_step: int = 0, top: int = 3) -> Dict:
     """Whether the layers' disorder differs persistently in one run: records at steps >= ``warmup_step`` are split
     into halves; population standard deviations; Spearman's rank correlation (ties broken by order)."""
-    records = [r for r in read_jsonl(os.path.join(run_dir, "conflict.jsonl")) if r["step"] >= warmup_step]
+    records = records_after(run_dir, warmup_step)
     by_layer: Dict[str, List[dict]] = defaultdict(list)
     for r in records:
         by_layer[r["layer"]].append(r)
@@ -120,7 +125,7 @@ def alignment(run_dir: str, warmup_step: int = 0) -> Dict:
     """Whether SAM's scale gradient g_sam (the one the step uses) points against the task gradient g_t, in the
     records at steps >= ``warmup_step``: a negative cos(g_t, g_s) with g_s = g_sam - g_t (the tracker's conflict)
     only needs g_sam's component along g_t to be shorter than |g_t|, e.g. a g_sam merely decorrelated from g_t."""
-    records = [r for r in read_jsonl(os.path.join(run_dir, "conflict.jsonl")) if r["step"] >= warmup_step]
+    records = records_after(run_dir, warmup_step)
     if not records:
         raise ValueError(f"run_dir: {run_dir} has no records after step {warmup_step}")
     cos_sam = [sam_task_cosine(r["cosine"], r["task_norm"], r["smooth_norm"]) for r in records]

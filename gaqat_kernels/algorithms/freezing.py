@@ -210,15 +210,20 @@ class GAQAT(SAMTraining):
             if grads:
                 torch._foreach_mul_(grads, factors)
 
-    def _step_on_task_gradients(self, frozen: torch.Tensor) -> None:
-        """The frozen layers' gradients (scales; FQAT: every parameter of the layer) become their task gradients."""
-        items = []
-        per_element = frozen[self._scale_layer].split(self._scale_sizes)
-        per_param = frozen[self._other_layer].unbind(0) if self._other_params else ()
-        for p, mask in [*zip(self.scales, per_element), *zip(self._other_params, per_param)]:
+    def _held_gradients(self, per_layer: torch.Tensor):
+        """``(grad, task_grad, value)`` of every parameter that freezing acts on (scales; FQAT: every parameter of
+        the layer) and that has both gradients; ``value``: its layer's entry of ``per_layer`` (one per layer), one per
+        element (flat) for a scale, 0-dim for another parameter."""
+        per_scale = per_layer[self._scale_layer].split(self._scale_sizes)
+        per_param = per_layer[self._other_layer].unbind(0) if self._other_params else ()
+        for p, value in [*zip(self.scales, per_scale), *zip(self._other_params, per_param)]:
             task = self.sam.state.get(p, {}).get("task_grad")
             if p.grad is not None and task is not None:
-                items.append((p.grad, task, mask.expand(p.numel())))
+                yield p.grad, task, value
+
+    def _step_on_task_gradients(self, frozen: torch.Tensor) -> None:
+        """The frozen layers' gradients (scales; FQAT: every parameter of the layer) become their task gradients."""
+        items = [(grad, task, mask.expand(grad.numel())) for grad, task, mask in self._held_gradients(frozen)]
         if items:
             _select_task_gradients(items)
 
@@ -243,17 +248,10 @@ class GAQAT(SAMTraining):
                 [zero if o is None else torch.sum(o[1].float().square()) for o in others]))
         # a layer with a zero task gradient has dot = 0: its coefficient is 0 whatever norm2's floor
         coef = torch.where(frozen & (dot < 0), dot / norm2.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        grads, tasks, factors = [], [], []
-        per_scale = coef[self._scale_layer].split(self._scale_sizes)
-        per_param = coef[self._other_layer].unbind(0) if self._other_params else ()
-        for p, factor in [*zip(self.scales, per_scale), *zip(self._other_params, per_param)]:
-            task_grad = self.sam.state.get(p, {}).get("task_grad")
-            if p.grad is not None and task_grad is not None:
-                grads.append(p.grad)
-                tasks.append(task_grad)
-                factors.append(factor.view_as(p.grad).to(p.grad.dtype) if factor.dim() else factor.to(p.grad.dtype))
-        if grads:
-            torch._foreach_sub_(grads, torch._foreach_mul(tasks, factors))
+        items = list(self._held_gradients(coef))
+        if items:
+            factors = [(c.view_as(grad) if c.dim() else c).to(grad.dtype) for grad, _, c in items]
+            torch._foreach_sub_([grad for grad, _, _ in items], torch._foreach_mul([t for _, t, _ in items], factors))
 
     def before_update(self) -> None:
         if self._held is not None:
