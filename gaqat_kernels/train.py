@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .algorithms import (DEFAULT_HYSTERESIS, DEFAULT_RULE, DEFAULT_THRESHOLD, FREEZE_MODES, CUDAGraphStep,
-                         build_algorithm)
+from .algorithms import (CONFLICT_SIGNALS, DEFAULT_HYSTERESIS, DEFAULT_RULE, DEFAULT_THRESHOLD, FREEZE_MODES,
+                         CUDAGraphStep, build_algorithm)
 from .data import DATASETS, DomainBatches, FileDomain, MultiDomainDataset, TensorDomain, get_dataset, seed_hash
 from .data.device_augment import decode_domains
 from .kernels.reference import FREEZE_RULES
@@ -87,6 +87,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    "zeroed (Adam's moments still move it); task = it steps on its task gradient g(w), without "
                    "SAM's smoothness term; project = where SAM's gradient points against the task gradient, "
                    "its component along it is removed (PCGrad per layer)")
+    p.add_argument("--conflict-signal", default="smoothness", choices=CONFLICT_SIGNALS, help="GAQAT/FQAT: what "
+                   "the disorder compares the task gradient g(w) with: smoothness = g(w + e) - g(w); step = SAM's "
+                   "g(w + e), the gradient the update uses")
     p.add_argument("--decay", type=float, default=0.9, help="GAQAT/FQAT disorder EMA decay")
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="GAQAT/FQAT: no freezing during this "
                    "fraction of the quantized steps")
@@ -233,7 +236,7 @@ def _algorithm(model, args, quant_steps: int, quantized: bool):
         kwargs.update(rule=args.freeze_rule, threshold=args.threshold, hysteresis=args.hysteresis, decay=args.decay,
                       backend=args.backend, log_every=args.log_every,
                       warmup_steps=int(args.warmup_fraction * quant_steps), max_frozen_fraction=cap,
-                      freeze_mode=args.freeze_mode)
+                      freeze_mode=args.freeze_mode, conflict_signal=args.conflict_signal)
     return build_algorithm(name, model, base_optimizer=base, **kwargs)
 
 

@@ -82,6 +82,40 @@ def test_task_mode_steps_frozen_layers_on_their_task_gradient(cls):
         assert torch.equal(p.grad, value)
 
 
+@pytest.mark.parametrize("cls", [GAQAT, FQAT], ids=["gaqat", "fqat"])
+def test_step_signal_freezes_only_where_sams_gradient_opposes_the_task(cls):
+    """Every layer's smoothness gradient opposes the task (task +1, SAM's gradient +0.5, so smooth = -0.5) except
+    that layer 1's SAM gradient does too (-1): the smoothness signal freezes every layer, the step signal only
+    layer 1, and its logged cosine is that of the task and SAM gradients."""
+    frozen = {}
+    for signal in ("smoothness", "step"):
+        model = small_model()
+        kwargs = dict(max_frozen_fraction=1.0) if cls is FQAT else {}
+        alg = cls(model, lr=0.1, rule="absolute", threshold=0.4, conflict_signal=signal, **kwargs)
+        gen = torch.Generator().manual_seed(5)
+        for k, (_, module) in enumerate(quantized_layers(model)):
+            for p in module.parameters():
+                task = 1.0 + 0.1 * torch.rand(p.shape, generator=gen)
+                alg.sam.state[p]["task_grad"] = task
+                p.grad = (-1.0 if k == 1 else 0.5) * task + 0.01 * torch.rand(p.shape, generator=gen)
+        expected_cosine = []
+        for _, module in quantized_layers(model):
+            t = torch.cat([alg.sam.state[s]["task_grad"].double().reshape(-1) for s in layer_scales(module)])
+            g = torch.cat([s.grad.double().reshape(-1) for s in layer_scales(module)])
+            other = g - t if signal == "smoothness" else g
+            expected_cosine.append(float(t @ other / (t.norm() * other.norm())))
+        alg.between_passes()
+        frozen[signal] = alg.tracker.state.frozen.tolist()
+        cosine = alg.tracker.stats[:, 1].double()
+        torch.testing.assert_close(cosine, torch.tensor(expected_cosine, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert frozen == {"smoothness": [True, True, True], "step": [False, True, False]}
+
+
+def test_conflict_signal_is_checked():
+    with pytest.raises(ValueError, match="conflict_signal"):
+        GAQAT(small_model(), lr=0.1, conflict_signal="sam")
+
+
 def pcgrad_reference(grads, tasks):
     """float64 PCGrad of one layer's gradient vector (its tensors together) against its task gradient."""
     g = torch.cat([x.double().reshape(-1) for x in grads])
@@ -383,8 +417,9 @@ def test_state_dict_resumes_identically():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["gaqat", "fqat"])
 @pytest.mark.parametrize("tracker_backend", ["triton", "cuda"])
-@pytest.mark.parametrize("freeze_mode", ["update", "task", "project"])
-def test_training_steps_never_synchronise(name, tracker_backend, freeze_mode):
+@pytest.mark.parametrize("freeze_mode, signal", [("update", "smoothness"), ("task", "smoothness"),
+                                                 ("project", "smoothness"), ("update", "step")])
+def test_training_steps_never_synchronise(name, tracker_backend, freeze_mode, signal):
     from gaqat_kernels import available_backends
 
     if tracker_backend not in available_backends():
@@ -392,7 +427,7 @@ def test_training_steps_never_synchronise(name, tracker_backend, freeze_mode):
     model = small_model("cuda", conv=True)
     x, y = batch("cuda", conv=True)
     alg = build_algorithm(name, model, lr=0.05, momentum=0.9, rule="absolute", threshold=0.2, log_every=1,
-                          backend=tracker_backend, freeze_mode=freeze_mode)
+                          backend=tracker_backend, freeze_mode=freeze_mode, conflict_signal=signal)
     alg.step(closure_for(model, x, y))  # first step: lazy initialisation, Triton compilation, allocator warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -413,11 +448,13 @@ def test_one_argument_set_serves_every_algorithm():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name, optimizer, freeze_mode", [("erm", "sgd", None), ("sam", "adam", None),
-                                                        ("gaqat", "sgd", "update"), ("fqat", "adam", "update"),
-                                                        ("gaqat", "adam", "task"), ("fqat", "sgd", "task"),
-                                                        ("gaqat", "adam", "project"), ("fqat", "sgd", "project")])
-def test_cuda_graph_steps_equal_eager_steps(name, optimizer, freeze_mode, monkeypatch):
+@pytest.mark.parametrize("name, optimizer, freeze_mode, signal", [
+    ("erm", "sgd", None, None), ("sam", "adam", None, None),
+    ("gaqat", "sgd", "update", "smoothness"), ("fqat", "adam", "update", "smoothness"),
+    ("gaqat", "adam", "task", "smoothness"), ("fqat", "sgd", "task", "smoothness"),
+    ("gaqat", "adam", "project", "smoothness"), ("fqat", "sgd", "project", "smoothness"),
+    ("gaqat", "adam", "update", "step"), ("fqat", "sgd", "project", "step")])
+def test_cuda_graph_steps_equal_eager_steps(name, optimizer, freeze_mode, signal, monkeypatch):
     """CUDAGraphStep replays the same kernels: the weights after 6 steps (3 eager, 1 captured, 2 replayed)
     equal 6 eager steps; every replay is a real step (counter, logging)."""
     from gaqat_kernels.algorithms import CUDAGraphStep
@@ -432,7 +469,7 @@ def test_cuda_graph_steps_equal_eager_steps(name, optimizer, freeze_mode, monkey
         kwargs = dict(lr=0.05, momentum=0.9) if optimizer == "sgd" else dict(lr=1e-3, capturable=True)
         base = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
         if freeze_mode is not None:
-            kwargs["freeze_mode"] = freeze_mode
+            kwargs.update(freeze_mode=freeze_mode, conflict_signal=signal)
         alg = build_algorithm(name, model, base_optimizer=base, rule="absolute", threshold=0.2, log_every=1, **kwargs)
         step = CUDAGraphStep(alg, lambda x, y: nn.functional.cross_entropy(model(x), y))
         losses = []

@@ -9,13 +9,13 @@ from torch import nn
 
 from .base import ERM, SAMTraining, TrainingAlgorithm
 from .conflict import DEFAULT_HYSTERESIS, DEFAULT_RULE, DEFAULT_THRESHOLD, STAT_NAMES, ConflictTracker
-from .freezing import FQAT, FREEZE_MODES, GAQAT
+from .freezing import CONFLICT_SIGNALS, FQAT, FREEZE_MODES, GAQAT
 from .graphed import CUDAGraphStep
 from .sam import SAM
 from .stats_log import ConflictLog
 
 FREEZING_ARGUMENTS = ("decay", "flip_weight", "rule", "threshold", "hysteresis", "warmup_steps", "log_every", "backend",
-                     "max_frozen_fraction", "freeze_mode")
+                     "max_frozen_fraction", "freeze_mode", "conflict_signal")
 ALGORITHMS: Dict[str, type] = {"erm": ERM, "sam": SAMTraining, "sagm": SAMTraining, "gaqat": GAQAT, "fqat": FQAT}
 
 
@@ -40,4 +40,4 @@ def build_algorithm(name: str, model: nn.Module, **kwargs) -> TrainingAlgorithm:
 
 __all__ = ["SAM", "ERM", "SAMTraining", "GAQAT", "FQAT", "TrainingAlgorithm", "ConflictTracker", "ConflictLog",
            "STAT_NAMES", "ALGORITHMS", "build_algorithm", "CUDAGraphStep", "DEFAULT_RULE", "DEFAULT_THRESHOLD",
-           "DEFAULT_HYSTERESIS", "FREEZE_MODES"]
+           "DEFAULT_HYSTERESIS", "FREEZE_MODES", "CONFLICT_SIGNALS"]

@@ -23,6 +23,11 @@ instead of SAM's ``g(w + e)``, i.e. without the part of its gradient that confli
 ``freeze_mode="project"`` removes only the conflicting direction (PCGrad, per layer): where a frozen layer's SAM
 gradient points against its task gradient, ``<g(w + e), g(w)> < 0``, it steps on ``g(w + e)`` minus its component
 along ``g(w)``; a frozen layer whose two gradients agree steps on SAM's as if not frozen.
+
+``conflict_signal`` picks the gradient the tracker compares with the task's: ``"smoothness"`` (the default,
+GAQAT's reading) is ``g(w + e) - g(w)``; ``"step"`` is SAM's ``g(w + e)`` itself, so that a layer counts as
+conflicting only where the update it would take opposes the task (on PACS the smoothness gradient opposes the task
+in every layer while SAM's step opposes it on 5-12% of layer-steps: benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ from .stats_log import ConflictLog
 
 
 FREEZE_MODES = ("update", "gradient", "task", "project")
+# What the tracker compares the task gradient g(w) with: the smoothness gradient g(w + e) - g(w), or the step's
+# own (SAM's) gradient g(w + e)
+CONFLICT_SIGNALS = ("smoothness", "step")
 
 
 def _masked_assign(tensors: List[torch.Tensor], values: torch.Tensor, mask: torch.Tensor) -> None:
@@ -137,6 +145,8 @@ class GAQAT(SAMTraining):
             "gradient" (only its gradient is zeroed; the optimizer's moments and decay still move it) or "task"
             (it steps on its task gradient g(w) instead of SAM's g(w + e): the smoothness term is what is frozen)
             or "project" (where <g(w + e), g(w)> < 0 over the layer, g(w + e) loses its component along g(w)).
+        conflict_signal: what the tracker compares with the task gradient g(w): "smoothness" (g(w + e) - g(w))
+            or "step" (SAM's g(w + e), the gradient the update uses); the logged statistics are of that pair.
     """
 
     name = "gaqat"
@@ -147,9 +157,11 @@ class GAQAT(SAMTraining):
                  flip_weight: float = 0.5, rule: str = DEFAULT_RULE, threshold: Optional[float] = None,
                  hysteresis: Optional[float] = None, warmup_steps: int = 0, log_every: int = 0,
                  backend: str = "auto", max_frozen_fraction: Optional[float] = None, freeze_mode: str = "update",
-                 **optimizer_kwargs):
+                 conflict_signal: str = "smoothness", **optimizer_kwargs):
         if freeze_mode not in FREEZE_MODES:
             raise ValueError(f"freeze_mode: expected one of {FREEZE_MODES}, got {freeze_mode!r}")
+        if conflict_signal not in CONFLICT_SIGNALS:
+            raise ValueError(f"conflict_signal: expected one of {CONFLICT_SIGNALS}, got {conflict_signal!r}")
         if max_frozen_fraction is not None and not (isinstance(max_frozen_fraction, (int, float))
                                                     and 0 <= max_frozen_fraction <= 1):
             raise ValueError(f"max_frozen_fraction: expected None or a number in [0, 1], got {max_frozen_fraction!r}")
@@ -178,6 +190,7 @@ class GAQAT(SAMTraining):
         self._other_layer = torch.tensor([k for k, _ in others], dtype=torch.int64, device=device)
         self.log = ConflictLog(self.layer_names, log_every)
         self.freeze_mode = freeze_mode
+        self.conflict_signal = conflict_signal
         held = [self._layer_params(m) if self.freezes_whole_layers else layer_scales(m) for _, m in layers]
         self._held = HeldUpdate(held, self.sam.base_optimizer) if freeze_mode == "update" else None
 
@@ -188,7 +201,7 @@ class GAQAT(SAMTraining):
     @torch.no_grad()
     def between_passes(self) -> None:
         task, smooth = self.sam.flat_gradients(self.scales)
-        frozen = self.tracker.update(task, smooth)
+        frozen = self.tracker.update(task, smooth if self.conflict_signal == "smoothness" else task + smooth)
         self._frozen = frozen
         if self.freeze_mode == "task":
             self._step_on_task_gradients(frozen)
