@@ -99,36 +99,77 @@ def test_counts_files_merge_with_run_folders(tmp_path):
     assert len(rows) == 1 and rows[0].startswith("| s1 ")  # the table has rows for the fresh folders only
 
 
-def test_alignment_recovers_the_sam_gradient_cosine_from_the_tracker_statistics(tmp_path):
-    """Stats of constructed vectors, computed by the tracker itself: layer a's SAM gradient is the task gradient
-    rotated by 45 degrees (the tracker's cosine(g_t, g_sam - g_t) is negative, yet the step agrees with the task),
-    layer b's points against it, layer c's along it."""
+TASK = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 1.0], dtype=torch.float32)
+SAM = torch.tensor([0.5, 0.5, -1.0, -0.5, 2.0, 2.0], dtype=torch.float32)
+
+
+def write_tracked_run(run_dir, signal):
+    """Stats of constructed vectors, computed by the tracker itself and logged as the training script does, with a
+    results.json naming ``signal`` (None: a run from before the option, whose args lack it): layer a's SAM gradient
+    is the task gradient rotated by 45 degrees (cosine(g_t, g_sam - g_t) is negative, yet the step agrees with the
+    task), layer b's points against it, layer c's along it."""
     from gaqat_kernels.algorithms import ConflictTracker
 
-    task = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 1.0], dtype=torch.float32)
-    sam = torch.tensor([0.5, 0.5, -1.0, -0.5, 2.0, 2.0], dtype=torch.float32)
     tracker = ConflictTracker([2, 2, 2], device="cpu", backend="reference", rule="absolute", threshold=10.0)
     log = ConflictLog(["a", "b", "c"], every=1)
     for step in range(3):
-        tracker.update(task, sam - task)
+        tracker.update(TASK, SAM if signal == "step" else SAM - TASK)
         log.record(step, tracker.stats, torch.tensor([False, True, True]))
-    log.write_jsonl(os.path.join(tmp_path, "conflict.jsonl"))
+    log.write_jsonl(os.path.join(run_dir, "conflict.jsonl"))
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump({"args": {} if signal is None else {"conflict_signal": signal}}, f)
+
+
+def expected_sam_cosines():
+    out = {}
+    for k, name in enumerate("abc"):
+        t, g = TASK[2 * k: 2 * k + 2].double(), SAM[2 * k: 2 * k + 2].double()
+        out[name] = float(t @ g / (t.norm() * g.norm()))
+    return out
+
+
+def test_alignment_recovers_the_sam_gradient_cosine_from_the_tracker_statistics(tmp_path):
+    write_tracked_run(tmp_path, None)
     records = conflict_summary.read_jsonl(os.path.join(tmp_path, "conflict.jsonl"))
     by_layer = {r["layer"]: r for r in records if r["step"] == 0}
-    expected = {}
-    for k, name in enumerate("abc"):
-        t, g = task[2 * k: 2 * k + 2].double(), sam[2 * k: 2 * k + 2].double()
-        expected[name] = float(t @ g / (t.norm() * g.norm()))
+    expected = expected_sam_cosines()
+    for name in "abc":
         r = by_layer[name]
         assert conflict_summary.sam_task_cosine(r["cosine"], r["task_norm"], r["smooth_norm"]) == \
             pytest.approx(expected[name], abs=1e-6)
     assert by_layer["a"]["cosine"] < 0 < expected["a"]
     row = conflict_summary.alignment(str(tmp_path))
-    assert row["records"] == 9
+    assert row["signal"] == "smoothness" and row["records"] == 9
     assert row["opposed"] == pytest.approx(1 / 3)       # layer b
     assert row["opposed_frozen"] == pytest.approx(1 / 2)  # b and c frozen, b opposed
     assert row["sam_cosine"][1] == pytest.approx(expected["a"], abs=1e-6)
     assert "0.333 / 0.500" in conflict_summary.alignment_table([row])
+
+
+def test_alignment_of_a_step_signal_run_matches_the_same_gradients_logged_as_smoothness(tmp_path):
+    """A run with conflict_signal='step' logs (g_t, g_sam) statistics; the table must say the same about the same
+    gradients as it does for a run that logged (g_t, g_s)."""
+    step_dir, smooth_dir = tmp_path / "step", tmp_path / "smooth"
+    step_dir.mkdir(), smooth_dir.mkdir()
+    write_tracked_run(step_dir, "step")
+    write_tracked_run(smooth_dir, "smoothness")
+    step, smooth = conflict_summary.alignment(str(step_dir)), conflict_summary.alignment(str(smooth_dir))
+    assert (step["signal"], smooth["signal"]) == ("step", "smoothness")
+    for key in ("norm_ratio", "cosine", "opposed", "opposed_frozen"):
+        assert step[key] == pytest.approx(smooth[key], abs=1e-5), key
+    assert step["sam_cosine"] == pytest.approx(smooth["sam_cosine"], abs=1e-5)
+    assert step["sam_cosine"][1] == pytest.approx(expected_sam_cosines()["a"], abs=1e-6)
+    t, g = TASK[:2].double(), (SAM - TASK)[:2].double()
+    cos_s, norm_s = conflict_summary.task_smooth_from_step(
+        float(t @ (t + g) / (t.norm() * (t + g).norm())), float(t.norm()), float((t + g).norm()))
+    assert (cos_s, norm_s) == pytest.approx((float(t @ g / (t.norm() * g.norm())), float(g.norm())), abs=1e-12)
+
+
+def test_alignment_names_a_missing_results_file(tmp_path):
+    write_tracked_run(tmp_path, "step")
+    os.remove(os.path.join(tmp_path, "results.json"))
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        conflict_summary.alignment(str(tmp_path))
 
 
 def test_alignment_of_a_zero_task_gradient_is_zero():

@@ -5,7 +5,8 @@ the training script logs every ``--log-every`` steps).
         [--counts freeze_counts.json] [--plot conflict.png]
 
 ``--alignment`` adds a table of whether SAM's scale gradient itself (``g_sam = g_task + g_smooth``, what the step
-uses) points against the task gradient, derived from the logged norms and cosine. ``--persistence`` adds a table:
+uses) points against the task gradient, derived from the logged norms and cosine (read as the run's
+``conflict_signal``, from its results.json, says: the smoothness gradient's or SAM's own). ``--persistence`` adds a table:
 whether the layers' disorder differs *persistently* (a rule can only single out layers that stay apart): the spread of the layers' mean D over the second half of the records against
 each layer's own spread over that half, the rank correlation of the layers' mean D between the two halves after
 warm-up, and how often the most often frozen layers were frozen.
@@ -121,21 +122,52 @@ def sam_task_cosine(cosine: float, task_norm: float, smooth_norm: float) -> floa
     return (1 + cosine * r) / math.sqrt(norm2) if norm2 > 0 else 0.0
 
 
+def task_smooth_from_step(cosine: float, task_norm: float, step_norm: float) -> tuple:
+    """(cos(g_t, g_s), |g_s|) of a record logged with ``conflict_signal="step"`` (the tracker compared g_t with
+    g_sam = g_t + g_s, so ``cosine`` is cos(g_t, g_sam) and ``smooth_norm`` is |g_sam|): g_s = g_sam - g_t, so
+    |g_s|^2 = |g_sam|^2 - 2 c |g_sam| |g_t| + |g_t|^2 and cos(g_t, g_s) = (c |g_sam| - |g_t|) / |g_s|."""
+    dot = cosine * step_norm * task_norm
+    smooth_norm = math.sqrt(max(step_norm * step_norm - 2 * dot + task_norm * task_norm, 0.0))
+    if smooth_norm == 0 or task_norm == 0:
+        return 0.0, smooth_norm
+    return (dot - task_norm * task_norm) / (task_norm * smooth_norm), smooth_norm
+
+
+def conflict_signal(run_dir: str) -> str:
+    """The gradient the run's tracker compared with the task's, from its ``results.json`` (``args.conflict_signal``;
+    runs from before the option compared the smoothness gradient). Raises FileNotFoundError naming the file."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"run_dir: {path} is missing (it says which gradient the logged statistics compare)")
+    with open(path) as f:
+        return json.load(f)["args"].get("conflict_signal", "smoothness")
+
+
 def alignment(run_dir: str, warmup_step: int = 0) -> Dict:
     """Whether SAM's scale gradient g_sam (the one the step uses) points against the task gradient g_t, in the
     records at steps >= ``warmup_step``: a negative cos(g_t, g_s) with g_s = g_sam - g_t (the tracker's conflict)
-    only needs g_sam's component along g_t to be shorter than |g_t|, e.g. a g_sam merely decorrelated from g_t."""
+    only needs g_sam's component along g_t to be shorter than |g_t|, e.g. a g_sam merely decorrelated from g_t.
+    The columns mean the same for either ``conflict_signal``: each record is read as its run's tracker logged it."""
     records = records_after(run_dir, warmup_step)
     if not records:
         raise ValueError(f"run_dir: {run_dir} has no records after step {warmup_step}")
-    cos_sam = [sam_task_cosine(r["cosine"], r["task_norm"], r["smooth_norm"]) for r in records]
+    signal = conflict_signal(run_dir)
+    if signal == "step":
+        cos_sam = [r["cosine"] for r in records]
+        smooth = [task_smooth_from_step(r["cosine"], r["task_norm"], r["smooth_norm"]) for r in records]
+    elif signal == "smoothness":
+        cos_sam = [sam_task_cosine(r["cosine"], r["task_norm"], r["smooth_norm"]) for r in records]
+        smooth = [(r["cosine"], r["smooth_norm"]) for r in records]
+    else:
+        raise ValueError(f"run_dir: {run_dir}/results.json names an unknown conflict_signal {signal!r}")
     frozen = [c for c, r in zip(cos_sam, records) if r["frozen"]]
     ordered = sorted(cos_sam)
     return {
         "run": os.path.basename(os.path.normpath(run_dir)),
+        "signal": signal,
         "records": len(records),
-        "norm_ratio": median(r["smooth_norm"] / r["task_norm"] for r in records if r["task_norm"] > 0),
-        "cosine": median(r["cosine"] for r in records),
+        "norm_ratio": median(n / r["task_norm"] for (_, n), r in zip(smooth, records) if r["task_norm"] > 0),
+        "cosine": median(c for c, _ in smooth),
         "sam_cosine": (ordered[len(ordered) // 10], median(ordered), ordered[(9 * len(ordered)) // 10]),
         "opposed": mean(float(c < 0) for c in cos_sam),
         "opposed_frozen": mean(float(c < 0) for c in frozen) if frozen else float("nan"),
