@@ -26,11 +26,12 @@ import numpy as np
 # The training-script arguments that make another method of the same algorithm name.
 VARIANT_ARGS = {"sam": ("rho",), "lsq_sam": ("rho",), "sagm": ("rho", "sagm_alpha"),
                 "gaqat": ("rho", "freeze_rule", "threshold", "hysteresis", "decay", "warmup_fraction",
-                          "gaqat_max_frozen_fraction", "freeze_mode"),
+                          "gaqat_max_frozen_fraction", "freeze_mode", "conflict_signal"),
                 "fqat": ("rho", "freeze_rule", "threshold", "hysteresis", "decay", "warmup_fraction",
-                         "max_frozen_fraction", "freeze_mode")}
+                         "max_frozen_fraction", "freeze_mode", "conflict_signal")}
 # What an argument that older runs lack meant then: before --freeze-rule the rule was the absolute bar 0.5 without
-# hysteresis; before --freeze-mode freezing zeroed the gradient only.
+# hysteresis; before --freeze-mode freezing zeroed the gradient only; before --conflict-signal the tracker compared
+# the smoothness gradient (the default, so a missing one counts as it).
 LEGACY_VALUES = {"freeze_rule": "absolute", "hysteresis": 0.0}
 LEGACY_FREEZE_MODE = "gradient"
 

@@ -32,6 +32,9 @@ def args_of(*argv):
     (["--algorithm", "lsq_sam", "--rho", "0.1"], "lsq_sam (rho=0.1)"),
     (["--algorithm", "fqat", "--freeze-mode", "gradient"], "fqat (freeze_mode=gradient)"),
     (["--algorithm", "gaqat", "--freeze-mode", "task"], "gaqat (freeze_mode=task)"),
+    (["--algorithm", "gaqat", "--conflict-signal", "step"], "gaqat (conflict_signal=step)"),
+    (["--algorithm", "fqat", "--conflict-signal", "step"], "fqat (conflict_signal=step)"),
+    (["--algorithm", "lsq_sam", "--conflict-signal", "step"], "lsq_sam"),  # no tracker in LSQ+SAM
     (["--algorithm", "lsq", "--rho", "0.1", "--threshold", "0.9"], "lsq"),  # neither argument matters to LSQ
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_algorithm_label(argv, label):
@@ -48,6 +51,9 @@ def test_older_runs_without_the_arguments_count_as_defaults():
         "gaqat (freeze_mode=gradient)"
     assert report.algorithm_label({"algorithm": "gaqat", "freeze_rule": "zscore", "threshold": 1.0,
                                    "freeze_mode": "update"}) == "gaqat"
+    # before --conflict-signal the tracker compared the smoothness gradient, today's default
+    assert report.algorithm_label({"algorithm": "gaqat", "freeze_rule": "zscore", "threshold": 1.0,
+                                   "freeze_mode": "update", "conflict_signal": "smoothness"}) == "gaqat"
     # runs before --gaqat-max-frozen-fraction recorded FQAT's cap for GAQAT too, which GAQAT never used
     assert report.algorithm_label({"algorithm": "gaqat", "max_frozen_fraction": 0.25}) == \
         "gaqat (freeze_rule=absolute, freeze_mode=gradient)"
