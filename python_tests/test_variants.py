@@ -51,7 +51,7 @@ def test_older_runs_without_the_arguments_count_as_defaults():
         "gaqat (freeze_mode=gradient)"
     assert report.algorithm_label({"algorithm": "gaqat", "freeze_rule": "zscore", "threshold": 1.0,
                                    "freeze_mode": "update"}) == "gaqat"
-    # before --conflict-signal the tracker compared the smoothness gradient, today's default
+    # a run that names the default signal shares the default's row (one lacking it is the case just above)
     assert report.algorithm_label({"algorithm": "gaqat", "freeze_rule": "zscore", "threshold": 1.0,
                                    "freeze_mode": "update", "conflict_signal": "smoothness"}) == "gaqat"
     # runs before --gaqat-max-frozen-fraction recorded FQAT's cap for GAQAT too, which GAQAT never used

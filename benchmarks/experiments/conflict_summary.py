@@ -5,8 +5,8 @@ the training script logs every ``--log-every`` steps).
         [--counts freeze_counts.json] [--plot conflict.png]
 
 ``--alignment`` adds a table of whether SAM's scale gradient itself (``g_sam = g_task + g_smooth``, what the step
-uses) points against the task gradient, derived from the logged norms and cosine (read as the run's
-``conflict_signal``, from its results.json, says: the smoothness gradient's or SAM's own). ``--persistence`` adds a table:
+uses) points against the task gradient, derived from the logged norms and cosine; which gradient those compare
+with the task's (the smoothness gradient or SAM's own) is read from the run's results.json (``conflict_signal``). ``--persistence`` adds a table:
 whether the layers' disorder differs *persistently* (a rule can only single out layers that stay apart): the spread of the layers' mean D over the second half of the records against
 each layer's own spread over that half, the rank correlation of the layers' mean D between the two halves after
 warm-up, and how often the most often frozen layers were frozen.
